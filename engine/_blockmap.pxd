@@ -1,0 +1,9 @@
+from libc.stdint cimport int64_t, uint64_t
+
+cdef class BlockMap:
+    cdef readonly object entries
+    cdef const uint64_t[::1] _words
+    cdef readonly int64_t block_size
+    cdef readonly int64_t disk_size
+    cdef readonly int shift
+    cdef int64_t _nblocks

@@ -1,0 +1,216 @@
+# cython: language_level=3
+"""Block map and dirty-bitmap range operations, compiled.
+
+Same names, same results as ``engine/_blockmap_py.py``, which is the readable
+specification (read its docstring for the formats). This module exists because the
+read path calls ``translate`` / ``key`` once per NFS READ: the loops here touch no
+Python object per block and run without the GIL.
+
+Invariants: the entries array is validated once in ``__init__`` (dtype, length) and
+never changes afterwards (block maps of restore points are immutable), so the loops
+index it without bounds checks. Bit ranges are checked on entry of each function.
+"""
+cimport cython
+from libc.stdint cimport int64_t, uint8_t, uint64_t
+
+import numpy as np
+
+ZERO_PACK = 0xFFFFFFFF
+KEY_SHIFT = 40
+cdef enum:
+    C_KEY_SHIFT = 40
+ENTRY_DTYPE = np.dtype([("pack", "<u4"), ("clen", "<u4"), ("offset", "<u8")])
+PACK, REC_OFFSET, CLEN, SKIP, LENGTH = range(5)
+
+cdef extern from *:
+    """
+    #define INFS_LOW32 0xFFFFFFFFull
+    """
+    const uint64_t LOW32 "INFS_LOW32"
+
+
+cdef class BlockMap:
+    """Translate disk byte ranges into chunk extents and zero runs."""
+
+    def __init__(self, entries, int64_t block_size, int64_t disk_size):
+        if block_size <= 0 or block_size & (block_size - 1):
+            raise ValueError(f"block size {block_size} is not a power of two")
+        if entries.dtype != ENTRY_DTYPE:
+            raise ValueError("block map entries have the wrong dtype")
+        nblocks = -(-disk_size // block_size)
+        if len(entries) != nblocks:
+            raise ValueError(f"block map has {len(entries)} entries, a {disk_size}-byte disk needs {nblocks}")
+        self.entries = entries
+        # each 16-byte entry is two little-endian words: pack | clen << 32, offset
+        self._words = np.ascontiguousarray(entries).view(np.uint64)
+        self.block_size = block_size
+        self.disk_size = disk_size
+        self.shift = block_size.bit_length() - 1
+        self._nblocks = nblocks
+
+    def __len__(self):
+        return self._nblocks
+
+    @cython.boundscheck(False)
+    @cython.wraparound(False)
+    def key(self, int64_t block):
+        if block < 0 or block >= self._nblocks:
+            raise IndexError(block)
+        cdef uint64_t w = self._words[2 * block]
+        if (w & LOW32) == LOW32:
+            return -1
+        return <int64_t>((w & LOW32) << C_KEY_SHIFT | self._words[2 * block + 1])
+
+    @cython.boundscheck(False)
+    @cython.wraparound(False)
+    def entry(self, int64_t block):
+        """(pack, clen, record_offset) of one block."""
+        if block < 0 or block >= self._nblocks:
+            raise IndexError(block)
+        cdef uint64_t w = self._words[2 * block]
+        return <int64_t>(w & LOW32), <int64_t>(w >> 32), <int64_t>self._words[2 * block + 1]
+
+    @cython.boundscheck(False)
+    @cython.wraparound(False)
+    @cython.cdivision(True)
+    def translate(self, int64_t offset, int64_t length):
+        if offset < 0 or length < 0 or offset + length > self.disk_size:
+            raise ValueError(f"range {offset}+{length} is outside the {self.disk_size}-byte disk")
+        cdef int64_t first = offset >> self.shift
+        cdef int64_t last = (offset + length - 1) >> self.shift if length else first - 1
+        out = np.empty((last - first + 1 if length else 0, 5), dtype=np.int64)
+        cdef int64_t[:, ::1] rows = out
+        cdef int64_t n = 0, pos = offset, end = offset + length, block, skip, take
+        cdef uint64_t w
+        cdef const uint64_t[::1] words = self._words
+        with nogil:
+            while pos < end:
+                block = pos >> self.shift
+                skip = pos - (block << self.shift)
+                take = self.block_size - skip
+                if take > end - pos:
+                    take = end - pos
+                w = words[2 * block]
+                if (w & LOW32) == LOW32:
+                    if n > 0 and rows[n - 1, 0] == -1:
+                        rows[n - 1, 4] += take
+                    else:
+                        rows[n, 0] = -1
+                        rows[n, 1] = 0
+                        rows[n, 2] = 0
+                        rows[n, 3] = 0
+                        rows[n, 4] = take
+                        n += 1
+                else:
+                    rows[n, 0] = <int64_t>(w & LOW32)
+                    rows[n, 1] = <int64_t>words[2 * block + 1]
+                    rows[n, 2] = <int64_t>(w >> 32)
+                    rows[n, 3] = skip
+                    rows[n, 4] = take
+                    n += 1
+                pos += take
+        return out[:n]
+
+
+cdef inline int _check(Py_ssize_t nbytes, int64_t start, int64_t count) except -1:
+    if start < 0 or count < 0 or start + count > nbytes * 8:
+        raise ValueError(f"bit range {start}+{count} is outside a {nbytes * 8}-bit map")
+    return 0
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+def bit_get(const uint8_t[::1] bits, int64_t i):
+    if i < 0 or i >= bits.shape[0] * 8:
+        raise IndexError(i)
+    return bits[i >> 3] >> (i & 7) & 1
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+def bits_count(const uint8_t[::1] bits, int64_t start, int64_t count):
+    """Number of set bits in [start, start + count)."""
+    _check(bits.shape[0], start, count)
+    cdef int64_t i = start, end = start + count, total = 0
+    with nogil:
+        while i < end:
+            if (i & 7) == 0 and i + 8 <= end:
+                total += __builtin_popcount(bits[i >> 3])
+                i += 8
+            else:
+                total += bits[i >> 3] >> (i & 7) & 1
+                i += 1
+    return total
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+cdef void _fill(uint8_t[::1] bits, int64_t start, int64_t count, bint value) noexcept nogil:
+    cdef int64_t i = start, end = start + count
+    while i < end:
+        if (i & 7) == 0 and i + 8 <= end:
+            bits[i >> 3] = 0xFF if value else 0
+            i += 8
+        else:
+            if value:
+                bits[i >> 3] |= <uint8_t>(1 << (i & 7))
+            else:
+                bits[i >> 3] &= <uint8_t>~(1 << (i & 7))
+            i += 1
+
+
+def bits_set(uint8_t[::1] bits, int64_t start, int64_t count):
+    _check(bits.shape[0], start, count)
+    with nogil:
+        _fill(bits, start, count, True)
+
+
+def bits_clear(uint8_t[::1] bits, int64_t start, int64_t count):
+    _check(bits.shape[0], start, count)
+    with nogil:
+        _fill(bits, start, count, False)
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+def bits_runs(const uint8_t[::1] bits, int64_t start, int64_t count):
+    """Maximal runs of equal bits in [start, start + count): int64 rows (start, length, value)."""
+    _check(bits.shape[0], start, count)
+    cdef int64_t i = start, end = start + count, n = 0, run_start = start, cap = 16
+    cdef int v, cur = -1
+    cdef uint8_t byte
+    out = np.empty((cap, 3), dtype=np.int64)
+    cdef int64_t[:, ::1] rows = out
+    while i < end:
+        if (i & 7) == 0 and i + 8 <= end and cur >= 0:
+            byte = bits[i >> 3]
+            if (cur == 0 and byte == 0) or (cur == 1 and byte == 0xFF):
+                i += 8
+                continue
+        v = bits[i >> 3] >> (i & 7) & 1
+        if v != cur:
+            if cur >= 0:
+                if n == cap:
+                    cap *= 2
+                    out = np.resize(out, (cap, 3))
+                    rows = out
+                rows[n, 0] = run_start
+                rows[n, 1] = i - run_start
+                rows[n, 2] = cur
+                n += 1
+            cur = v
+            run_start = i
+        i += 1
+    if cur >= 0:
+        if n == cap:
+            out = np.resize(out, (cap + 1, 3))
+            rows = out
+        rows[n, 0] = run_start
+        rows[n, 1] = end - run_start
+        rows[n, 2] = cur
+        n += 1
+    return out[:n]
+
+
+cdef extern from *:
+    int __builtin_popcount(unsigned int) nogil

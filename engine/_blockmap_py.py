@@ -1,0 +1,130 @@
+"""Block map and dirty-bitmap range operations: the readable specification.
+
+This module is the pure-Python twin of ``engine/_blockmap.pyx``. Both expose the same
+names and the same results; ``engine.blockmap`` picks the compiled one unless the
+environment variable ``INSTANTNFS_PURE=1`` is set. Tests run against both.
+
+Block map
+    A disk of ``disk_size`` bytes is cut into fixed blocks of ``block_size`` bytes (a
+    power of two). Entry ``i`` describes block ``i`` with three fields: ``pack`` (u32),
+    ``clen`` (u32) and ``offset`` (u64), the location of the block's record in a pack
+    file. ``pack == ZERO_PACK`` means the block is all zeros and stored nowhere.
+
+``translate(offset, length)``
+    Turns a byte range into an ``int64`` array of shape ``(n, 5)``, one row per
+    extent in disk order: ``(pack, record_offset, clen, skip, length)``. A chunk
+    extent takes ``length`` bytes starting ``skip`` bytes into the block's
+    decompressed data. A zero run has ``pack == -1`` (other fields 0 but ``length``)
+    and covers any number of consecutive zero blocks. The lengths add up to
+    ``length``. The range must lie inside the disk.
+
+Chunk keys
+    ``key(block)`` gives ``pack << 40 | record_offset`` for a stored block and -1 for a
+    zero block: one integer that names a chunk, so that a dedup'd chunk is one cache
+    entry whichever disk or restore point reads it.
+
+Dirty bitmaps
+    A ``uint8`` array, bit ``i`` at ``bits[i >> 3] >> (i & 7) & 1`` (LSB first, the
+    order of ``numpy.packbits(..., bitorder="little")``). The range operations take a
+    start bit and a count and never touch bits outside it.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+ZERO_PACK = 0xFFFFFFFF
+KEY_SHIFT = 40
+ENTRY_DTYPE = np.dtype([("pack", "<u4"), ("clen", "<u4"), ("offset", "<u8")])
+
+PACK, REC_OFFSET, CLEN, SKIP, LENGTH = range(5)
+
+
+class BlockMap:
+    """Translate disk byte ranges into chunk extents and zero runs."""
+
+    def __init__(self, entries: np.ndarray, block_size: int, disk_size: int) -> None:
+        if block_size <= 0 or block_size & (block_size - 1):
+            raise ValueError(f"block size {block_size} is not a power of two")
+        if entries.dtype != ENTRY_DTYPE:
+            raise ValueError("block map entries have the wrong dtype")
+        nblocks = -(-disk_size // block_size)
+        if len(entries) != nblocks:
+            raise ValueError(f"block map has {len(entries)} entries, a {disk_size}-byte disk needs {nblocks}")
+        self.entries = entries
+        self.block_size = block_size
+        self.disk_size = disk_size
+        self.shift = block_size.bit_length() - 1
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def key(self, block: int) -> int:
+        e = self.entries[block]
+        if int(e["pack"]) == ZERO_PACK:
+            return -1
+        return int(e["pack"]) << KEY_SHIFT | int(e["offset"])
+
+    def entry(self, block: int) -> tuple[int, int, int]:
+        """(pack, clen, record_offset) of one block."""
+        e = self.entries[block]
+        return int(e["pack"]), int(e["clen"]), int(e["offset"])
+
+    def translate(self, offset: int, length: int) -> np.ndarray:
+        if offset < 0 or length < 0 or offset + length > self.disk_size:
+            raise ValueError(f"range {offset}+{length} is outside the {self.disk_size}-byte disk")
+        rows: list[list[int]] = []
+        pos, end = offset, offset + length
+        while pos < end:
+            block = pos // self.block_size
+            skip = pos - block * self.block_size
+            take = min(self.block_size - skip, end - pos)
+            pack, clen, rec = self.entry(block)
+            if pack == ZERO_PACK:
+                if rows and rows[-1][PACK] == -1:
+                    rows[-1][LENGTH] += take
+                else:
+                    rows.append([-1, 0, 0, 0, take])
+            else:
+                rows.append([pack, rec, clen, skip, take])
+            pos += take
+        return np.array(rows, dtype=np.int64).reshape(-1, 5)
+
+
+def _check(bits: np.ndarray, start: int, count: int) -> None:
+    if start < 0 or count < 0 or start + count > len(bits) * 8:
+        raise ValueError(f"bit range {start}+{count} is outside a {len(bits) * 8}-bit map")
+
+
+def bit_get(bits: np.ndarray, i: int) -> int:
+    return int(bits[i >> 3]) >> (i & 7) & 1
+
+
+def bits_count(bits: np.ndarray, start: int, count: int) -> int:
+    """Number of set bits in [start, start + count)."""
+    _check(bits, start, count)
+    return sum(bit_get(bits, i) for i in range(start, start + count))
+
+
+def bits_set(bits: np.ndarray, start: int, count: int) -> None:
+    _check(bits, start, count)
+    for i in range(start, start + count):
+        bits[i >> 3] |= 1 << (i & 7)
+
+
+def bits_clear(bits: np.ndarray, start: int, count: int) -> None:
+    _check(bits, start, count)
+    for i in range(start, start + count):
+        bits[i >> 3] &= ~(1 << (i & 7)) & 0xFF
+
+
+def bits_runs(bits: np.ndarray, start: int, count: int) -> np.ndarray:
+    """Maximal runs of equal bits in [start, start + count): int64 rows (start, length, value)."""
+    _check(bits, start, count)
+    rows: list[list[int]] = []
+    for i in range(start, start + count):
+        v = bit_get(bits, i)
+        if rows and rows[-1][2] == v:
+            rows[-1][1] += 1
+        else:
+            rows.append([i, 1, v])
+    return np.array(rows, dtype=np.int64).reshape(-1, 3)

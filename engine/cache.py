@@ -1,0 +1,151 @@
+"""The decompression cache: decompressed chunks, bounded in bytes, shared, single-flight.
+
+Keys are chunk keys (``pack << 40 | record offset``, see ``engine.blockmap``), so a chunk
+that dedup made common to several disks or restore points is one entry. Values are
+read-only buffers of exactly one block; the layer below (``PackReader``) returns the same
+immutable bytes for a key every time, so entries are never invalidated, only evicted
+(least recently used first) when the total passes ``capacity`` bytes.
+
+Concurrency: one lock guards the LRU and the table of loads in flight. A miss registers
+a ``concurrent.futures.Future`` for its key before loading, so concurrent misses on one
+chunk wait for that one load ("single flight"). Loads run either in the calling thread
+(``get``) or in the executor (``get_future``, ``prefetch``); the work they do (pread,
+CRC32C, LZ4) releases the GIL, so both cores decompress. A failed load is not cached:
+the next reader tries again and gets the same error if the data is still bad.
+"""
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import Executor, Future
+from typing import Protocol
+
+
+class Buffer(Protocol):
+    def __len__(self) -> int: ...
+
+
+Loader = Callable[[], memoryview]
+
+
+class ChunkCache:
+    def __init__(self, capacity: int, executor: Executor, max_prefetch: int = 8) -> None:
+        if capacity <= 0:
+            raise ValueError("cache capacity must be positive")
+        self.capacity = capacity
+        self.executor = executor
+        self.max_prefetch = max_prefetch
+        self._lru: OrderedDict[int, memoryview] = OrderedDict()
+        self._loading: dict[int, Future[memoryview]] = {}
+        self._lock = threading.Lock()
+        self.size = 0
+        self.hits = 0
+        self.misses = 0
+        self.loads = 0
+        self.prefetches = 0
+
+    def __len__(self) -> int:
+        return len(self._lru)
+
+    def peek(self, key: int) -> memoryview | None:
+        """The cached chunk, or None; a hit counts as a use."""
+        with self._lock:
+            data = self._lru.get(key)
+            if data is not None:
+                self._lru.move_to_end(key)
+                self.hits += 1
+            return data
+
+    def _claim(self, key: int) -> tuple[memoryview | None, Future[memoryview], bool]:
+        """Under the lock: (cached data, future to wait for, whether we must load)."""
+        data = self._lru.get(key)
+        if data is not None:
+            self._lru.move_to_end(key)
+            self.hits += 1
+            return data, None, False  # type: ignore[return-value]
+        fut = self._loading.get(key)
+        if fut is not None:
+            self.hits += 1
+            return None, fut, False
+        self.misses += 1
+        fut = Future()
+        fut.set_running_or_notify_cancel()
+        self._loading[key] = fut
+        return None, fut, True
+
+    def _load(self, key: int, fut: Future[memoryview], load: Loader) -> memoryview:
+        try:
+            data = load()
+        except BaseException as e:
+            with self._lock:
+                del self._loading[key]
+            fut.set_exception(e)
+            raise
+        with self._lock:
+            del self._loading[key]
+            self.loads += 1
+            if len(data) <= self.capacity:
+                self._lru[key] = data
+                self.size += len(data)
+                while self.size > self.capacity:
+                    _, old = self._lru.popitem(last=False)
+                    self.size -= len(old)
+        fut.set_result(data)
+        return data
+
+    def get(self, key: int, load: Loader) -> memoryview:
+        """The chunk, loading it in this thread on a miss (blocking)."""
+        with self._lock:
+            data, fut, mine = self._claim(key)
+        if data is not None:
+            return data
+        if mine:
+            return self._load(key, fut, load)
+        return fut.result()
+
+    def get_future(self, key: int, load: Loader) -> Future[memoryview]:
+        """A future of the chunk; a miss is loaded in the executor."""
+        with self._lock:
+            data, fut, mine = self._claim(key)
+        if data is not None:
+            done: Future[memoryview] = Future()
+            done.set_result(data)
+            return done
+        if mine:
+            self.executor.submit(self._load_quietly, key, fut, load)
+        return fut
+
+    def _load_quietly(self, key: int, fut: Future[memoryview], load: Loader) -> None:
+        try:
+            self._load(key, fut, load)
+        except Exception:
+            pass  # delivered through the future to whoever waits for it
+
+    def prefetch(self, key: int, load: Loader) -> None:
+        """Start loading a chunk that will probably be read soon; never blocks."""
+        with self._lock:
+            if key in self._lru or key in self._loading or len(self._loading) >= self.max_prefetch:
+                return
+            self.prefetches += 1
+            fut: Future[memoryview] = Future()
+            fut.set_running_or_notify_cancel()
+            self._loading[key] = fut
+        self.executor.submit(self._load_quietly, key, fut, load)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._lru.clear()
+            self.size = 0
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            return {
+                "capacity": self.capacity,
+                "size": self.size,
+                "entries": len(self._lru),
+                "hits": self.hits,
+                "misses": self.misses,
+                "loads": self.loads,
+                "prefetches": self.prefetches,
+            }

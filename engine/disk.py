@@ -1,0 +1,143 @@
+"""Disks: the interface every layer of the read/write path offers, and the backup disk.
+
+``Disk`` is the one interface between layers (size, read; writable layers add write and
+flush). ``BackupDisk`` is the bottom of the stack: one disk of one restore point, read
+through its block map and the shared decompression cache.
+
+``BackupDisk`` assumes of the layers below that the block map never changes (restore
+points are immutable) and that the pack reader returns the same bytes for a chunk key
+every time or raises ``IntegrityError``. It holds no lock of its own: the cache is
+thread-safe, and the sequential-read detector is a hint whose races only cost a
+prefetch.
+
+Reads past the end of the disk are cut at the end (a read starting at or past it is
+empty), as a file read is. ``readv`` and ``aread`` return a list of buffers (slices of
+cached chunks and of a shared zero block) so a server can send them without copying.
+"""
+from __future__ import annotations
+
+import asyncio
+from typing import Protocol
+
+from engine.blockmap import KEY_SHIFT, BlockMap
+from engine.cache import ChunkCache
+from engine.repo.packs import PackReader
+
+READAHEAD_BLOCKS = 4
+
+
+class Disk(Protocol):
+    size: int
+
+    def read(self, offset: int, length: int) -> bytes: ...
+
+    def readv(self, offset: int, length: int) -> list[memoryview]: ...
+
+    async def aread(self, offset: int, length: int) -> list[memoryview]: ...
+
+
+class BackupDisk:
+    """One disk of a restore point, read-only, byte-exact with the source image."""
+
+    def __init__(self, name: str, blockmap: BlockMap, reader: PackReader, cache: ChunkCache) -> None:
+        self.name = name
+        self.map = blockmap
+        self.size = blockmap.disk_size
+        self.block_size = blockmap.block_size
+        self._shift = blockmap.shift
+        self._mask = blockmap.block_size - 1
+        self._reader = reader
+        self._cache = cache
+        self._zero = memoryview(bytes(blockmap.block_size))
+        self._next_block = -1
+
+    def _clip(self, offset: int, length: int) -> int:
+        if offset < 0 or length < 0:
+            raise ValueError(f"negative offset or length ({offset}, {length})")
+        return max(0, min(length, self.size - offset))
+
+    def _loader(self, pack: int, rec: int, clen: int):
+        reader = self._reader
+        return lambda: reader.read_chunk(pack, rec, clen)
+
+    def _readahead(self, first: int, last: int) -> None:
+        """Prefetch the blocks after a read that continues the previous one."""
+        sequential = self._next_block in (first, first + 1) or first == self._next_block - 1
+        self._next_block = last + 1
+        if not sequential:
+            return
+        bm, nblocks = self.map, len(self.map)
+        for block in range(last + 1, min(last + 1 + READAHEAD_BLOCKS, nblocks)):
+            pack, clen, rec = bm.entry(block)
+            if clen:
+                self._cache.prefetch(pack << KEY_SHIFT | rec, self._loader(pack, rec, clen))
+
+    def read(self, offset: int, length: int) -> bytes:
+        """The disk's bytes in [offset, offset + length), cut at the end of the disk."""
+        length = self._clip(offset, length)
+        if length == 0:
+            return b""
+        block = offset >> self._shift
+        if (offset + length - 1) >> self._shift == block:
+            key = self.map.key(block)
+            skip = offset & self._mask
+            if key < 0:
+                self._readahead(block, block)
+                return bytes(length)
+            data = self._cache.peek(key)
+            if data is not None:
+                self._readahead(block, block)
+                return data[skip : skip + length].tobytes()
+        return b"".join(self.readv(offset, length))
+
+    def readv(self, offset: int, length: int) -> list[memoryview]:
+        """The same bytes as ``read``, as a list of buffers (blocking on misses)."""
+        length = self._clip(offset, length)
+        if length == 0:
+            return []
+        self._readahead(offset >> self._shift, (offset + length - 1) >> self._shift)
+        out: list[memoryview] = []
+        cache = self._cache
+        for pack, rec, clen, skip, take in self.map.translate(offset, length).tolist():
+            if pack < 0:
+                out.extend(self._zeros(take))
+            else:
+                chunk = cache.get(pack << KEY_SHIFT | rec, self._loader(pack, rec, clen))
+                out.append(chunk[skip : skip + take])
+        return out
+
+    async def aread(self, offset: int, length: int) -> list[memoryview]:
+        """``readv`` for the event loop: cached chunks at once, misses in the thread pool."""
+        length = self._clip(offset, length)
+        if length == 0:
+            return []
+        self._readahead(offset >> self._shift, (offset + length - 1) >> self._shift)
+        rows = self.map.translate(offset, length).tolist()
+        cache = self._cache
+        chunks: list[memoryview | asyncio.Future[memoryview] | None] = []
+        pending = False
+        for pack, rec, clen, _skip, _take in rows:
+            if pack < 0:
+                chunks.append(None)
+                continue
+            key = pack << KEY_SHIFT | rec
+            data = cache.peek(key)
+            if data is None:
+                data = asyncio.wrap_future(cache.get_future(key, self._loader(pack, rec, clen)))
+                pending = True
+            chunks.append(data)
+        if pending:
+            for i, c in enumerate(chunks):
+                if isinstance(c, asyncio.Future):
+                    chunks[i] = await c
+        out: list[memoryview] = []
+        for (pack, _rec, _clen, skip, take), chunk in zip(rows, chunks):
+            if chunk is None:
+                out.extend(self._zeros(take))
+            else:
+                out.append(chunk[skip : skip + take])  # type: ignore[index]
+        return out
+
+    def _zeros(self, length: int) -> list[memoryview]:
+        bs = self.block_size
+        return [self._zero[: min(bs, length - i)] for i in range(0, length, bs)]

@@ -1,0 +1,61 @@
+"""The errors instantnfs expects, in one small hierarchy.
+
+An expected error is something a user or an operator can cause and fix (a bad path, a
+locked repository, a corrupt chunk); its message says what happened and what to do,
+and the command line prints it as one line and exits non-zero. A bug is never one of
+these: it propagates as itself and is logged with its traceback.
+
+Each class's docstring is its default message.
+"""
+from __future__ import annotations
+
+
+class InstantNFSError(Exception):
+    """instantnfs failed."""
+
+    exit_code = 2
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message or (self.__doc__ or "").strip())
+
+
+class UsageError(InstantNFSError):
+    """Invalid arguments."""
+
+
+class RepositoryError(InstantNFSError):
+    """The repository cannot be used."""
+
+
+class RepositoryNotFound(RepositoryError):
+    """No instantnfs repository at this path."""
+
+
+class RepositoryVersionError(RepositoryError):
+    """The repository was written by a newer or unknown format version."""
+
+
+class RepositoryLocked(RepositoryError):
+    """The repository is locked by another writer."""
+
+
+class NotFound(InstantNFSError):
+    """No such object."""
+
+
+class SourceError(InstantNFSError):
+    """The backup source cannot be read."""
+
+
+class ChangedExtentsError(UsageError):
+    """The changed-extents list is invalid."""
+
+
+class IntegrityError(InstantNFSError):
+    """Stored data failed its integrity check."""
+
+    exit_code = 3
+
+
+class NoSpace(InstantNFSError):
+    """No space left on the device."""

@@ -1,0 +1,316 @@
+"""Backup ingest: read sources block by block, dedup, compress, append, commit a point.
+
+Pipeline: the calling thread submits blocks to the repository's thread pool (bounded
+window) and consumes results in order. A worker reads one block (``pread``), pads a
+short last block with zeros, drops all-zero blocks, fingerprints the rest (BLAKE3) and
+compresses those whose fingerprint is not known yet (LZ4). pread, BLAKE3 and LZ4 release
+the GIL, so both cores work. The calling thread alone appends records and updates the
+fingerprint table, so a block seen twice in one run is stored once.
+
+Commit order (crash safety): packs are fsynced, then their indexes written; then the
+block maps and the manifest are written into ``tmp/point-<id>/`` and fsynced, and that
+directory is renamed to ``points/<id>`` (then the directory is fsynced). A crash at any
+moment leaves either no restore point or a complete one; the rest is garbage for gc.
+On an error the run removes what it wrote itself.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import re
+import secrets
+import shutil
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import blake3
+import numpy as np
+
+from engine.blockmap import ZERO_PACK
+from engine.errors import InstantNFSError, NoSpace, UsageError
+from engine.repo.format import (
+    MANIFEST_FORMAT,
+    dump_manifest,
+    fsync_dir,
+    map_bytes,
+    read_idx,
+    zero_entries,
+)
+from engine.repo.packs import PackWriter, compress_block
+from engine.repo.repository import Repository
+from engine.repo.sources import Source, open_source, parse_changed_extents
+
+FIRMWARES = ("bios", "efi")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._ -]{0,127}$")
+
+Progress = Callable[[int], None]
+
+
+@dataclass
+class BackupSettings:
+    vm: str
+    cpus: int = 1
+    memory_mib: int = 1024
+    firmware: str = "bios"
+    guest_os: str = "other-64"
+
+
+def check_vm_name(vm: str) -> str:
+    if not _NAME_RE.match(vm) or vm.strip() != vm:
+        raise UsageError(
+            f"VM name {vm!r} is not allowed: use 1-128 letters, digits, '.', '_', '-' or spaces, "
+            "starting with a letter or digit"
+        )
+    return vm
+
+
+def disk_names(vm: str, count: int) -> list[str]:
+    """VMware's naming: <vm>, <vm>_1, <vm>_2 ... (spaces become '_')."""
+    base = vm.replace(" ", "_")
+    return [base if i == 0 else f"{base}_{i}" for i in range(count)]
+
+
+def load_fingerprints(repo: Repository) -> dict[bytes, tuple[int, int, int]]:
+    """fingerprint -> (pack, record offset, clen) for every indexed chunk."""
+    known: dict[bytes, tuple[int, int, int]] = {}
+    for idx in sorted(repo.packs_dir.glob("*.idx")):
+        pack, entries = read_idx(idx)
+        for fp, off, clen in zip(entries["fp"].tolist(), entries["offset"].tolist(), entries["clen"].tolist()):
+            known.setdefault(fp, (pack, off, clen))
+    return known
+
+
+def next_pack_id(repo: Repository) -> int:
+    ids = [int(p.stem, 16) for p in repo.packs_dir.iterdir() if p.suffix in (".pack", ".idx") and len(p.stem) == 8]
+    return max(ids, default=0) + 1
+
+
+def _blocks_to_read(src: Source, bs: int, extents: list[tuple[int, int]] | None) -> np.ndarray:
+    """Block indexes that must be read from the source, ascending."""
+    nblocks = -(-src.size // bs)
+    want = np.zeros(nblocks, dtype=bool)
+    for start, length in extents if extents is not None else [(a, b - a) for a, b in src.data_ranges]:
+        if length > 0:
+            want[start // bs : (start + length - 1) // bs + 1] = True
+    return np.flatnonzero(want)
+
+
+def backup(
+    repo: Repository,
+    settings: BackupSettings,
+    paths: list[str],
+    changed_extents: list[str] | None = None,
+    progress_start: Callable[[int], Progress] | None = None,
+    window: int | None = None,
+) -> dict:
+    """Store one restore point of ``settings.vm`` holding every disk in ``paths``."""
+    vm = check_vm_name(settings.vm)
+    if not paths:
+        raise UsageError("give at least one disk to back up")
+    if settings.firmware not in FIRMWARES:
+        raise UsageError(f"firmware must be one of {', '.join(FIRMWARES)}")
+    if settings.cpus < 1 or settings.memory_mib < 4:
+        raise UsageError("a VM needs at least 1 CPU and 4 MiB of memory")
+    if changed_extents is not None and len(changed_extents) != len(paths):
+        raise UsageError(f"give one --changed-extents file per disk ({len(paths)} disks, {len(changed_extents)} files)")
+    bs = repo.block_size
+    started = time.monotonic()
+    with repo.lock(f"backup {vm}"):
+        parent = repo.latest_point(vm)
+        sources: list[Source] = []
+        writer: PackWriter | None = None
+        point_tmp = None
+        committed = False
+        try:
+            for p in paths:
+                sources.append(open_source(p, repo.tmp_dir))
+            extents: list[list[tuple[int, int]] | None] = [None] * len(sources)
+            parent_maps: list[np.ndarray | None] = [None] * len(sources)
+            if changed_extents is not None:
+                if parent is None:
+                    raise UsageError(f"--changed-extents needs a previous restore point of VM {vm!r}; there is none")
+                if len(parent.disks) != len(sources):
+                    raise UsageError(
+                        f"the previous restore point {parent.id} has {len(parent.disks)} disks, this backup {len(sources)}: "
+                        "run a full backup"
+                    )
+                for i, (src, cef) in enumerate(zip(sources, changed_extents)):
+                    if parent.disks[i].size != src.size:
+                        raise UsageError(
+                            f"disk {i} changed size since restore point {parent.id} "
+                            f"({parent.disks[i].size} -> {src.size} bytes): run a full backup"
+                        )
+                    extents[i] = parse_changed_extents(cef, src.size)
+                    parent_maps[i] = np.array(parent.open_blockmap(i).entries)
+            known = load_fingerprints(repo)
+            writer = PackWriter(repo.packs_dir, next_pack_id(repo))
+            stats = _ingest(repo, sources, extents, parent_maps, known, writer, progress_start, window)
+            writer.seal()
+            point_id = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
+            names = disk_names(vm, len(sources))
+            point_tmp = repo.tmp_dir / f"point-{point_id}"
+            point_tmp.mkdir()
+            disks = []
+            for i, (src, entries) in enumerate(zip(sources, stats.pop("entries"))):
+                map_file = f"disk{i}.map"
+                _write_synced(point_tmp / map_file, map_bytes(entries, bs, src.size))
+                stored = int(np.count_nonzero(entries["pack"] != ZERO_PACK))
+                disks.append({
+                    "name": names[i],
+                    "size": src.size,
+                    "map_file": map_file,
+                    "source": os.path.abspath(src.path),
+                    "source_format": src.format,
+                    "stored_blocks": stored,
+                    "zero_blocks": len(entries) - stored,
+                })
+            stats["elapsed_s"] = round(time.monotonic() - started, 3)
+            manifest = {
+                "format": MANIFEST_FORMAT,
+                "id": point_id,
+                "vm": vm,
+                "created": datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
+                "cpus": settings.cpus,
+                "memory_mib": settings.memory_mib,
+                "firmware": settings.firmware,
+                "guest_os": settings.guest_os,
+                "parent": parent.id if parent else None,
+                "incremental": changed_extents is not None,
+                "block_size": bs,
+                "disks": disks,
+                "stats": stats,
+            }
+            _write_synced(point_tmp / "manifest.json", dump_manifest(manifest))
+            fsync_dir(point_tmp)
+            os.rename(point_tmp, repo.points_dir / point_id)
+            committed = True
+            fsync_dir(repo.points_dir)
+            return manifest
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise NoSpace(f"no space left on the repository volume ({repo.path}); nothing was committed") from e
+            raise
+        except NoSpace as e:
+            raise NoSpace(f"{e}; nothing was committed") from e
+        finally:
+            for src in sources:
+                src.close()
+            if not committed:
+                if point_tmp is not None:
+                    shutil.rmtree(point_tmp, ignore_errors=True)
+                if writer is not None:
+                    writer.abort()
+
+
+def _write_synced(path, data: bytes) -> None:
+    with open(path, "xb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _ingest(
+    repo: Repository,
+    sources: list[Source],
+    extents: list[list[tuple[int, int]] | None],
+    parent_maps: list[np.ndarray | None],
+    known: dict[bytes, tuple[int, int, int]],
+    writer: PackWriter,
+    progress_start: Callable[[int], Progress] | None,
+    window: int | None,
+) -> dict:
+    bs = repo.block_size
+    zero_block = bytes(bs)
+    todo = []
+    for i, src in enumerate(sources):
+        todo.append(_blocks_to_read(src, bs, extents[i]))
+    total_logical = sum(s.size for s in sources)
+    advance = progress_start(total_logical) if progress_start else None
+
+    def work(fd: int, offset: int, length: int) -> tuple[bytes | None, int, bytes | None, int]:
+        data = os.pread(fd, length, offset)
+        if len(data) != length:
+            raise InstantNFSError(f"source shrank while being read (short read at offset {offset})")
+        if length < bs:
+            data += bytes(bs - length)
+        if data == zero_block:
+            return None, 0, None, length
+        fp = blake3.blake3(data).digest()
+        if fp in known:
+            return fp, 0, None, length
+        codec, payload = compress_block(data)
+        return fp, codec, payload, length
+
+    st = dict(
+        logical_bytes=total_logical,
+        read_bytes=0,
+        zero_blocks=0,
+        data_blocks=0,
+        reused_blocks=0,
+        new_chunks=0,
+        new_chunk_bytes=0,
+        payload_bytes=0,
+        stored_bytes=0,
+    )
+    all_entries = []
+    pool = repo.executor
+    depth = window or 4 * (pool._max_workers)  # type: ignore[attr-defined]
+    for i, src in enumerate(sources):
+        nblocks = -(-src.size // bs)
+        parent = parent_maps[i]
+        entries = zero_entries(nblocks) if parent is None else parent.copy()
+        blocks = todo[i]
+        if parent is not None:
+            # blocks that are not re-read keep the parent's chunks
+            entries[blocks] = zero_entries(len(blocks))
+        inflight: deque = deque()
+        it = iter(blocks.tolist())
+        done_bytes = 0
+
+        def submit_next() -> bool:
+            b = next(it, None)
+            if b is None:
+                return False
+            off = b * bs
+            inflight.append((b, pool.submit(work, src.fd, off, min(bs, src.size - off))))
+            return True
+
+        while len(inflight) < depth and submit_next():
+            pass
+        while inflight:
+            b, fut = inflight.popleft()
+            fp, codec, payload, length = fut.result()
+            submit_next()
+            st["read_bytes"] += length
+            done_bytes += length
+            if fp is not None:
+                loc = known.get(fp)
+                if loc is None:
+                    assert payload is not None, "the fingerprint table only grows"
+                    loc = writer.append(codec, payload, bs, fp)
+                    known[fp] = loc
+                    st["new_chunks"] += 1
+                    st["new_chunk_bytes"] += bs
+                    st["payload_bytes"] += len(payload)
+                else:
+                    st["reused_blocks"] += 1
+                e = entries[b]
+                e["pack"], e["offset"], e["clen"] = loc
+            if advance:
+                advance(length)
+        if advance:
+            advance(src.size - done_bytes)
+        stored = int(np.count_nonzero(entries["pack"] != ZERO_PACK))
+        st["data_blocks"] += stored
+        st["zero_blocks"] += nblocks - stored
+        all_entries.append(entries)
+    st["stored_bytes"] = writer.bytes_written
+    unique = st["new_chunks"]
+    st["dedup_ratio"] = round(st["data_blocks"] / unique, 3) if unique else None
+    payload_bytes = st["payload_bytes"]
+    st["compression_ratio"] = round(st["new_chunk_bytes"] / payload_bytes, 3) if payload_bytes else None
+    st["entries"] = all_entries
+    return st

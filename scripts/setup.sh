@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Set up a working instantnfs in ./.venv: system packages, the virtualenv, the package
+# (editable) and its Cython extension. Idempotent and quick when nothing changed.
+#   scripts/setup.sh [build|test]
+set -euo pipefail
+here=$(cd "$(dirname "$0")/.." && pwd)
+cd "$here"
+what=${1:-build}
+bash scripts/system-deps.sh "$what"
+py=${PYTHON:-python3}
+if ! "$py" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+  echo "instantnfs: Python 3.11 or newer is needed ($py is $("$py" --version 2>&1))" >&2
+  exit 1
+fi
+if [ ! -x .venv/bin/python ]; then
+  "$py" -m venv .venv || { echo "instantnfs: '$py -m venv' failed: install python3-venv" >&2; exit 1; }
+fi
+extra=$([ "$what" = test ] && echo "[test,lint]" || echo "")
+stamp=.venv/.setup-stamp-$what
+want=$(cat setup.py pyproject.toml engine/_blockmap.pyx engine/_blockmap.pxd 2>/dev/null | sha256sum | cut -c1-16)
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || ! ls engine/_blockmap*.so >/dev/null 2>&1; then
+  echo "instantnfs: installing into .venv (first run takes a minute)" >&2
+  .venv/bin/python -m pip install -q --upgrade pip >/dev/null
+  .venv/bin/python -m pip install -q "Cython>=3.0" "numpy>=1.26" "setuptools>=77" wheel
+  .venv/bin/python -m pip install -q --no-build-isolation -e ".$extra"
+  .venv/bin/python setup.py -q build_ext --inplace >/dev/null
+  echo "$want" > "$stamp"
+fi

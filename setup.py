@@ -1,0 +1,60 @@
+"""Build the instantnfs package and its Cython extension (engine._blockmap).
+
+Metadata lives in pyproject.toml; this file declares the extension and the
+dependency lower bounds.
+"""
+from __future__ import annotations
+
+import sys
+
+from setuptools import Extension, setup
+
+try:
+    from Cython.Build import cythonize
+except ImportError:  # pragma: no cover - a build without Cython is a setup error
+    sys.exit(
+        "instantnfs: Cython is needed to build engine/_blockmap.pyx "
+        "(pip install 'Cython>=3.0'); set INSTANTNFS_PURE=1 at run time to use the pure-Python twin."
+    )
+import numpy
+
+extensions = [
+    Extension(
+        "engine._blockmap",
+        ["engine/_blockmap.pyx"],
+        include_dirs=[numpy.get_include()],
+        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+        extra_compile_args=["-O3"],
+    )
+]
+
+setup(
+    ext_modules=cythonize(
+        extensions,
+        compiler_directives={
+            "language_level": 3,
+            "embedsignature": True,
+            "warn.unused": True,
+            "warn.unreachable": True,
+        },
+    ),
+    install_requires=[
+        "numpy>=1.26",
+        "lz4>=4.3",
+        "blake3>=0.4",
+        "crc32c>=2.4",
+        "tqdm>=4.66",
+        "uvloop>=0.19",
+        "aiohttp>=3.9",
+        "tomli-w>=1.0",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8.0",
+            "pytest-timeout>=2.2",
+            "hypothesis>=6.100",
+        ],
+        "lint": ["ruff>=0.5", "mypy>=1.10"],
+    },
+    package_data={"engine": ["*.pyx", "*.pxd", "*.pyi", "py.typed"]},
+)
