@@ -147,6 +147,13 @@ def zero_entries(nblocks: int) -> np.ndarray:
 # -- pack indexes -----------------------------------------------------------------------
 
 
+def fingerprints(entries: np.ndarray) -> list[bytes]:
+    """The 32-byte fingerprints of index entries, exactly (numpy's 'S' type would strip
+    trailing NUL bytes from a value, and 1 fingerprint in 256 ends with one)."""
+    raw = np.ascontiguousarray(entries["fp"]).tobytes()
+    return [raw[i : i + 32] for i in range(0, len(raw), 32)]
+
+
 def idx_bytes(pack: int, entries: np.ndarray) -> bytes:
     return IDX_HEADER.pack(IDX_MAGIC, IDX_VERSION, pack, len(entries)) + entries.tobytes()
 

@@ -32,6 +32,7 @@ import numpy as np
 from engine.blockmap import ZERO_PACK
 from engine.errors import InstantNFSError, NoSpace, UsageError
 from engine.repo.format import (
+    fingerprints,
     MANIFEST_FORMAT,
     dump_manifest,
     fsync_dir,
@@ -78,7 +79,7 @@ def load_fingerprints(repo: Repository) -> dict[bytes, tuple[int, int, int]]:
     known: dict[bytes, tuple[int, int, int]] = {}
     for idx in sorted(repo.packs_dir.glob("*.idx")):
         pack, entries = read_idx(idx)
-        for fp, off, clen in zip(entries["fp"].tolist(), entries["offset"].tolist(), entries["clen"].tolist()):
+        for fp, off, clen in zip(fingerprints(entries), entries["offset"].tolist(), entries["clen"].tolist()):
             known.setdefault(fp, (pack, off, clen))
     return known
 

@@ -1,0 +1,294 @@
+"""Repository check and garbage collection.
+
+``check`` verifies structure (configuration, manifests, block maps, pack indexes, that
+every block map entry points at an indexed record of the same length) and, with
+``verify_data``, reads every stored record: CRC32C, decompression to the exact block
+size, and the BLAKE3 fingerprint. A bad chunk is reported with every restore point,
+disk and disk offset that uses it. Garbage (packs without an index, unreferenced
+chunks, leftovers in tmp/) is reported separately: it is what an interrupted writer
+leaves, harmless, and what ``gc`` removes.
+
+``gc`` runs under the writer lock, so no backup can add references while it decides.
+It never moves a live chunk (block maps store chunk locations and are immutable):
+packs with no live chunk are deleted; in packs with some, the index is first rewritten
+to list only live chunks (so no later backup dedups against a chunk about to vanish)
+and then the byte ranges outside live records are punched out of the file
+(``fallocate(PUNCH_HOLE)``), which frees the space without changing any live offset.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import shutil
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import blake3
+import numpy as np
+
+from engine.blockmap import ZERO_PACK
+from engine.errors import InstantNFSError, RepositoryError
+from engine.repo.format import IDX_DTYPE, fingerprints, PACK_HEADER, PACK_MAGIC, idx_bytes, idx_name, pack_name, read_idx, write_file_atomic
+from engine.repo.packs import HDR
+from engine.repo.repository import Repository, RestorePoint
+
+
+@dataclass
+class BadChunk:
+    pack: int
+    offset: int
+    error: str
+    users: list[tuple[str, str, int]] = field(default_factory=list)  # (point, disk, disk offset)
+
+    def to_json(self) -> dict:
+        return {
+            "pack": pack_name(self.pack),
+            "offset": self.offset,
+            "error": self.error,
+            "used_by": [{"point": p, "disk": d, "disk_offset": o} for p, d, o in self.users],
+        }
+
+
+@dataclass
+class CheckReport:
+    errors: list[str] = field(default_factory=list)
+    garbage: list[str] = field(default_factory=list)
+    bad_chunks: list[BadChunk] = field(default_factory=list)
+    points: int = 0
+    chunks: int = 0
+    chunks_verified: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors and not self.bad_chunks
+
+    def to_json(self) -> dict:
+        return {
+            "ok": self.ok,
+            "points": self.points,
+            "chunks": self.chunks,
+            "chunks_verified": self.chunks_verified,
+            "errors": self.errors,
+            "garbage": self.garbage,
+            "bad_chunks": [b.to_json() for b in self.bad_chunks],
+        }
+
+
+@dataclass
+class _Maps:
+    """Every block map of every restore point, loaded."""
+
+    points: list[RestorePoint]
+    maps: list[tuple[str, str, np.ndarray]]  # (point id, disk name, entries)
+
+
+def _load_indexes(repo: Repository, report: CheckReport | None) -> dict[int, np.ndarray]:
+    indexes: dict[int, np.ndarray] = {}
+    for path in sorted(repo.packs_dir.glob("*.idx")):
+        try:
+            pack, entries = read_idx(path)
+        except RepositoryError as e:
+            if report is None:
+                raise
+            report.errors.append(str(e))
+            continue
+        if path.name != idx_name(pack):
+            msg = f"pack index {path.name} names pack {pack}"
+            if report is None:
+                raise RepositoryError(msg)
+            report.errors.append(msg)
+            continue
+        indexes[pack] = entries
+    return indexes
+
+
+def _load_maps(repo: Repository, report: CheckReport | None) -> _Maps:
+    points: list[RestorePoint] = []
+    maps = []
+    for d in sorted(repo.points_dir.iterdir()):
+        if d.name.startswith("."):
+            continue
+        try:
+            pt = repo._load_point(d)
+            for i, info in enumerate(pt.disks):
+                maps.append((pt.id, info.name, np.asarray(pt.open_blockmap(i).entries)))
+        except (InstantNFSError, KeyError, TypeError) as e:
+            if report is None:
+                raise RepositoryError(f"restore point {d.name} is unreadable: {e}") from e
+            report.errors.append(f"restore point {d.name}: {e}")
+            continue
+        points.append(pt)
+    return _Maps(points, maps)
+
+
+def _references(maps: _Maps) -> dict[int, dict[int, int]]:
+    """pack -> {record offset: clen} over every block map."""
+    refs: dict[int, dict[int, int]] = defaultdict(dict)
+    for _pid, _disk, entries in maps.maps:
+        stored = entries[entries["pack"] != ZERO_PACK]
+        if not len(stored):
+            continue
+        for pack in np.unique(stored["pack"]).tolist():
+            sel = stored[stored["pack"] == pack]
+            offs, idx = np.unique(sel["offset"], return_index=True)
+            refs[pack].update(zip(offs.tolist(), sel["clen"][idx].tolist()))
+    return refs
+
+
+def check(repo: Repository, verify_data: bool = False, progress: Callable[[int], None] | None = None) -> CheckReport:
+    report = CheckReport()
+    indexes = _load_indexes(repo, report)
+    maps = _load_maps(repo, report)
+    report.points = len(maps.points)
+    packs_on_disk = {int(p.stem, 16) for p in repo.packs_dir.glob("*.pack") if len(p.stem) == 8}
+    refs = _references(maps)
+
+    for pack in sorted(packs_on_disk - set(indexes)):
+        report.garbage.append(f"pack {pack_name(pack)} has no index (left by an interrupted backup)")
+    for pack in sorted(set(indexes) - packs_on_disk):
+        report.errors.append(f"pack {pack_name(pack)} is missing but its index exists")
+    for entry in sorted(repo.tmp_dir.iterdir()):
+        report.garbage.append(f"tmp/{entry.name} (left by an interrupted writer)")
+
+    bad: dict[tuple[int, int], BadChunk] = {}
+    for pack, used in sorted(refs.items()):
+        entries = indexes.get(pack)
+        known = dict(zip(entries["offset"].tolist(), entries["clen"].tolist())) if entries is not None else {}
+        for off, clen in used.items():
+            if known.get(off) != clen:
+                why = "its pack is missing" if pack not in packs_on_disk else "no such record in the pack index"
+                bad[(pack, off)] = BadChunk(pack, off, f"referenced chunk not found: {why}")
+    for pack, entries in sorted(indexes.items()):
+        live = refs.get(pack, {})
+        dead = sum(1 for o in entries["offset"].tolist() if o not in live)
+        if dead:
+            report.garbage.append(f"pack {pack_name(pack)}: {dead} chunk(s) no restore point uses")
+        report.chunks += len(entries)
+
+    if verify_data:
+        for pack, entries in sorted(indexes.items()):
+            if pack not in packs_on_disk:
+                continue
+            for fp, off, clen in zip(fingerprints(entries), entries["offset"].tolist(), entries["clen"].tolist()):
+                err = _verify_chunk(repo, pack, off, clen, fp)
+                report.chunks_verified += 1
+                if err and (pack, off) not in bad:
+                    bad[(pack, off)] = BadChunk(pack, off, err)
+                if progress:
+                    progress(clen + HDR)
+
+    if bad:
+        for pid, disk, m in maps.maps:
+            for (pack, off), b in bad.items():
+                hits = np.flatnonzero((m["pack"] == pack) & (m["offset"] == off))
+                b.users.extend((pid, disk, int(i) * repo.block_size) for i in hits.tolist())
+        report.bad_chunks = sorted(bad.values(), key=lambda b: (b.pack, b.offset))
+    return report
+
+
+def _verify_chunk(repo: Repository, pack: int, off: int, clen: int, fp: bytes) -> str | None:
+    reader = repo.reader
+    try:
+        codec, rec_fp, payload, ulen = reader.read_record(pack, off, clen)
+        data = reader.decode(pack, off, codec, payload, ulen)
+    except InstantNFSError as e:
+        return str(e)
+    if rec_fp != fp:
+        return f"chunk at pack {pack_name(pack)} offset {off}: fingerprint differs from the pack index"
+    if blake3.blake3(data).digest() != fp:
+        return f"chunk at pack {pack_name(pack)} offset {off}: content does not match its fingerprint"
+    return None
+
+
+# -- garbage collection ----------------------------------------------------------------
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+
+
+def punch_hole(fd: int, offset: int, length: int) -> None:
+    if length <= 0:
+        return
+    if _libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
+def _allocated(path) -> int:
+    try:
+        return os.stat(path).st_blocks * 512
+    except FileNotFoundError:
+        return 0
+
+
+def gc(repo: Repository) -> dict:
+    """Remove what no restore point references; returns what was done."""
+    out = {"packs_removed": 0, "chunks_removed": 0, "bytes_reclaimed": 0, "tmp_removed": 0, "notes": []}
+    with repo.lock("gc"):
+        maps = _load_maps(repo, None)
+        indexes = _load_indexes(repo, None)
+        refs = _references(maps)
+        for pack, used in refs.items():
+            entries = indexes.get(pack)
+            have = set(entries["offset"].tolist()) if entries is not None else set()
+            missing = set(used) - have
+            if missing:
+                raise RepositoryError(
+                    f"restore points reference {len(missing)} chunk(s) of pack {pack_name(pack)} that its index lacks; "
+                    "gc stops here: run 'instantnfs repo check' first"
+                )
+        for entry in sorted(repo.tmp_dir.iterdir()):
+            before = sum(_allocated(p) for p in entry.rglob("*")) if entry.is_dir() else _allocated(entry)
+            if entry.is_dir():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+            out["tmp_removed"] += 1
+            out["bytes_reclaimed"] += before
+        for path in sorted(repo.packs_dir.glob("*.pack")):
+            pack = int(path.stem, 16)
+            idx_path = repo.packs_dir / idx_name(pack)
+            live = refs.get(pack, {})
+            entries = indexes.get(pack)
+            before = _allocated(path) + _allocated(idx_path)
+            if not live:
+                idx_path.unlink(missing_ok=True)  # the index first: dedup must not find these chunks
+                path.unlink()
+                out["packs_removed"] += 1
+                out["chunks_removed"] += 0 if entries is None else len(entries)
+                out["bytes_reclaimed"] += before
+                continue
+            assert entries is not None
+            keep = np.isin(entries["offset"], np.fromiter(live.keys(), dtype=np.uint64))
+            if keep.all():
+                continue
+            write_file_atomic(idx_path, idx_bytes(pack, np.ascontiguousarray(entries[keep], dtype=IDX_DTYPE)))
+            out["chunks_removed"] += int((~keep).sum())
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            try:
+                if os.pread(fd, PACK_HEADER.size, 0)[:8] != PACK_MAGIC:
+                    raise RepositoryError(f"pack {path} has a bad header; gc leaves it alone")
+                pos = PACK_HEADER.size
+                for off in sorted(live):
+                    punch_hole(fd, pos, off - pos)
+                    pos = off + HDR + live[off]
+                punch_hole(fd, pos, os.fstat(fd).st_size - pos)
+                os.fsync(fd)
+            except OSError as e:
+                if e.errno != errno.EOPNOTSUPP:
+                    raise
+                out["notes"].append(
+                    f"{repo.packs_dir} cannot punch holes: dead chunks of {path.name} stay until none of its chunks is used"
+                )
+            finally:
+                os.close(fd)
+            out["bytes_reclaimed"] += max(0, before - _allocated(path) - _allocated(idx_path))
+        for idx_path in sorted(repo.packs_dir.glob("*.idx")):
+            if not idx_path.with_suffix(".pack").exists():
+                idx_path.unlink()
+    return out

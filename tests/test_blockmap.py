@@ -1,0 +1,138 @@
+"""The block map and the dirty-bitmap range operations, compiled and pure, against list models."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from engine import _blockmap, _blockmap_py
+
+IMPLS = [pytest.param(_blockmap, id="cython"), pytest.param(_blockmap_py, id="pure")]
+
+
+@st.composite
+def maps(draw):
+    shift = draw(st.integers(4, 12))
+    bs = 1 << shift
+    nblocks = draw(st.integers(1, 40))
+    tail = draw(st.integers(0, bs - 1))
+    disk_size = nblocks * bs if tail == 0 else (nblocks - 1) * bs + tail
+    rows = []
+    for _ in range(nblocks):
+        if draw(st.booleans()):
+            rows.append((0xFFFFFFFF, 0, 0))
+        else:
+            rows.append((draw(st.integers(0, 5)), draw(st.integers(1, 1 << 20)), draw(st.integers(0, 1 << 39))))
+    start = draw(st.integers(0, disk_size))
+    length = draw(st.integers(0, disk_size - start))
+    return bs, disk_size, rows, start, length
+
+
+def entries_of(rows):
+    e = np.zeros(len(rows), dtype=_blockmap_py.ENTRY_DTYPE)
+    for i, (p, c, o) in enumerate(rows):
+        e[i] = (p, c, o)
+    return e
+
+
+def model_translate(bs, rows, start, length):
+    """Per-byte walk: one extent per block piece, zero pieces merged."""
+    out = []
+    pos, end = start, start + length
+    while pos < end:
+        b, skip = divmod(pos, bs)
+        take = min(bs - skip, end - pos)
+        p, c, o = rows[b]
+        if p == 0xFFFFFFFF:
+            if out and out[-1][0] == -1:
+                out[-1][4] += take
+            else:
+                out.append([-1, 0, 0, 0, take])
+        else:
+            out.append([p, o, c, skip, take])
+        pos += take
+    return out
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@settings(max_examples=300, deadline=None)
+@given(m=maps())
+def test_translate_matches_model(impl, m):
+    bs, disk_size, rows, start, length = m
+    bm = impl.BlockMap(entries_of(rows), bs, disk_size)
+    got = bm.translate(start, length)
+    assert got.dtype == np.int64 and got.shape[1] == 5
+    assert got.tolist() == model_translate(bs, rows, start, length)
+    assert int(got[:, 4].sum()) == length
+    for b, (p, c, o) in enumerate(rows):
+        assert bm.key(b) == (-1 if p == 0xFFFFFFFF else p << 40 | o)
+        assert bm.entry(b) == (p, c, o)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_translate_rejects_out_of_range(impl):
+    bm = impl.BlockMap(entries_of([(1, 10, 0), (0xFFFFFFFF, 0, 0)]), 4096, 5000)
+    with pytest.raises(ValueError, match="outside"):
+        bm.translate(4000, 1001)
+    with pytest.raises(ValueError):
+        bm.translate(-1, 10)
+    with pytest.raises(IndexError):
+        bm.key(2)
+    assert bm.translate(5000, 0).shape == (0, 5)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_blockmap_validates_shape(impl):
+    with pytest.raises(ValueError, match="power of two"):
+        impl.BlockMap(entries_of([(1, 1, 1)]), 3000, 3000)
+    with pytest.raises(ValueError, match="entries"):
+        impl.BlockMap(entries_of([(1, 1, 1)]), 4096, 8192)
+
+
+bit_ops = st.lists(
+    st.tuples(st.sampled_from(["set", "clear", "count", "runs"]), st.integers(0, 300), st.integers(0, 300)),
+    max_size=30,
+)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@settings(max_examples=200, deadline=None)
+@given(nbytes=st.integers(1, 40), ops=bit_ops)
+def test_bitmap_ops_match_list_model(impl, nbytes, ops):
+    bits = np.zeros(nbytes, dtype=np.uint8)
+    model = [0] * (nbytes * 8)
+    for op, start, count in ops:
+        start %= nbytes * 8 + 1
+        count = min(count, nbytes * 8 - start)
+        if op == "set":
+            impl.bits_set(bits, start, count)
+            model[start : start + count] = [1] * count
+        elif op == "clear":
+            impl.bits_clear(bits, start, count)
+            model[start : start + count] = [0] * count
+        elif op == "count":
+            assert impl.bits_count(bits, start, count) == sum(model[start : start + count])
+        else:
+            runs = impl.bits_runs(bits, start, count).tolist()
+            expect = []
+            for i in range(start, start + count):
+                if expect and expect[-1][2] == model[i]:
+                    expect[-1][1] += 1
+                else:
+                    expect.append([i, 1, model[i]])
+            assert runs == expect
+        assert [impl.bit_get(bits, i) for i in range(nbytes * 8)] == model
+    # the packed layout is numpy's little-endian bit order
+    assert np.unpackbits(bits, bitorder="little").tolist() == model
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_bitmap_range_checked(impl):
+    bits = np.zeros(2, dtype=np.uint8)
+    for fn in (impl.bits_set, impl.bits_clear, impl.bits_count, impl.bits_runs):
+        with pytest.raises(ValueError):
+            fn(bits, 10, 7)
+        with pytest.raises(ValueError):
+            fn(bits, -1, 1)
+    assert bits.tolist() == [0, 0]
