@@ -41,7 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -50,11 +50,11 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
+import gen_disk  # noqa: E402
+
 from engine import blockmap as blockmap_mod  # noqa: E402
 from engine.repo.ingest import BackupSettings, backup  # noqa: E402
 from engine.repo.repository import Repository  # noqa: E402
-
-import gen_disk  # noqa: E402
 
 MIB = 1 << 20
 ALL_PHASES = ("ours-backup", "borg", "ours-read", "borg-mount")
@@ -339,7 +339,7 @@ def table(res: dict) -> str:
             ("read-back sha256 == source", str(rd["verified"]), "", ""),
         ]
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in rows]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + " |" for r in rows]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
     return "\n".join(lines)
 
@@ -386,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     src_sha = file_sha256(disk)
     st = os.stat(disk)
     res: dict = {
-        "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "when": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": machine(),
         "disk": {"path": str(disk), "size": st.st_size, "allocated": st.st_blocks * 512, "sha256": src_sha,
                  "generator": gen_info},
@@ -429,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
 
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    out = out_dir / f"repo-bench-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}.json"
+    out = out_dir / f"repo-bench-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.json"
     out.write_text(json.dumps(res, indent=2) + "\n")
     print(table(res))
     print(f"\nJSON: {out}")
