@@ -59,3 +59,43 @@ class IntegrityError(InstantNFSError):
 
 class NoSpace(InstantNFSError):
     """No space left on the device."""
+
+
+class WriteCacheError(InstantNFSError):
+    """The write cache cannot be used (damaged, of another disk, or in use by another process)."""
+
+
+class FileTooLarge(InstantNFSError):
+    """The write goes past the end of the disk, whose size is fixed."""
+
+
+class DatastoreError(InstantNFSError):
+    """The datastore refused the operation."""
+
+
+class StaleHandle(DatastoreError):
+    """The file handle refers to a file or session that no longer exists."""
+
+
+class BadHandle(DatastoreError):
+    """The file handle is not one this server issued."""
+
+
+class BadCookie(DatastoreError):
+    """The directory changed since the listing began: restart it."""
+
+
+class TooSmall(DatastoreError):
+    """The reply size the client allows cannot hold one directory entry."""
+
+
+class BadType(DatastoreError):
+    """This type of special file cannot be created here."""
+
+
+class SessionError(UsageError):
+    """The session cannot be published or changed."""
+
+
+class PortInUse(InstantNFSError):
+    """A fixed network port is already in use."""

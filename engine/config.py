@@ -1,0 +1,106 @@
+"""Configuration: TOML with embedded defaults that work out of the box.
+
+``load(path)`` reads the defaults below, then the file (if given), then the caller
+applies command-line overrides with ``override``. Unknown keys are an error with the
+key's name, so a typo does not silently keep a default. Values are checked once here.
+"""
+from __future__ import annotations
+
+import copy
+import ipaddress
+import os
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from engine.errors import UsageError
+
+DEFAULTS_TOML = """
+[server]
+# Address the portmapper, MOUNT and NFS listen on.
+bind = "0.0.0.0"
+# "on": run our portmapper on portmap_port (or register with the one holding it);
+# "off": no portmapper (clients must be told the MOUNT and NFS ports).
+portmap = "on"
+portmap_port = 111
+# MOUNT and NFS move to the next free port when these are taken.
+mount_port = 1058
+nfs_port = 2049
+export = "/instantnfs"
+# Client addresses (CIDR) allowed to mount; others get MNT3ERR_ACCES / AUTH_ERROR.
+allowed_clients = ["0.0.0.0/0", "::/0"]
+read_only = false
+# Requests in flight per TCP connection before reading pauses.
+max_inflight = 64
+
+[cache]
+# Where sessions keep their state and the files clients create.
+dir = "~/.cache/instantnfs"
+# Decompressed chunk cache, MiB.
+chunk_cache_mib = 1024
+
+[repo]
+path = ""
+
+[control]
+bind = "127.0.0.1"
+port = 6161
+# Required as "Authorization: Bearer <token>" when bind is not a loopback address.
+token = ""
+"""
+
+DEFAULTS: dict[str, Any] = tomllib.loads(DEFAULTS_TOML)
+
+
+def _merge(base: dict, over: dict, where: str) -> None:
+    for k, v in over.items():
+        if k not in base:
+            raise UsageError(f"unknown configuration key {where}{k}")
+        if isinstance(base[k], dict):
+            if not isinstance(v, dict):
+                raise UsageError(f"configuration key {where}{k} must be a table")
+            _merge(base[k], v, f"{where}{k}.")
+        else:
+            if type(v) is not type(base[k]) and not (isinstance(base[k], int) and isinstance(v, int)):
+                raise UsageError(f"configuration key {where}{k} must be a {type(base[k]).__name__}, not {v!r}")
+            base[k] = v
+
+
+def load(path: str | os.PathLike | None = None) -> dict[str, Any]:
+    cfg = copy.deepcopy(DEFAULTS)
+    if path:
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise UsageError(f"configuration file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as e:
+            raise UsageError(f"configuration file {path} is not valid TOML: {e}") from None
+        _merge(cfg, data, "")
+    return cfg
+
+
+def override(cfg: dict[str, Any], section: str, key: str, value: Any) -> None:
+    if value is not None:
+        cfg[section][key] = value
+
+
+def validate(cfg: dict[str, Any]) -> dict[str, Any]:
+    s = cfg["server"]
+    if s["portmap"] not in ("on", "off"):
+        raise UsageError(f"server.portmap must be \"on\" or \"off\", not {s['portmap']!r}")
+    for key in ("portmap_port", "mount_port", "nfs_port"):
+        if not 0 <= s[key] <= 65535:
+            raise UsageError(f"server.{key} {s[key]} is not a port number")
+    if not 0 <= cfg["control"]["port"] <= 65535:
+        raise UsageError(f"control.port {cfg['control']['port']} is not a port number")
+    for n in s["allowed_clients"]:
+        try:
+            ipaddress.ip_network(n, strict=False)
+        except ValueError:
+            raise UsageError(f"server.allowed_clients: {n!r} is not an address or network") from None
+    if not s["export"].startswith("/") or s["export"].strip("/") == "":
+        raise UsageError(f"server.export {s['export']!r} must be an absolute path like /instantnfs")
+    if s["max_inflight"] < 2:
+        raise UsageError("server.max_inflight must be at least 2")
+    cfg["cache"]["dir"] = str(Path(os.path.expanduser(cfg["cache"]["dir"])))
+    return cfg

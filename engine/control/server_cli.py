@@ -1,0 +1,270 @@
+"""Command-line commands for the daemon: serve, publish, unpublish, sessions, status.
+
+``add_commands(subparsers)`` adds them to the main ``instantnfs`` parser; each sets
+``func`` to a callable taking the parsed args and returning the exit code. Run alone,
+``python -m engine.control.server_cli ...`` builds its own parser.
+
+``serve`` runs in the foreground on uvloop (logs to stderr, stops cleanly on SIGTERM /
+SIGINT). The other commands talk to a running daemon's control API, found from
+``--server URL``, else ``$INSTANTNFS_SERVER``, else the config's control address.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from typing import Any
+
+from engine import config as configmod
+from engine.errors import InstantNFSError, UsageError
+
+log = logging.getLogger("instantnfs")
+
+
+# -- serve ---------------------------------------------------------------------------------
+
+
+def _serve_config(args: argparse.Namespace) -> dict[str, Any]:
+    cfg = configmod.load(args.config)
+    o = configmod.override
+    o(cfg, "repo", "path", args.repo)
+    o(cfg, "server", "bind", args.bind)
+    o(cfg, "server", "portmap_port", args.portmap_port)
+    o(cfg, "server", "mount_port", args.mount_port)
+    o(cfg, "server", "nfs_port", args.nfs_port)
+    o(cfg, "server", "export", args.export)
+    o(cfg, "server", "portmap", args.portmap)
+    if args.allow:
+        cfg["server"]["allowed_clients"] = args.allow
+    if args.read_only:
+        cfg["server"]["read_only"] = True
+    o(cfg, "cache", "dir", args.cache_dir)
+    o(cfg, "control", "bind", args.control_bind)
+    o(cfg, "control", "port", args.control_port)
+    configmod.validate(cfg)
+    if not cfg["repo"]["path"]:
+        raise UsageError("no repository: give --repo PATH or set repo.path in the config")
+    return cfg
+
+
+async def run_daemon(cfg: dict[str, Any], ready: asyncio.Future | None = None) -> int:
+    """The daemon: open the repository, restore sessions, start services, wait for a signal."""
+    from engine.control.api import ControlAPI
+    from engine.datastore import Datastore
+    from engine.nfs.server import NFSServices
+    from engine.repo.repository import Repository
+
+    repo = Repository.open(cfg["repo"]["path"], cache_bytes=cfg["cache"]["chunk_cache_mib"] << 20)
+    try:
+        ds = Datastore(repo, cfg["cache"]["dir"])
+        ds.load()
+        services = NFSServices(ds, cfg["server"])
+        ports = await services.start()
+        api = ControlAPI(ds, services, cfg)
+        try:
+            control_port = await api.start(cfg["control"]["bind"], cfg["control"]["port"])
+        except OSError as e:
+            await services.stop()
+            raise InstantNFSError(f"cannot listen for the control API on {cfg['control']['bind']}:{cfg['control']['port']}: {e.strerror}") from e
+        bind = cfg["server"]["bind"]
+        pm = f"{bind}:{ports.portmap}" if ports.portmap else (f"registered with the portmapper on port {ports.portmap_external}" if ports.portmap_external else "off")
+        log.info(
+            "instantnfs serving %s: portmap %s, mount %s:%d (tcp+udp), nfs %s:%d (tcp), control http://%s:%d%s, %d session(s)",
+            repo.path, pm, bind, ports.mount, bind, ports.nfs, cfg["control"]["bind"], control_port, "/api/v1",
+            len(ds.sessions),
+        )
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        if ready is not None and not ready.done():
+            ready.set_result((ports, control_port, api))
+        await stop.wait()
+        log.info("stopping")
+        await api.stop()
+        await services.stop()
+    finally:
+        repo.close()
+    log.info("stopped")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = _serve_config(args)
+        import uvloop
+
+        return uvloop.run(run_daemon(cfg))
+    except InstantNFSError as e:
+        print(f"instantnfs: {e}", file=sys.stderr)
+        return e.exit_code
+
+
+# -- client commands -------------------------------------------------------------------------
+
+
+def server_url(args: argparse.Namespace) -> str:
+    if getattr(args, "server", None):
+        return args.server.rstrip("/")
+    env = os.environ.get("INSTANTNFS_SERVER")
+    if env:
+        return env.rstrip("/")
+    cfg = configmod.load(getattr(args, "config", None))
+    return f"http://{cfg['control']['bind']}:{cfg['control']['port']}"
+
+
+def api_call(args: argparse.Namespace, method: str, path: str, body: Any = None) -> Any:
+    url = server_url(args) + "/api/v1" + path
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    token = os.environ.get("INSTANTNFS_TOKEN")
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return json.loads(r.read() or b"null")
+    except urllib.error.HTTPError as e:
+        try:
+            msg = json.loads(e.read()).get("error", str(e))
+        except ValueError:
+            msg = str(e)
+        raise InstantNFSError(msg) from None
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise InstantNFSError(f"no instantnfs daemon at {server_url(args)} ({reason}); start one with 'instantnfs serve'") from None
+
+
+def _client(fn: Any) -> Any:
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return fn(args)
+        except InstantNFSError as e:
+            print(f"instantnfs: {e}", file=sys.stderr)
+            return e.exit_code
+    return run
+
+
+def _print_session(s: dict) -> None:
+    print(f"{s['name']}  VM {s['vm']}  point {s['point'][:12]}  {s['path']}")
+    for d in s["disks"]:
+        print(f"  {d['name']}  {d['size']} bytes")
+        print(f"    QEMU:       {d['url']}")
+        print(f"    libnfs:     {d['url_libnfs']}")
+        print(f"    ESXi:       {d['files']['vmdk']}")
+
+
+@_client
+def cmd_publish(args: argparse.Namespace) -> int:
+    body: dict[str, Any] = {"point": args.point}
+    if args.name:
+        body["name"] = args.name
+    s = api_call(args, "POST", "/sessions", body)
+    if args.json:
+        print(json.dumps(s, indent=2))
+    else:
+        _print_session(s)
+    return 0
+
+
+@_client
+def cmd_unpublish(args: argparse.Namespace) -> int:
+    api_call(args, "DELETE", f"/sessions/{urllib.request.quote(args.name, safe='')}")
+    print(f"unpublished {args.name}")
+    return 0
+
+
+@_client
+def cmd_sessions(args: argparse.Namespace) -> int:
+    sessions = api_call(args, "GET", "/sessions")
+    if args.json:
+        print(json.dumps(sessions, indent=2))
+    elif not sessions:
+        print("no sessions published")
+    else:
+        for s in sessions:
+            _print_session(s)
+    return 0
+
+
+@_client
+def cmd_status(args: argparse.Namespace) -> int:
+    st = api_call(args, "GET", "/status")
+    if args.json:
+        print(json.dumps(st, indent=2))
+        return 0
+    p = st["ports"]
+    pm = p["portmap"] or (f"registered with port {p['portmap_registered_with']}" if p["portmap_registered_with"] else "off")
+    print(f"instantnfs pid {st['pid']}, up {st['uptime_s']} s, repository {st['repo']}")
+    print(f"  export {st['export']} on {st['bind']}: portmap {pm}, mount {p['mount']}, nfs {p['nfs']}, control {p['control']}")
+    print(f"  sessions {st['sessions']}, NFS calls {st['rpc']['nfs_calls']}, cache dir {st['cache_dir']}")
+    return 0
+
+
+# -- argparse wiring -----------------------------------------------------------------------------
+
+
+def _client_opts(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--server", help="control API URL (default: $INSTANTNFS_SERVER, else the config's control address)")
+    p.add_argument("--config", help="TOML configuration file")
+
+
+def add_commands(subparsers: Any) -> None:
+    p = subparsers.add_parser("serve", help="run the NFS daemon in the foreground")
+    p.add_argument("--repo", help="repository to serve")
+    p.add_argument("--config", help="TOML configuration file")
+    p.add_argument("--bind", help="address for portmap, MOUNT and NFS (default 0.0.0.0)")
+    p.add_argument("--portmap", choices=("on", "off"), help="run a portmapper (or register with the one on its port)")
+    p.add_argument("--portmap-port", type=int, help="portmapper port (default 111)")
+    p.add_argument("--mount-port", type=int, help="MOUNT port (default 1058, next free if taken)")
+    p.add_argument("--nfs-port", type=int, help="NFS port (default 2049, next free if taken)")
+    p.add_argument("--export", help="export path (default /instantnfs)")
+    p.add_argument("--allow", action="append", metavar="CIDR", help="allowed client network (repeatable)")
+    p.add_argument("--read-only", action="store_true", default=None, help="refuse every change (NFS3ERR_ROFS)")
+    p.add_argument("--cache-dir", help="session state and client files (default ~/.cache/instantnfs)")
+    p.add_argument("--control-bind", help="control API address (default 127.0.0.1)")
+    p.add_argument("--control-port", type=int, help="control API port (default 6161)")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.set_defaults(func=cmd_serve)
+
+    p = subparsers.add_parser("publish", help="publish a restore point in the running daemon's export")
+    p.add_argument("point", help="restore point id, unique prefix, 'latest' or 'VM@latest'")
+    p.add_argument("--name", help="session name (directory in the export)")
+    p.add_argument("--json", action="store_true", help="print the session as JSON")
+    _client_opts(p)
+    p.set_defaults(func=cmd_publish)
+
+    p = subparsers.add_parser("unpublish", help="remove a session from the export")
+    p.add_argument("name")
+    _client_opts(p)
+    p.set_defaults(func=cmd_unpublish)
+
+    p = subparsers.add_parser("sessions", help="list published sessions with their nfs:// URLs")
+    p.add_argument("--json", action="store_true")
+    _client_opts(p)
+    p.set_defaults(func=cmd_sessions)
+
+    p = subparsers.add_parser("status", help="the running daemon's ports and counters")
+    p.add_argument("--json", action="store_true")
+    _client_opts(p)
+    p.set_defaults(func=cmd_status)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="instantnfs")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_commands(sub)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

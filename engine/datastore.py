@@ -1,0 +1,732 @@
+"""Sessions and the namespace NFS clients see: the one place that defines the datastore.
+
+::
+
+    /                               the export root: one directory per published session
+    /<session>/<vm>.vmx             generated at publish, then an ordinary file
+    /<session>/<disk>.vmdk          generated descriptor (createType "vmfs"), ordinary file
+    /<session>/<disk>-flat.vmdk     the disk, backed by the restore point (read-only here)
+    /<session>/<disk>.img           the same disk for QEMU/KVM
+    /<session>/...                  whatever the client creates: ordinary files and dirs
+
+A session directory is a real directory, ``<cache_dir>/sessions/<name>``; everything in
+it except the disk files is an ordinary file there, so client-created files (ESXi's
+``.lck-*``, ``.vswp``, logs, a ``.vmx`` renamed over the generated one) survive a
+restart. The disk files are virtual: listed beside the real entries, read through the
+restore point's ``BackupDisk``; writing them is EROFS in this version. Real files are
+never opened through a symbolic link (``O_NOFOLLOW``, ``lstat``): a client may create
+symlinks, and they stay names, never paths the daemon follows.
+
+File handles are 32 bytes: version, kind, session id, inode (or disk file index), then a
+16-byte keyed BLAKE2b MAC under a secret persisted in ``<cache_dir>/state.json``. The
+same file has the same handle after a restart; a forged or altered handle is
+``BadHandle``; a handle of an unpublished session or a deleted file is ``StaleHandle``.
+Session ids are never reused, so a republished name gets new handles.
+
+Errors are ``OSError`` with the errno a local filesystem would give (EROFS, EEXIST,
+ENOTDIR, ...) or the ``engine.errors`` datastore errors; ``engine.nfs.nfs3`` maps both
+to ``nfsstat3`` in one function. Everything here runs on the event loop thread (so no
+lock is needed); only fsync and disk reads that miss the chunk cache run elsewhere.
+"""
+from __future__ import annotations
+
+import asyncio
+import errno
+import hashlib
+import hmac
+import json
+import logging
+import os
+import re
+import secrets
+import shutil
+import stat
+import struct
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from engine.disk import BackupDisk
+from engine.errors import BadCookie, BadHandle, BadType, SessionError, StaleHandle
+from engine.repo.repository import Repository, RestorePoint
+
+log = logging.getLogger("instantnfs.datastore")
+
+ROOT, REAL, VDISK = 1, 2, 3
+HANDLE_VERSION = 1
+_HEAD = struct.Struct(">BBHIQ")
+MAC_SIZE = 16
+HANDLE_SIZE = _HEAD.size + MAC_SIZE
+VIRTUAL_FILEID = 1 << 63
+NAME_MAX = 255
+_SESSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+STATE_FORMAT = 1
+
+
+def _err(code: int, what: str = "") -> OSError:
+    return OSError(code, os.strerror(code), what)
+
+
+@dataclass(frozen=True, slots=True)
+class Attr:
+    """A file's attributes, filesystem-neutral (mode carries the S_IF* type bits)."""
+
+    mode: int
+    nlink: int
+    uid: int
+    gid: int
+    size: int
+    used: int
+    rdev: int
+    fileid: int
+    atime_ns: int
+    mtime_ns: int
+    ctime_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class SetAttr:
+    """What to change; None leaves a field alone; a time is ns or ``NOW``."""
+
+    mode: int | None = None
+    uid: int | None = None
+    gid: int | None = None
+    size: int | None = None
+    atime_ns: int | str | None = None
+    mtime_ns: int | str | None = None
+
+
+NOW = "now"
+
+
+@dataclass(frozen=True, slots=True)
+class Node:
+    kind: int
+    session: Session | None = None
+    ino: int = 0  # REAL: inode number; VDISK: disk file index
+    path: str = ""  # REAL: absolute path
+
+
+@dataclass
+class Session:
+    name: str
+    sid: int
+    point: RestorePoint
+    created_ns: int
+    dir: Path
+    disks: list[BackupDisk]
+    inodes: dict[int, str] = field(default_factory=dict)  # inode -> path relative to dir
+    read_ops: int = 0
+    read_bytes: int = 0
+    write_ops: int = 0
+    write_bytes: int = 0
+
+    def vdisk_names(self) -> list[str]:
+        out = []
+        for d in self.disks:
+            out += [f"{d.name}-flat.vmdk", f"{d.name}.img"]
+        return out
+
+    def vdisk_index(self, name: str) -> int:
+        try:
+            return self.vdisk_names().index(name)
+        except ValueError:
+            return -1
+
+
+def vmx_text(point: RestorePoint) -> str:
+    m = point.manifest
+    lines = [
+        '.encoding = "UTF-8"',
+        'config.version = "8"',
+        'virtualHW.version = "14"',
+        f'displayName = "{point.vm}"',
+        f'guestOS = "{m.get("guest_os") or "other-64"}"',
+        f'numvcpus = "{m.get("cpus") or 1}"',
+        f'memSize = "{m.get("memory_mib") or 1024}"',
+        'scsi0.present = "TRUE"',
+        'scsi0.virtualDev = "pvscsi"',
+    ]
+    if (m.get("firmware") or "bios") == "efi":
+        lines.append('firmware = "efi"')
+    for i, d in enumerate(point.disks):
+        lines += [f'scsi0:{i}.present = "TRUE"', f'scsi0:{i}.fileName = "{d.name}.vmdk"', f'scsi0:{i}.deviceType = "scsi-hardDisk"']
+    lines += [
+        'ethernet0.present = "TRUE"',
+        'ethernet0.virtualDev = "vmxnet3"',
+        'ethernet0.networkName = "VM Network"',
+        'ethernet0.startConnected = "FALSE"',
+        'instantnfs.restorePoint = "' + point.id + '"',
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def vmdk_descriptor(name: str, size: int, cid: int) -> str:
+    sectors = (size + 511) // 512
+    cylinders = max(1, min(65535, sectors // (255 * 63)))
+    return (
+        "# Disk DescriptorFile\n"
+        "version=1\n"
+        'encoding="UTF-8"\n'
+        f"CID={cid:08x}\n"
+        "parentCID=ffffffff\n"
+        'createType="vmfs"\n'
+        "\n"
+        "# Extent description\n"
+        f'RW {sectors} VMFS "{name}-flat.vmdk"\n'
+        "\n"
+        "# The Disk Data Base\n"
+        "#DDB\n"
+        "\n"
+        'ddb.adapterType = "lsilogic"\n'
+        f'ddb.geometry.cylinders = "{cylinders}"\n'
+        'ddb.geometry.heads = "255"\n'
+        'ddb.geometry.sectors = "63"\n'
+        'ddb.virtualHWVersion = "14"\n'
+    )
+
+
+def check_name(name: bytes) -> str:
+    """A name a client gave: one path component, or EACCES / ENAMETOOLONG."""
+    if not name or b"/" in name or b"\0" in name:
+        raise _err(errno.EACCES, "invalid name")
+    if len(name) > NAME_MAX:
+        raise _err(errno.ENAMETOOLONG)
+    return os.fsdecode(name)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+class Datastore:
+    """The published sessions of one repository, and every file operation on them."""
+
+    def __init__(self, repo: Repository, cache_dir: str | os.PathLike) -> None:
+        self.repo = repo
+        self.cache_dir = Path(cache_dir)
+        self.sessions_dir = self.cache_dir / "sessions"
+        self.state_path = self.cache_dir / "state.json"
+        self.sessions: dict[str, Session] = {}
+        self.by_sid: dict[int, Session] = {}
+        self.next_sid = 1
+        self.secret = b""
+        self.root_mtime_ns = time.time_ns()
+        self.root_gen = 1
+        self.fsid = 0
+        self.write_verf = secrets.token_bytes(8)  # changes every start: clients resend uncommitted writes
+
+    # -- state -----------------------------------------------------------------------------
+
+    def load(self) -> None:
+        """Create or read the cache directory's state; bring persisted sessions back."""
+        try:
+            self.sessions_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise SessionError(f"cannot create the cache directory {self.cache_dir}: {e.strerror}") from e
+        state: dict[str, Any] = {}
+        if self.state_path.exists():
+            try:
+                state = json.loads(self.state_path.read_text())
+                if state.get("format") != STATE_FORMAT:
+                    raise ValueError(f"unknown format {state.get('format')!r}")
+                self.secret = bytes.fromhex(state["secret"])
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise SessionError(f"{self.state_path} is unreadable ({e}); move it away to start afresh") from e
+        if not self.secret:
+            self.secret = secrets.token_bytes(32)
+        self.fsid = int.from_bytes(hashlib.blake2b(self.secret, digest_size=8, person=b"fsid").digest(), "big") >> 1
+        self.next_sid = int(state.get("next_sid", 1))
+        for s in state.get("sessions", []):
+            try:
+                point = self.repo.point(s["point"])
+                self._attach(s["name"], int(s["sid"]), point, int(s["created_ns"]))
+            except Exception as e:  # noqa: BLE001 - one broken session must not stop the daemon
+                log.error("session %s cannot be restored: %s", s.get("name"), e)
+        self._save()
+
+    def _save(self) -> None:
+        state = {
+            "format": STATE_FORMAT,
+            "secret": self.secret.hex(),
+            "next_sid": self.next_sid,
+            "sessions": [
+                {"name": s.name, "sid": s.sid, "point": s.point.id, "created_ns": s.created_ns}
+                for s in sorted(self.sessions.values(), key=lambda s: s.sid)
+            ],
+        }
+        _write_atomic(self.state_path, (json.dumps(state, indent=2) + "\n").encode())
+
+    def _attach(self, name: str, sid: int, point: RestorePoint, created_ns: int) -> Session:
+        disks = [point.open_disk(i) for i in range(len(point.disks))]
+        d = self.sessions_dir / name
+        s = Session(name, sid, point, created_ns, d, disks)
+        d.mkdir(exist_ok=True)
+        self.sessions[name] = s
+        self.by_sid[sid] = s
+        self._rescan(s)
+        return s
+
+    # -- publishing ------------------------------------------------------------------------
+
+    def publish(self, point_ident: str, name: str | None = None) -> Session:
+        point = self.repo.point(point_ident)
+        if name is None:
+            base = re.sub(r"[^A-Za-z0-9._-]", "_", point.vm)[:100] or "vm"
+            name = f"{base}-{point.id[:8]}"
+            n = 2
+            while name in self.sessions:
+                name = f"{base}-{point.id[:8]}-{n}"
+                n += 1
+        if not _SESSION_RE.match(name):
+            raise SessionError(f"session name {name!r} is not allowed: use 1-128 letters, digits, '.', '_' or '-'")
+        if name in self.sessions:
+            raise SessionError(f"a session named {name!r} is already published (unpublish it or pick another --name)")
+        d = self.sessions_dir / name
+        if d.exists():
+            shutil.rmtree(d)  # left behind by an unpublish that crashed half way
+        sid = self.next_sid
+        self.next_sid += 1
+        s = self._attach(name, sid, point, time.time_ns())
+        (d / f"{point.vm}.vmx").write_text(vmx_text(point))
+        for i, info in enumerate(point.disks):
+            cid = int.from_bytes(hashlib.blake2b(f"{point.id}/{info.name}".encode(), digest_size=4).digest(), "big")
+            (d / f"{info.name}.vmdk").write_text(vmdk_descriptor(info.name, info.size, cid))
+        self._rescan(s)
+        self._save()
+        self._root_changed()
+        log.info("published restore point %s (VM %s) as session %s", point.id, point.vm, name)
+        return s
+
+    def unpublish(self, name: str) -> None:
+        s = self.sessions.get(name)
+        if s is None:
+            raise SessionError(f"no published session {name!r}")
+        del self.sessions[name]
+        del self.by_sid[s.sid]
+        self._save()
+        shutil.rmtree(s.dir, ignore_errors=True)
+        self._root_changed()
+        log.info("unpublished session %s", name)
+
+    def _root_changed(self) -> None:
+        self.root_mtime_ns = max(time.time_ns(), self.root_mtime_ns + 1)
+        self.root_gen += 1
+
+    # -- file handles ----------------------------------------------------------------------
+
+    def _mac(self, head: bytes) -> bytes:
+        return hashlib.blake2b(head, key=self.secret, digest_size=MAC_SIZE).digest()
+
+    def handle(self, node: Node) -> bytes:
+        sid = node.session.sid if node.session else 0
+        head = _HEAD.pack(HANDLE_VERSION, node.kind, 0, sid, node.ino)
+        return head + self._mac(head)
+
+    def root(self) -> Node:
+        return Node(ROOT)
+
+    def resolve(self, fh: bytes) -> Node:
+        if len(fh) != HANDLE_SIZE:
+            raise BadHandle()
+        head, mac = fh[: _HEAD.size], fh[_HEAD.size :]
+        if not hmac.compare_digest(self._mac(head), mac):
+            raise BadHandle()
+        ver, kind, _pad, sid, ino = _HEAD.unpack(head)
+        if ver != HANDLE_VERSION:
+            raise BadHandle()
+        if kind == ROOT:
+            return Node(ROOT)
+        s = self.by_sid.get(sid)
+        if s is None:
+            raise StaleHandle()
+        if kind == VDISK:
+            if ino >= 2 * len(s.disks):
+                raise BadHandle()
+            return Node(VDISK, s, ino)
+        if kind != REAL:
+            raise BadHandle()
+        rel = s.inodes.get(ino)
+        if rel is not None:
+            path = os.path.join(s.dir, rel) if rel else str(s.dir)
+            try:
+                if os.lstat(path).st_ino == ino:
+                    return Node(REAL, s, ino, path)
+            except OSError:
+                pass
+        self._rescan(s)
+        rel = s.inodes.get(ino)
+        if rel is None:
+            raise StaleHandle()
+        return Node(REAL, s, ino, os.path.join(s.dir, rel) if rel else str(s.dir))
+
+    def _rescan(self, s: Session) -> None:
+        inodes = {os.lstat(s.dir).st_ino: ""}
+        for top, dirs, files in os.walk(s.dir):
+            rel = os.path.relpath(top, s.dir)
+            rel = "" if rel == "." else rel
+            for n in dirs + files:
+                try:
+                    inodes.setdefault(os.lstat(os.path.join(top, n)).st_ino, os.path.join(rel, n))
+                except OSError:
+                    continue
+        s.inodes = inodes
+
+    def _real(self, s: Session, path: str) -> Node:
+        st = os.lstat(path)
+        s.inodes[st.st_ino] = os.path.relpath(path, s.dir) if path != str(s.dir) else ""
+        return Node(REAL, s, st.st_ino, path)
+
+    # -- attributes ------------------------------------------------------------------------
+
+    def getattr(self, node: Node) -> Attr:
+        if node.kind == REAL:
+            st = os.lstat(node.path)
+            return Attr(st.st_mode, st.st_nlink, st.st_uid, st.st_gid, st.st_size, st.st_blocks * 512,
+                        st.st_rdev, st.st_ino, st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns)
+        if node.kind == ROOT:
+            t = self.root_mtime_ns
+            return Attr(stat.S_IFDIR | 0o755, 2 + len(self.sessions), 0, 0, 4096, 4096, 0, VIRTUAL_FILEID, t, t, t)
+        s = node.session
+        assert s is not None
+        disk = s.disks[node.ino // 2]
+        t = s.created_ns
+        return Attr(stat.S_IFREG | 0o644, 1, 0, 0, disk.size, disk.size, 0, self.fileid(node), t, t, t)
+
+    def fileid(self, node: Node) -> int:
+        if node.kind == REAL:
+            return node.ino
+        if node.kind == ROOT:
+            return VIRTUAL_FILEID
+        assert node.session is not None
+        return VIRTUAL_FILEID | node.session.sid << 20 | node.ino
+
+    def setattr(self, node: Node, sa: SetAttr) -> None:
+        if node.kind != REAL:
+            if sa == SetAttr():
+                return
+            raise _err(errno.EROFS if node.kind == VDISK else errno.EACCES)
+        p = node.path
+        is_link = stat.S_ISLNK(os.lstat(p).st_mode)
+        if sa.size is not None:
+            if is_link:
+                raise _err(errno.EINVAL)
+            fd = os.open(p, os.O_WRONLY | os.O_NOFOLLOW)
+            try:
+                os.ftruncate(fd, sa.size)
+            finally:
+                os.close(fd)
+        if sa.mode is not None and not is_link:
+            os.chmod(p, sa.mode & 0o7777)
+        if sa.uid is not None or sa.gid is not None:
+            os.chown(p, -1 if sa.uid is None else sa.uid, -1 if sa.gid is None else sa.gid, follow_symlinks=False)
+        if sa.atime_ns is not None or sa.mtime_ns is not None:
+            st = os.lstat(p)
+            now = time.time_ns()
+            a = st.st_atime_ns if sa.atime_ns is None else now if sa.atime_ns == NOW else int(sa.atime_ns)
+            m = st.st_mtime_ns if sa.mtime_ns is None else now if sa.mtime_ns == NOW else int(sa.mtime_ns)
+            os.utime(p, ns=(a, m), follow_symlinks=False)
+
+    def access(self, node: Node) -> tuple[bool, bool, bool]:
+        """(readable, writable, lookup/executable) for any client allowed in."""
+        if node.kind == ROOT:
+            return True, False, True
+        if node.kind == VDISK:
+            return True, False, False
+        st = os.lstat(node.path)
+        return True, True, stat.S_ISDIR(st.st_mode) or bool(st.st_mode & 0o111)
+
+    # -- names -----------------------------------------------------------------------------
+
+    def _dir(self, node: Node) -> None:
+        if node.kind == VDISK or (node.kind == REAL and not stat.S_ISDIR(os.lstat(node.path).st_mode)):
+            raise _err(errno.ENOTDIR)
+
+    def parent(self, node: Node) -> Node:
+        if node.kind == ROOT or node.session is None:
+            return Node(ROOT)
+        if node.kind == REAL and node.path != str(node.session.dir):
+            return self._real(node.session, os.path.dirname(node.path))
+        return Node(ROOT)
+
+    def lookup(self, dirnode: Node, name: bytes) -> Node:
+        self._dir(dirnode)
+        if name == b".":
+            return dirnode
+        if name == b"..":
+            return self.parent(dirnode)
+        n = check_name(name)
+        if dirnode.kind == ROOT:
+            s = self.sessions.get(n)
+            if s is None:
+                raise _err(errno.ENOENT)
+            return self._real(s, str(s.dir))
+        s = dirnode.session
+        assert s is not None
+        if dirnode.path == str(s.dir):
+            i = s.vdisk_index(n)
+            if i >= 0:
+                return Node(VDISK, s, i)
+        return self._real(s, os.path.join(dirnode.path, n))
+
+    def _target(self, dirnode: Node, name: bytes) -> tuple[Session, str, str]:
+        """The session and path a create/remove names, refusing the root and disk files."""
+        self._dir(dirnode)
+        if name in (b".", b".."):
+            raise _err(errno.EEXIST if name == b"." else errno.EACCES)
+        n = check_name(name)
+        if dirnode.kind == ROOT:
+            raise _err(errno.EACCES, "the export root holds sessions only")
+        s = dirnode.session
+        assert s is not None
+        if dirnode.path == str(s.dir) and s.vdisk_index(n) >= 0:
+            raise _err(errno.EEXIST, "a backup disk file")
+        return s, n, os.path.join(dirnode.path, n)
+
+    def _apply_create_attrs(self, node: Node, sa: SetAttr | None) -> None:
+        if sa is not None and sa != SetAttr():
+            self.setattr(node, sa)
+
+    def create(self, dirnode: Node, name: bytes, mode: str, sa: SetAttr | None = None, verf: bytes = b"") -> Node:
+        """mode: 'unchecked' | 'guarded' | 'exclusive' (with ``verf``, 8 bytes)."""
+        if dirnode.kind != ROOT and dirnode.session is not None and dirnode.path == str(dirnode.session.dir):
+            if check_name(name) in dirnode.session.vdisk_names() and mode == "unchecked":
+                raise _err(errno.EROFS, "a backup disk file")
+        s, _n, path = self._target(dirnode, name)
+        perm = (sa.mode if sa and sa.mode is not None else 0o644) & 0o7777
+        if mode == "exclusive":
+            a, m = struct.unpack(">II", verf)
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            except FileExistsError:
+                st = os.lstat(path)
+                if stat.S_ISREG(st.st_mode) and int(st.st_atime) == a and int(st.st_mtime) == m:
+                    return self._real(s, path)  # the same EXCLUSIVE create, replayed
+                raise
+            os.close(fd)
+            os.utime(path, (a, m), follow_symlinks=False)
+            return self._real(s, path)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | (os.O_EXCL if mode == "guarded" else 0)
+        fd = os.open(path, flags, perm)
+        os.close(fd)
+        node = self._real(s, path)
+        if sa is not None:
+            self._apply_create_attrs(node, SetAttr(None, sa.uid, sa.gid, sa.size, sa.atime_ns, sa.mtime_ns))
+        return node
+
+    def mkdir(self, dirnode: Node, name: bytes, sa: SetAttr | None = None) -> Node:
+        s, _n, path = self._target(dirnode, name)
+        os.mkdir(path, (sa.mode if sa and sa.mode is not None else 0o755) & 0o7777)
+        node = self._real(s, path)
+        if sa is not None:
+            self._apply_create_attrs(node, SetAttr(None, sa.uid, sa.gid, None, sa.atime_ns, sa.mtime_ns))
+        return node
+
+    def symlink(self, dirnode: Node, name: bytes, target: bytes, sa: SetAttr | None = None) -> Node:
+        s, _n, path = self._target(dirnode, name)
+        if not target or b"\0" in target:
+            raise _err(errno.EINVAL)
+        os.symlink(os.fsdecode(target), path)
+        return self._real(s, path)
+
+    def mkfifo(self, dirnode: Node, name: bytes, sa: SetAttr | None = None) -> Node:
+        s, _n, path = self._target(dirnode, name)
+        os.mkfifo(path, (sa.mode if sa and sa.mode is not None else 0o644) & 0o7777)
+        return self._real(s, path)
+
+    def mknod(self, dirnode: Node, name: bytes, kind: str, sa: SetAttr | None = None) -> Node:
+        if kind != "fifo":
+            raise BadType(f"cannot create a {kind} special file in the datastore")
+        return self.mkfifo(dirnode, name, sa)
+
+    def readlink(self, node: Node) -> bytes:
+        if node.kind != REAL or not stat.S_ISLNK(os.lstat(node.path).st_mode):
+            raise _err(errno.EINVAL)
+        return os.fsencode(os.readlink(node.path))
+
+    def remove(self, dirnode: Node, name: bytes) -> None:
+        s, n, path = self._target_existing(dirnode, name)
+        if stat.S_ISDIR(os.lstat(path).st_mode):
+            raise _err(errno.EISDIR)
+        os.unlink(path)
+
+    def rmdir(self, dirnode: Node, name: bytes) -> None:
+        if name == b".":
+            raise _err(errno.EINVAL)
+        if name == b"..":
+            raise _err(errno.ENOTEMPTY)
+        s, n, path = self._target_existing(dirnode, name)
+        if not stat.S_ISDIR(os.lstat(path).st_mode):
+            raise _err(errno.ENOTDIR)
+        os.rmdir(path)
+
+    def _target_existing(self, dirnode: Node, name: bytes) -> tuple[Session, str, str]:
+        self._dir(dirnode)
+        if name in (b".", b".."):
+            raise _err(errno.EACCES)
+        n = check_name(name)
+        if dirnode.kind == ROOT:
+            if n in self.sessions:
+                raise _err(errno.EACCES, "unpublish a session through the control API")
+            raise _err(errno.ENOENT)
+        s = dirnode.session
+        assert s is not None
+        if dirnode.path == str(s.dir) and s.vdisk_index(n) >= 0:
+            raise _err(errno.EROFS, "a backup disk file")
+        return s, n, os.path.join(dirnode.path, n)
+
+    def rename(self, fromdir: Node, fromname: bytes, todir: Node, toname: bytes) -> None:
+        s1, _a, src = self._target_existing(fromdir, fromname)
+        self._dir(todir)
+        if toname in (b".", b".."):
+            raise _err(errno.EINVAL)
+        tn = check_name(toname)
+        if todir.kind == ROOT:
+            raise _err(errno.EACCES)
+        s2 = todir.session
+        assert s2 is not None
+        if s2 is not s1:
+            raise _err(errno.EXDEV)
+        if todir.path == str(s2.dir) and s2.vdisk_index(tn) >= 0:
+            raise _err(errno.EROFS, "a backup disk file")
+        dst = os.path.join(todir.path, tn)
+        st = os.lstat(src)
+        os.rename(src, dst)
+        s1.inodes[st.st_ino] = os.path.relpath(dst, s1.dir)
+
+    def link(self, node: Node, todir: Node, name: bytes) -> None:
+        if node.kind != REAL:
+            raise _err(errno.EROFS if node.kind == VDISK else errno.EACCES)
+        s, _n, path = self._target(todir, name)
+        if s is not node.session:
+            raise _err(errno.EXDEV)
+        if stat.S_ISDIR(os.lstat(node.path).st_mode):
+            raise _err(errno.EISDIR)
+        os.link(node.path, path, follow_symlinks=False)
+
+    # -- directories -----------------------------------------------------------------------
+
+    def listdir(self, dirnode: Node) -> tuple[list[tuple[str, Node | None, int]], bytes]:
+        """[(name, node or None for '.'/'..' , fileid)], and the cookie verifier."""
+        self._dir(dirnode)
+        me = self.fileid(dirnode)
+        up = self.parent(dirnode)
+        out: list[tuple[str, Node | None, int]] = [(".", dirnode, me), ("..", up, self.fileid(up))]
+        if dirnode.kind == ROOT:
+            for n in sorted(self.sessions):
+                s = self.sessions[n]
+                node = self._real(s, str(s.dir))
+                out.append((n, node, node.ino))
+            return out, struct.pack(">Q", self.root_gen)
+        s = dirnode.session
+        assert s is not None
+        st = os.lstat(dirnode.path)
+        names: list[tuple[str, Node]] = []
+        with os.scandir(dirnode.path) as it:
+            for e in it:
+                ino = e.inode()
+                s.inodes[ino] = os.path.relpath(e.path, s.dir)
+                names.append((e.name, Node(REAL, s, ino, e.path)))
+        if dirnode.path == str(s.dir):
+            names += [(n, Node(VDISK, s, i)) for i, n in enumerate(s.vdisk_names())]
+        names.sort(key=lambda x: x[0])
+        out += [(n, node, self.fileid(node)) for n, node in names]
+        verf = hashlib.blake2b(struct.pack(">QQ", st.st_mtime_ns, st.st_ino), digest_size=8).digest()
+        return out, verf
+
+    def check_cookie(self, cookie: int, verf: bytes, current: bytes, count: int) -> None:
+        if cookie == 0:
+            return
+        if verf != current or cookie > count:
+            raise BadCookie()
+
+    # -- data ------------------------------------------------------------------------------
+
+    async def read(self, node: Node, offset: int, count: int) -> tuple[list[Any], int, bool]:
+        """(buffers, total length, eof)."""
+        if node.kind == VDISK:
+            s = node.session
+            assert s is not None
+            disk = s.disks[node.ino // 2]
+            bufs = await disk.aread(offset, count)
+            n = sum(len(b) for b in bufs)
+            s.read_ops += 1
+            s.read_bytes += n
+            return bufs, n, offset + n >= disk.size
+        if node.kind == ROOT:
+            raise _err(errno.EISDIR)
+        st = os.lstat(node.path)
+        if stat.S_ISDIR(st.st_mode):
+            raise _err(errno.EISDIR)
+        if not stat.S_ISREG(st.st_mode):
+            raise _err(errno.EINVAL)
+        fd = os.open(node.path, os.O_RDONLY | os.O_NOFOLLOW)
+        try:
+            data = os.pread(fd, count, offset)
+        finally:
+            os.close(fd)
+        assert node.session is not None
+        node.session.read_ops += 1
+        node.session.read_bytes += len(data)
+        return [data], len(data), offset + len(data) >= st.st_size
+
+    async def write(self, node: Node, offset: int, data: Any, sync: bool) -> int:
+        if node.kind == VDISK:
+            raise _err(errno.EROFS, "backup disk files are read-only")
+        if node.kind == ROOT:
+            raise _err(errno.EISDIR)
+        st = os.lstat(node.path)
+        if stat.S_ISDIR(st.st_mode):
+            raise _err(errno.EISDIR)
+        if not stat.S_ISREG(st.st_mode):
+            raise _err(errno.EINVAL)
+        fd = os.open(node.path, os.O_WRONLY | os.O_NOFOLLOW)
+        try:
+            n = os.pwrite(fd, data, offset)
+            if sync:
+                await asyncio.get_running_loop().run_in_executor(None, os.fdatasync, fd)
+        finally:
+            os.close(fd)
+        assert node.session is not None
+        node.session.write_ops += 1
+        node.session.write_bytes += n
+        return n
+
+    async def commit(self, node: Node) -> None:
+        if node.kind != REAL:
+            return
+        if not stat.S_ISREG(os.lstat(node.path).st_mode):
+            return
+        fd = os.open(node.path, os.O_RDONLY | os.O_NOFOLLOW)
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, os.fsync, fd)
+        finally:
+            os.close(fd)
+
+    def fsstat(self) -> os.statvfs_result:
+        return os.statvfs(self.cache_dir)
+
+    # -- reporting -------------------------------------------------------------------------
+
+    def session_json(self, s: Session) -> dict:
+        return {
+            "name": s.name,
+            "sid": s.sid,
+            "point": s.point.id,
+            "vm": s.point.vm,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(s.created_ns / 1e9)),
+            "cache_dir": str(s.dir),
+            "disks": [{"name": d.name, "size": d.size} for d in s.disks],
+            "io": {"read_ops": s.read_ops, "read_bytes": s.read_bytes, "write_ops": s.write_ops, "write_bytes": s.write_bytes},
+        }

@@ -1,0 +1,324 @@
+"""A small asynchronous ONC RPC / NFSv3 client: for tests, benchmarks and diagnostics.
+
+``RpcClient`` keeps one TCP connection with record marking and any number of calls in
+flight, matched to replies by xid (replies may come in any order). ``call_raw`` sends a
+complete call record of the caller's making and returns the reply record as bytes,
+which is what the byte-exact reject tests need. ``NFSClient`` wraps a MOUNT and an NFS
+connection and decodes every NFSv3 result with the same XDR declarations the server
+uses (``RES[proc]``).
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import struct
+from typing import Any
+
+from engine.nfs.xdr import (
+    ACCESS3args,
+    ACCESS3resok,
+    COMMIT3args,
+    COMMIT3resok,
+    CREATE3args,
+    CREATE3resok,
+    FSINFO3args,
+    FSINFO3resok,
+    FSSTAT3args,
+    FSSTAT3resok,
+    GETATTR3args,
+    GETATTR3resok,
+    LINK3args,
+    LINK3resok,
+    LOOKUP3args,
+    LOOKUP3resok,
+    MKDIR3args,
+    MKNOD3args,
+    MOUNT_PROGRAM,
+    MOUNTPROC3,
+    NFS_PROGRAM,
+    NFSPROC3,
+    PATHCONF3args,
+    PATHCONF3resok,
+    READ3args,
+    READ3resok,
+    READDIR3args,
+    READDIR3resok,
+    READDIRPLUS3args,
+    READDIRPLUS3resok,
+    READLINK3args,
+    READLINK3resok,
+    REMOVE3args,
+    REMOVE3resok,
+    RENAME3args,
+    RENAME3resok,
+    SATTR3_NONE,
+    SETATTR3args,
+    SETATTR3resok,
+    SYMLINK3args,
+    WRITE3args,
+    WRITE3resok,
+    Packer,
+    Struct,
+    Unpacker,
+    UnionValue,
+    XType,
+    accept_stat,
+    auth_flavor,
+    authsys_parms,
+    createmode3,
+    diropargs3,
+    mountres3,
+    mountstat3,
+    nfs_fh3,
+    nfsstat3,
+    post_op_attr,
+    status_result,
+    void,
+    wcc_data,
+)
+
+_U32 = struct.Struct(">I")
+
+_fail_attr = post_op_attr
+_fail_wcc = wcc_data
+RENAME3wcc = Struct("RENAME3wcc", [("fromdir_wcc", wcc_data), ("todir_wcc", wcc_data)])
+LINK3fail = Struct("LINK3fail", [("file_attributes", post_op_attr), ("linkdir_wcc", wcc_data)])
+
+#: per procedure: (argument type, result union)
+RES: dict[int, tuple[XType, XType]] = {
+    NFSPROC3.NULL: (void, void),
+    NFSPROC3.GETATTR: (GETATTR3args, status_result("GETATTR3res", nfsstat3, GETATTR3resok, void)),
+    NFSPROC3.SETATTR: (SETATTR3args, status_result("SETATTR3res", nfsstat3, SETATTR3resok, _fail_wcc)),
+    NFSPROC3.LOOKUP: (LOOKUP3args, status_result("LOOKUP3res", nfsstat3, LOOKUP3resok, _fail_attr)),
+    NFSPROC3.ACCESS: (ACCESS3args, status_result("ACCESS3res", nfsstat3, ACCESS3resok, _fail_attr)),
+    NFSPROC3.READLINK: (READLINK3args, status_result("READLINK3res", nfsstat3, READLINK3resok, _fail_attr)),
+    NFSPROC3.READ: (READ3args, status_result("READ3res", nfsstat3, READ3resok, _fail_attr)),
+    NFSPROC3.WRITE: (WRITE3args, status_result("WRITE3res", nfsstat3, WRITE3resok, _fail_wcc)),
+    NFSPROC3.CREATE: (CREATE3args, status_result("CREATE3res", nfsstat3, CREATE3resok, _fail_wcc)),
+    NFSPROC3.MKDIR: (MKDIR3args, status_result("MKDIR3res", nfsstat3, CREATE3resok, _fail_wcc)),
+    NFSPROC3.SYMLINK: (SYMLINK3args, status_result("SYMLINK3res", nfsstat3, CREATE3resok, _fail_wcc)),
+    NFSPROC3.MKNOD: (MKNOD3args, status_result("MKNOD3res", nfsstat3, CREATE3resok, _fail_wcc)),
+    NFSPROC3.REMOVE: (REMOVE3args, status_result("REMOVE3res", nfsstat3, REMOVE3resok, _fail_wcc)),
+    NFSPROC3.RMDIR: (REMOVE3args, status_result("RMDIR3res", nfsstat3, REMOVE3resok, _fail_wcc)),
+    NFSPROC3.RENAME: (RENAME3args, status_result("RENAME3res", nfsstat3, RENAME3resok, RENAME3wcc)),
+    NFSPROC3.LINK: (LINK3args, status_result("LINK3res", nfsstat3, LINK3resok, LINK3fail)),
+    NFSPROC3.READDIR: (READDIR3args, status_result("READDIR3res", nfsstat3, READDIR3resok, _fail_attr)),
+    NFSPROC3.READDIRPLUS: (READDIRPLUS3args, status_result("READDIRPLUS3res", nfsstat3, READDIRPLUS3resok, _fail_attr)),
+    NFSPROC3.FSSTAT: (FSSTAT3args, status_result("FSSTAT3res", nfsstat3, FSSTAT3resok, _fail_attr)),
+    NFSPROC3.FSINFO: (FSINFO3args, status_result("FSINFO3res", nfsstat3, FSINFO3resok, _fail_attr)),
+    NFSPROC3.PATHCONF: (PATHCONF3args, status_result("PATHCONF3res", nfsstat3, PATHCONF3resok, _fail_attr)),
+    NFSPROC3.COMMIT: (COMMIT3args, status_result("COMMIT3res", nfsstat3, COMMIT3resok, _fail_wcc)),
+}
+
+
+class RpcError(Exception):
+    """The server did not accept the call (the reply's status is in ``reply``)."""
+
+    def __init__(self, msg: str, reply: bytes) -> None:
+        super().__init__(msg)
+        self.reply = reply
+
+
+def auth_sys(uid: int = 0, gid: int = 0, gids: tuple[int, ...] = (), machine: bytes = b"instantnfs-client") -> tuple[int, bytes]:
+    return auth_flavor.AUTH_SYS, authsys_parms.encode(authsys_parms(0, machine, uid, gid, list(gids)))
+
+
+AUTH_NONE = (auth_flavor.AUTH_NONE, b"")
+
+
+def build_call(xid: int, prog: int, vers: int, proc: int, args: bytes = b"", cred: tuple[int, bytes] = AUTH_NONE,
+               verf: tuple[int, bytes] = AUTH_NONE, rpcvers: int = 2) -> bytes:
+    p = Packer()
+    p.buf += struct.pack(">IIIIII", xid, 0, rpcvers, prog, vers, proc)
+    p.u32(cred[0])
+    p.opaque(cred[1])
+    p.u32(verf[0])
+    p.opaque(verf[1])
+    p.raw(args)
+    return p.getvalue()
+
+
+def frame(record: bytes) -> bytes:
+    return _U32.pack(0x80000000 | len(record)) + record
+
+
+def parse_reply(rep: bytes) -> Unpacker:
+    """An Unpacker at the results of an accepted SUCCESS reply; RpcError otherwise."""
+    u = Unpacker(rep)
+    u.u32()
+    if u.u32() != 1:
+        raise RpcError("not a reply", rep)
+    if u.u32() != 0:
+        raise RpcError("call denied", rep)
+    u.u32()
+    u.opaque(400)
+    st = u.u32()
+    if st != accept_stat.SUCCESS:
+        raise RpcError(f"call not accepted: {accept_stat(st).name}", rep)
+    return u
+
+
+class RpcClient:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, cred: tuple[int, bytes]) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.cred = cred
+        self._xids = itertools.count(int.from_bytes(os.urandom(3), "big") << 4)
+        self._waiting: dict[int, asyncio.Future[bytes]] = {}
+        self._task = asyncio.get_running_loop().create_task(self._read_loop())
+
+    @classmethod
+    async def connect(cls, host: str, port: int, cred: tuple[int, bytes] | None = None) -> RpcClient:
+        r, w = await asyncio.open_connection(host, port)
+        return cls(r, w, cred or auth_sys())
+
+    def next_xid(self) -> int:
+        return next(self._xids) & 0xFFFFFFFF
+
+    async def _read_loop(self) -> None:
+        try:
+            while True:
+                parts = []
+                while True:
+                    hdr = _U32.unpack(await self.reader.readexactly(4))[0]
+                    parts.append(await self.reader.readexactly(hdr & 0x7FFFFFFF))
+                    if hdr & 0x80000000:
+                        break
+                rep = b"".join(parts)
+                xid = _U32.unpack_from(rep)[0] if len(rep) >= 4 else -1
+                fut = self._waiting.pop(xid, None)
+                if fut is not None and not fut.done():
+                    fut.set_result(rep)
+        except (asyncio.IncompleteReadError, ConnectionError, OSError) as e:
+            for fut in self._waiting.values():
+                if not fut.done():
+                    fut.set_exception(ConnectionError(f"connection closed: {e}"))
+            self._waiting.clear()
+
+    async def send_raw(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def call_raw(self, record: bytes, timeout: float = 10.0) -> bytes:
+        """Send one complete call record (its xid is the first 4 bytes); the reply record."""
+        xid = _U32.unpack_from(record)[0]
+        fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self._waiting[xid] = fut
+        self.writer.write(frame(record))
+        return await asyncio.wait_for(fut, timeout)
+
+    async def call(self, prog: int, vers: int, proc: int, args: bytes = b"", cred: tuple[int, bytes] | None = None,
+                   xid: int | None = None, timeout: float = 10.0) -> Unpacker:
+        xid = self.next_xid() if xid is None else xid
+        rep = await self.call_raw(build_call(xid, prog, vers, proc, args, cred or self.cred), timeout)
+        return parse_reply(rep)
+
+    @property
+    def closed(self) -> bool:
+        return self._task.done()
+
+    async def close(self) -> None:
+        self._task.cancel()
+        self.writer.close()
+        try:
+            await self.writer.wait_closed()
+        except (ConnectionError, OSError):
+            pass
+
+
+class NFSError(Exception):
+    def __init__(self, proc: str, res: UnionValue) -> None:
+        super().__init__(f"{proc}: {nfsstat3(res.tag).name}")
+        self.status = nfsstat3(res.tag)
+        self.res = res
+
+
+class NFSClient:
+    """MOUNT + NFSv3 over two RPC connections."""
+
+    def __init__(self, mnt: RpcClient, nfs: RpcClient) -> None:
+        self.mnt = mnt
+        self.rpc = nfs
+
+    @classmethod
+    async def connect(cls, host: str, mount_port: int, nfs_port: int, cred: tuple[int, bytes] | None = None) -> NFSClient:
+        m = await RpcClient.connect(host, mount_port, cred)
+        n = await RpcClient.connect(host, nfs_port, cred)
+        return cls(m, n)
+
+    async def close(self) -> None:
+        await self.mnt.close()
+        await self.rpc.close()
+
+    async def mount(self, path: str | bytes) -> bytes:
+        p = Packer()
+        p.opaque(path.encode() if isinstance(path, str) else path)
+        res = mountres3.unpack(await self.mnt.call(MOUNT_PROGRAM, 3, MOUNTPROC3.MNT, p.getvalue()))
+        if res.tag != mountstat3.MNT3_OK:
+            raise NFSError("MNT", UnionValue(int(res.tag)))
+        return res.body.fhandle
+
+    async def call(self, proc: int, args: Any, check: bool = True, **kw: Any) -> UnionValue:
+        argt, rest = RES[proc]
+        u = await self.rpc.call(NFS_PROGRAM, 3, proc, argt.encode(args), **kw)
+        res = rest.unpack(u)
+        if proc == NFSPROC3.NULL:
+            return UnionValue(0)
+        if check and res.tag != nfsstat3.NFS3_OK:
+            raise NFSError(NFSPROC3(proc).name, res)
+        return res
+
+    # conveniences -----------------------------------------------------------------------
+
+    async def getattr(self, fh: bytes) -> Any:
+        return (await self.call(NFSPROC3.GETATTR, GETATTR3args(nfs_fh3(fh)))).body.obj_attributes
+
+    async def lookup(self, dirfh: bytes, name: str | bytes) -> bytes:
+        n = name.encode() if isinstance(name, str) else name
+        return (await self.call(NFSPROC3.LOOKUP, LOOKUP3args(diropargs3(nfs_fh3(dirfh), n)))).body.object.data
+
+    async def walk(self, fh: bytes, path: str) -> bytes:
+        for part in path.strip("/").split("/"):
+            if part:
+                fh = await self.lookup(fh, part)
+        return fh
+
+    async def read(self, fh: bytes, offset: int, count: int) -> tuple[bytes, bool]:
+        b = (await self.call(NFSPROC3.READ, READ3args(nfs_fh3(fh), offset, count))).body
+        return b.data, b.eof
+
+    async def read_all(self, fh: bytes, chunk: int = 1 << 20) -> bytes:
+        out, off = [], 0
+        while True:
+            data, eof = await self.read(fh, off, chunk)
+            out.append(data)
+            off += len(data)
+            if eof or not data:
+                return b"".join(out)
+
+    async def write(self, fh: bytes, offset: int, data: bytes, stable: int = 2) -> Any:
+        return (await self.call(NFSPROC3.WRITE, WRITE3args(nfs_fh3(fh), offset, len(data), stable, data))).body
+
+    async def create(self, dirfh: bytes, name: str, mode: int = createmode3.UNCHECKED, how_body: Any = None, **kw: Any) -> UnionValue:
+        body = how_body if how_body is not None else SATTR3_NONE
+        args = CREATE3args(diropargs3(nfs_fh3(dirfh), name.encode()), UnionValue(mode, body))
+        return await self.call(NFSPROC3.CREATE, args, **kw)
+
+    async def remove(self, dirfh: bytes, name: str, **kw: Any) -> UnionValue:
+        return await self.call(NFSPROC3.REMOVE, REMOVE3args(diropargs3(nfs_fh3(dirfh), name.encode())), **kw)
+
+    async def readdir_all(self, dirfh: bytes, count: int = 4096, plus: bool = False) -> tuple[list[Any], int]:
+        """Every entry of a directory, following cookies; (entries, number of calls)."""
+        cookie, verf, out, calls = 0, b"\0" * 8, [], 0
+        while True:
+            calls += 1
+            if plus:
+                b = (await self.call(NFSPROC3.READDIRPLUS, READDIRPLUS3args(nfs_fh3(dirfh), cookie, verf, count, count))).body
+            else:
+                b = (await self.call(NFSPROC3.READDIR, READDIR3args(nfs_fh3(dirfh), cookie, verf, count))).body
+            out += b.reply.entries
+            verf = b.cookieverf
+            if b.reply.eof or not b.reply.entries:
+                return out, calls
+            cookie = b.reply.entries[-1].cookie

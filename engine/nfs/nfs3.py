@@ -1,0 +1,513 @@
+"""NFS version 3 (RFC 1813): one handler per procedure over the datastore, one table.
+
+Each ``nfs3_<proc>`` receives decoded arguments and the call context and returns the
+procedure's ``<PROC>3resok`` value, or raises: ``ProcError(status)``, a datastore error
+or an ``OSError``. ``status_of`` is the one place that maps those to ``nfsstat3``; the
+RPC dispatcher then writes the status and the procedure's mandatory failure body
+(``fail_<kind>`` below, computed from the arguments: post_op_attr or wcc_data).
+
+The table ``NFS3.procs`` holds, per procedure, the decoder, the handler, the success and
+failure encoders and the flags: ``MAKES_WRITE`` (refused with NFS3ERR_ROFS on a
+read-only export, before the handler runs), ``CAN_BE_DUP`` (duplicate request cache),
+``MAKES_IO`` (statistics), ``NEEDS_AUTH`` (clients outside the allowed list get
+AUTH_ERROR). Only NULL is open to everyone.
+
+Nothing here knows how a file's bytes are stored: READ gets a list of buffers from the
+datastore and puts them into the reply uncopied.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+from typing import Any
+
+from engine.datastore import NOW, Attr, Datastore, Node, SetAttr
+from engine.errors import BadCookie, BadHandle, BadType, IntegrityError, NoSpace, StaleHandle, TooSmall
+from engine.nfs.rpc import CAN_BE_DUP, MAKES_IO, MAKES_WRITE, NEEDS_AUTH, CallContext, Proc, ProcError, Program
+from engine.nfs.xdr import (
+    ACCESS3_DELETE,
+    ACCESS3_EXECUTE,
+    ACCESS3_EXTEND,
+    ACCESS3_LOOKUP,
+    ACCESS3_MODIFY,
+    ACCESS3_READ,
+    ACCESS3args,
+    ACCESS3resok,
+    COMMIT3args,
+    COMMIT3resok,
+    CREATE3args,
+    CREATE3resok,
+    FSF3_CANSETTIME,
+    FSF3_HOMOGENEOUS,
+    FSF3_LINK,
+    FSF3_SYMLINK,
+    FSINFO3args,
+    FSINFO3resok,
+    FSSTAT3args,
+    FSSTAT3resok,
+    GETATTR3args,
+    GETATTR3resok,
+    LINK3args,
+    LINK3resok,
+    LOOKUP3args,
+    LOOKUP3resok,
+    MKDIR3args,
+    MKNOD3args,
+    NFS_PROGRAM,
+    NFS_V3,
+    NFSPROC3,
+    PATHCONF3args,
+    PATHCONF3resok,
+    READ3args,
+    READDIR3args,
+    READDIR3resok,
+    READDIRPLUS3args,
+    READDIRPLUS3resok,
+    READLINK3args,
+    READLINK3resok,
+    REMOVE3args,
+    REMOVE3resok,
+    RENAME3args,
+    RENAME3resok,
+    SETATTR3args,
+    SETATTR3resok,
+    SYMLINK3args,
+    WRITE3resok,
+    Enum,
+    Packer,
+    Unpacker,
+    XDRError,
+    createmode3,
+    dirlist3,
+    dirlistplus3,
+    entry3,
+    entryplus3,
+    fattr3,
+    ftype3,
+    nfs_fh3,
+    nfsstat3,
+    nfstime3,
+    post_op_attr,
+    specdata3,
+    stable_how,
+    time_how,
+    wcc_attr,
+    wcc_data,
+)
+
+log = logging.getLogger("instantnfs.nfs3")
+
+MAX_IO = 1 << 20
+_STABLE = Enum(stable_how)
+
+_ERRNO = {
+    errno.EPERM: nfsstat3.NFS3ERR_PERM,
+    errno.ENOENT: nfsstat3.NFS3ERR_NOENT,
+    errno.EIO: nfsstat3.NFS3ERR_IO,
+    errno.ENXIO: nfsstat3.NFS3ERR_NXIO,
+    errno.EACCES: nfsstat3.NFS3ERR_ACCES,
+    errno.EEXIST: nfsstat3.NFS3ERR_EXIST,
+    errno.EXDEV: nfsstat3.NFS3ERR_XDEV,
+    errno.ENODEV: nfsstat3.NFS3ERR_NODEV,
+    errno.ENOTDIR: nfsstat3.NFS3ERR_NOTDIR,
+    errno.EISDIR: nfsstat3.NFS3ERR_ISDIR,
+    errno.EINVAL: nfsstat3.NFS3ERR_INVAL,
+    errno.ELOOP: nfsstat3.NFS3ERR_INVAL,
+    errno.EFBIG: nfsstat3.NFS3ERR_FBIG,
+    errno.ENOSPC: nfsstat3.NFS3ERR_NOSPC,
+    errno.EROFS: nfsstat3.NFS3ERR_ROFS,
+    errno.EMLINK: nfsstat3.NFS3ERR_MLINK,
+    errno.ENAMETOOLONG: nfsstat3.NFS3ERR_NAMETOOLONG,
+    errno.ENOTEMPTY: nfsstat3.NFS3ERR_NOTEMPTY,
+    errno.EDQUOT: nfsstat3.NFS3ERR_DQUOT,
+    errno.ENOTSUP: nfsstat3.NFS3ERR_NOTSUPP,
+}
+
+
+def status_of(e: BaseException) -> nfsstat3 | None:
+    """The nfsstat3 for an expected error, None for a bug (the dispatcher logs it)."""
+    if isinstance(e, StaleHandle):
+        return nfsstat3.NFS3ERR_STALE
+    if isinstance(e, BadHandle):
+        return nfsstat3.NFS3ERR_BADHANDLE
+    if isinstance(e, BadCookie):
+        return nfsstat3.NFS3ERR_BAD_COOKIE
+    if isinstance(e, TooSmall):
+        return nfsstat3.NFS3ERR_TOOSMALL
+    if isinstance(e, BadType):
+        return nfsstat3.NFS3ERR_BADTYPE
+    if isinstance(e, NoSpace):
+        return nfsstat3.NFS3ERR_NOSPC
+    if isinstance(e, IntegrityError):
+        log.error("I/O error sent to the client: %s", e)
+        return nfsstat3.NFS3ERR_IO
+    if isinstance(e, OSError):
+        st = _ERRNO.get(e.errno or 0)
+        if st is None:
+            log.error("unexpected OS error sent as NFS3ERR_IO: %s", e)
+            return nfsstat3.NFS3ERR_IO
+        log.debug("nfs error %s: %s", st.name, e)
+        return st
+    return None
+
+
+_FTYPE = {
+    stat.S_IFREG: ftype3.NF3REG,
+    stat.S_IFDIR: ftype3.NF3DIR,
+    stat.S_IFBLK: ftype3.NF3BLK,
+    stat.S_IFCHR: ftype3.NF3CHR,
+    stat.S_IFLNK: ftype3.NF3LNK,
+    stat.S_IFSOCK: ftype3.NF3SOCK,
+    stat.S_IFIFO: ftype3.NF3FIFO,
+}
+
+
+def _time(ns: int) -> Any:
+    return nfstime3((ns // 1_000_000_000) & 0xFFFFFFFF, ns % 1_000_000_000)
+
+
+def to_fattr3(a: Attr, fsid: int) -> Any:
+    return fattr3(
+        _FTYPE.get(stat.S_IFMT(a.mode), ftype3.NF3REG), a.mode & 0o7777, a.nlink, a.uid, a.gid, a.size, a.used,
+        specdata3(os.major(a.rdev), os.minor(a.rdev)), fsid, a.fileid, _time(a.atime_ns), _time(a.mtime_ns), _time(a.ctime_ns),
+    )
+
+
+def _settime(v: Any) -> int | str | None:
+    if v.tag == time_how.DONT_CHANGE:
+        return None
+    if v.tag == time_how.SET_TO_SERVER_TIME:
+        return NOW
+    return v.body.seconds * 1_000_000_000 + v.body.nseconds
+
+
+def to_setattr(s: Any) -> SetAttr:
+    return SetAttr(s.mode, s.uid, s.gid, s.size, _settime(s.atime), _settime(s.mtime))
+
+
+def _decode_write(u: Unpacker) -> tuple[Any, int, int, stable_how, memoryview]:
+    fh = nfs_fh3.unpack(u)
+    offset, count = u.u64(), u.u32()
+    stable = _STABLE.unpack(u)
+    data = u.opaque_view(MAX_IO)
+    return fh, offset, count, stable, data
+
+
+class NFS3:
+    """The NFSv3 program over one datastore."""
+
+    def __init__(self, ds: Datastore, read_only: bool = False) -> None:
+        self.ds = ds
+        self.read_only = read_only
+        self.procs = self._table()
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def node(self, fh: Any) -> Node:
+        return self.ds.resolve(fh.data)
+
+    def fh(self, node: Node) -> Any:
+        return nfs_fh3(self.ds.handle(node))
+
+    def attrs(self, node: Node) -> Any:
+        return to_fattr3(self.ds.getattr(node), self.ds.fsid)
+
+    def post_op(self, node: Node | None) -> Any:
+        if node is None:
+            return None
+        try:
+            return self.attrs(node)
+        except OSError:
+            return None
+
+    def post_op_fh(self, fh: Any) -> Any:
+        try:
+            return self.attrs(self.node(fh))
+        except Exception:  # noqa: BLE001 - attributes are optional in a failure body
+            return None
+
+    def pre_op(self, node: Node) -> Any:
+        try:
+            a = self.ds.getattr(node)
+        except OSError:
+            return None
+        return wcc_attr(a.size, _time(a.mtime_ns), _time(a.ctime_ns))
+
+    def wcc(self, before: Any, node: Node | None) -> Any:
+        return wcc_data(before, self.post_op(node))
+
+    def wcc_fh(self, fh: Any) -> Any:
+        return wcc_data(None, self.post_op_fh(fh))
+
+    # -- procedures ----------------------------------------------------------------------------
+
+    def nfs3_null(self, args: None, ctx: CallContext) -> None:
+        return None
+
+    def nfs3_getattr(self, args: Any, ctx: CallContext) -> Any:
+        return GETATTR3resok(self.attrs(self.node(args.object)))
+
+    def nfs3_setattr(self, args: Any, ctx: CallContext) -> Any:
+        node = self.node(args.object)
+        before = self.pre_op(node)
+        if args.guard is not None:
+            a = self.ds.getattr(node)
+            if _time(a.ctime_ns) != args.guard:
+                raise ProcError(nfsstat3.NFS3ERR_NOT_SYNC)
+        self.ds.setattr(node, to_setattr(args.new_attributes))
+        return SETATTR3resok(self.wcc(before, node))
+
+    def nfs3_lookup(self, args: Any, ctx: CallContext) -> Any:
+        d = self.node(args.what.dir)
+        node = self.ds.lookup(d, args.what.name)
+        return LOOKUP3resok(self.fh(node), self.post_op(node), self.post_op(d))
+
+    def nfs3_access(self, args: Any, ctx: CallContext) -> Any:
+        node = self.node(args.object)
+        readable, writable, lookup = self.ds.access(node)
+        is_dir = node.kind != 3 and stat.S_ISDIR(self.ds.getattr(node).mode)
+        granted = 0
+        if readable:
+            granted |= ACCESS3_READ
+        if lookup:
+            granted |= ACCESS3_LOOKUP if is_dir else ACCESS3_EXECUTE
+        if writable:
+            granted |= ACCESS3_MODIFY | ACCESS3_EXTEND | (ACCESS3_DELETE if is_dir else 0)
+        return ACCESS3resok(self.post_op(node), args.access & granted)
+
+    def nfs3_readlink(self, args: Any, ctx: CallContext) -> Any:
+        node = self.node(args.symlink)
+        return READLINK3resok(self.post_op(node), self.ds.readlink(node))
+
+    async def nfs3_read(self, args: Any, ctx: CallContext) -> Any:
+        node = self.node(args.file)
+        bufs, n, eof = await self.ds.read(node, args.offset, min(args.count, MAX_IO))
+        return self.post_op(node), n, eof, bufs
+
+    async def nfs3_write(self, args: Any, ctx: CallContext) -> Any:
+        fh, offset, count, stable, data = args
+        node = self.node(fh)
+        if count > len(data):
+            raise ProcError(nfsstat3.NFS3ERR_INVAL)
+        before = self.pre_op(node)
+        sync = stable != stable_how.UNSTABLE
+        n = await self.ds.write(node, offset, data[:count], sync)
+        return WRITE3resok(self.wcc(before, node), n, stable_how.FILE_SYNC if sync else stable_how.UNSTABLE, self.ds.write_verf)
+
+    def _created(self, d: Node, before: Any, node: Node) -> Any:
+        return CREATE3resok(self.fh(node), self.post_op(node), self.wcc(before, d))
+
+    def nfs3_create(self, args: Any, ctx: CallContext) -> Any:
+        d = self.node(args.where.dir)
+        before = self.pre_op(d)
+        how = args.how
+        if how.tag == createmode3.EXCLUSIVE:
+            node = self.ds.create(d, args.where.name, "exclusive", verf=how.body)
+        else:
+            mode = "guarded" if how.tag == createmode3.GUARDED else "unchecked"
+            node = self.ds.create(d, args.where.name, mode, to_setattr(how.body))
+        return self._created(d, before, node)
+
+    def nfs3_mkdir(self, args: Any, ctx: CallContext) -> Any:
+        d = self.node(args.where.dir)
+        before = self.pre_op(d)
+        return self._created(d, before, self.ds.mkdir(d, args.where.name, to_setattr(args.attributes)))
+
+    def nfs3_symlink(self, args: Any, ctx: CallContext) -> Any:
+        d = self.node(args.where.dir)
+        before = self.pre_op(d)
+        sl = args.symlink
+        return self._created(d, before, self.ds.symlink(d, args.where.name, sl.symlink_data, to_setattr(sl.symlink_attributes)))
+
+    def nfs3_mknod(self, args: Any, ctx: CallContext) -> Any:
+        d = self.node(args.where.dir)
+        before = self.pre_op(d)
+        what = args.what
+        kinds = {ftype3.NF3FIFO: "fifo", ftype3.NF3SOCK: "socket", ftype3.NF3CHR: "character device", ftype3.NF3BLK: "block device"}
+        if what.tag not in kinds:
+            raise ProcError(nfsstat3.NFS3ERR_BADTYPE)
+        sa = what.body if what.tag in (ftype3.NF3FIFO, ftype3.NF3SOCK) else what.body.dev_attributes
+        return self._created(d, before, self.ds.mknod(d, args.where.name, kinds[what.tag], to_setattr(sa)))
+
+    def nfs3_remove(self, args: Any, ctx: CallContext) -> Any:
+        d = self.node(args.object.dir)
+        before = self.pre_op(d)
+        self.ds.remove(d, args.object.name)
+        return REMOVE3resok(self.wcc(before, d))
+
+    def nfs3_rmdir(self, args: Any, ctx: CallContext) -> Any:
+        d = self.node(args.object.dir)
+        before = self.pre_op(d)
+        self.ds.rmdir(d, args.object.name)
+        return REMOVE3resok(self.wcc(before, d))
+
+    def nfs3_rename(self, args: Any, ctx: CallContext) -> Any:
+        fd, td = self.node(args.from_.dir), self.node(args.to.dir)
+        fb, tb = self.pre_op(fd), self.pre_op(td)
+        self.ds.rename(fd, args.from_.name, td, args.to.name)
+        return RENAME3resok(self.wcc(fb, fd), self.wcc(tb, td))
+
+    def nfs3_link(self, args: Any, ctx: CallContext) -> Any:
+        node = self.node(args.file)
+        d = self.node(args.link.dir)
+        before = self.pre_op(d)
+        self.ds.link(node, d, args.link.name)
+        return LINK3resok(self.post_op(node), self.wcc(before, d))
+
+    def _listing(self, fh: Any, cookie: int, verf: bytes) -> tuple[Node, list, bytes]:
+        d = self.node(fh)
+        entries, current = self.ds.listdir(d)
+        self.ds.check_cookie(cookie, verf, current, len(entries))
+        return d, entries, current
+
+    def nfs3_readdir(self, args: Any, ctx: CallContext) -> Any:
+        d, entries, verf = self._listing(args.dir, args.cookie, args.cookieverf)
+        budget = args.count - (24 + 4 + 88 + 8 + 8)
+        out = []
+        i = args.cookie
+        while i < len(entries):
+            name, _node, fileid = entries[i]
+            raw = os.fsencode(name)
+            size = 4 + 8 + 4 + len(raw) + (-len(raw) & 3) + 8
+            if size > budget:
+                break
+            budget -= size
+            i += 1
+            out.append(entry3(fileid, raw, i))
+        if not out and i < len(entries):
+            raise TooSmall()
+        return READDIR3resok(self.post_op(d), verf, dirlist3(out, i >= len(entries)))
+
+    def nfs3_readdirplus(self, args: Any, ctx: CallContext) -> Any:
+        d, entries, verf = self._listing(args.dir, args.cookie, args.cookieverf)
+        budget = args.maxcount - (24 + 4 + 88 + 8 + 8)
+        dbudget = args.dircount
+        out = []
+        i = args.cookie
+        while i < len(entries):
+            name, node, fileid = entries[i]
+            raw = os.fsencode(name)
+            dsize = 8 + 4 + len(raw) + (-len(raw) & 3) + 8
+            attrs = self.post_op(node) if node is not None else None
+            size = 4 + dsize + (4 + 84 if attrs is not None else 4) + 4 + 4 + 32
+            if size > budget or (out and dsize > dbudget):
+                break
+            budget -= size
+            dbudget -= dsize
+            i += 1
+            out.append(entryplus3(fileid, raw, i, attrs, self.fh(node) if node is not None else None))
+        if not out and i < len(entries):
+            raise TooSmall()
+        return READDIRPLUS3resok(self.post_op(d), verf, dirlistplus3(out, i >= len(entries)))
+
+    def nfs3_fsstat(self, args: Any, ctx: CallContext) -> Any:
+        node = self.node(args.fsroot)
+        v = self.ds.fsstat()
+        return FSSTAT3resok(
+            self.post_op(node), v.f_blocks * v.f_frsize, v.f_bfree * v.f_frsize, v.f_bavail * v.f_frsize,
+            v.f_files, v.f_ffree, v.f_favail, 0,
+        )
+
+    def nfs3_fsinfo(self, args: Any, ctx: CallContext) -> Any:
+        node = self.node(args.fsroot)
+        return FSINFO3resok(
+            self.post_op(node), MAX_IO, MAX_IO, 4096, MAX_IO, MAX_IO, 4096, 65536, (1 << 63) - 1, nfstime3(0, 1),
+            FSF3_LINK | FSF3_SYMLINK | FSF3_HOMOGENEOUS | FSF3_CANSETTIME,
+        )
+
+    def nfs3_pathconf(self, args: Any, ctx: CallContext) -> Any:
+        node = self.node(args.object)
+        return PATHCONF3resok(self.post_op(node), 32000, 255, True, True, False, True)
+
+    async def nfs3_commit(self, args: Any, ctx: CallContext) -> Any:
+        node = self.node(args.file)
+        before = self.pre_op(node)
+        await self.ds.commit(node)
+        return COMMIT3resok(self.wcc(before, node), self.ds.write_verf)
+
+    # -- encoders ------------------------------------------------------------------------------
+
+    @staticmethod
+    def _enc_read(p: Packer, res: Any) -> None:
+        attrs, n, eof, bufs = res
+        post_op_attr.pack(p, attrs)
+        p.u32(n)
+        p.bool(eof)
+        p.append_buffers(bufs, n)
+
+    # -- failure bodies (the mandatory part after a non-OK status) -----------------------------
+
+    def _fail_attr(self, field: str) -> Any:
+        def enc(p: Packer, args: Any, ctx: CallContext) -> None:
+            post_op_attr.pack(p, self.post_op_fh(getattr(args, field)))
+        return enc
+
+    def _fail_wcc(self, get: Any) -> Any:
+        def enc(p: Packer, args: Any, ctx: CallContext) -> None:
+            wcc_data.pack(p, self.wcc_fh(get(args)))
+        return enc
+
+    def _fail_rename(self, p: Packer, args: Any, ctx: CallContext) -> None:
+        wcc_data.pack(p, self.wcc_fh(args.from_.dir))
+        wcc_data.pack(p, self.wcc_fh(args.to.dir))
+
+    def _fail_link(self, p: Packer, args: Any, ctx: CallContext) -> None:
+        post_op_attr.pack(p, self.post_op_fh(args.file))
+        wcc_data.pack(p, self.wcc_fh(args.link.dir))
+
+    @staticmethod
+    def _fail_void(p: Packer, args: Any, ctx: CallContext) -> None:
+        return None
+
+    # -- the table -----------------------------------------------------------------------------
+
+    def _guard(self, proc: Proc) -> Proc:
+        """Apply the flags that act before the handler (read-only export)."""
+        if not (proc.flags & MAKES_WRITE and self.read_only):
+            return proc
+
+        def refuse(args: Any, ctx: CallContext) -> Any:
+            raise ProcError(nfsstat3.NFS3ERR_ROFS)
+        return Proc(proc.name, proc.decode, refuse, proc.encode_ok, proc.encode_fail, proc.flags)
+
+    def _table(self) -> dict[int, Proc]:
+        A = NEEDS_AUTH
+        W = MAKES_WRITE | NEEDS_AUTH
+        D = CAN_BE_DUP
+        wcc_of = self._fail_wcc
+        t = {
+            NFSPROC3.NULL: Proc("NULL", lambda u: None, self.nfs3_null, lambda p, v: None, None, 0),
+            NFSPROC3.GETATTR: Proc("GETATTR", GETATTR3args.unpack, self.nfs3_getattr, GETATTR3resok.pack, self._fail_void, A),
+            NFSPROC3.SETATTR: Proc("SETATTR", SETATTR3args.unpack, self.nfs3_setattr, SETATTR3resok.pack, wcc_of(lambda a: a.object), W),
+            NFSPROC3.LOOKUP: Proc("LOOKUP", LOOKUP3args.unpack, self.nfs3_lookup, LOOKUP3resok.pack, self._fail_dirattr, A),
+            NFSPROC3.ACCESS: Proc("ACCESS", ACCESS3args.unpack, self.nfs3_access, ACCESS3resok.pack, self._fail_attr("object"), A),
+            NFSPROC3.READLINK: Proc("READLINK", READLINK3args.unpack, self.nfs3_readlink, READLINK3resok.pack, self._fail_attr("symlink"), A),
+            NFSPROC3.READ: Proc("READ", READ3args.unpack, self.nfs3_read, self._enc_read, self._fail_attr("file"), A | MAKES_IO),
+            NFSPROC3.WRITE: Proc("WRITE", _decode_write, self.nfs3_write, WRITE3resok.pack, wcc_of(lambda a: a[0]), W | MAKES_IO),
+            NFSPROC3.CREATE: Proc("CREATE", CREATE3args.unpack, self.nfs3_create, CREATE3resok.pack, wcc_of(lambda a: a.where.dir), W | D),
+            NFSPROC3.MKDIR: Proc("MKDIR", MKDIR3args.unpack, self.nfs3_mkdir, CREATE3resok.pack, wcc_of(lambda a: a.where.dir), W | D),
+            NFSPROC3.SYMLINK: Proc("SYMLINK", SYMLINK3args.unpack, self.nfs3_symlink, CREATE3resok.pack, wcc_of(lambda a: a.where.dir), W | D),
+            NFSPROC3.MKNOD: Proc("MKNOD", MKNOD3args.unpack, self.nfs3_mknod, CREATE3resok.pack, wcc_of(lambda a: a.where.dir), W | D),
+            NFSPROC3.REMOVE: Proc("REMOVE", REMOVE3args.unpack, self.nfs3_remove, REMOVE3resok.pack, wcc_of(lambda a: a.object.dir), W | D),
+            NFSPROC3.RMDIR: Proc("RMDIR", REMOVE3args.unpack, self.nfs3_rmdir, REMOVE3resok.pack, wcc_of(lambda a: a.object.dir), W | D),
+            NFSPROC3.RENAME: Proc("RENAME", RENAME3args.unpack, self.nfs3_rename, RENAME3resok.pack, self._fail_rename, W | D),
+            NFSPROC3.LINK: Proc("LINK", LINK3args.unpack, self.nfs3_link, LINK3resok.pack, self._fail_link, W | D),
+            NFSPROC3.READDIR: Proc("READDIR", READDIR3args.unpack, self.nfs3_readdir, READDIR3resok.pack, self._fail_attr("dir"), A),
+            NFSPROC3.READDIRPLUS: Proc("READDIRPLUS", READDIRPLUS3args.unpack, self.nfs3_readdirplus, READDIRPLUS3resok.pack, self._fail_attr("dir"), A),
+            NFSPROC3.FSSTAT: Proc("FSSTAT", FSSTAT3args.unpack, self.nfs3_fsstat, FSSTAT3resok.pack, self._fail_attr("fsroot"), A),
+            NFSPROC3.FSINFO: Proc("FSINFO", FSINFO3args.unpack, self.nfs3_fsinfo, FSINFO3resok.pack, self._fail_attr("fsroot"), A),
+            NFSPROC3.PATHCONF: Proc("PATHCONF", PATHCONF3args.unpack, self.nfs3_pathconf, PATHCONF3resok.pack, self._fail_attr("object"), A),
+            NFSPROC3.COMMIT: Proc("COMMIT", COMMIT3args.unpack, self.nfs3_commit, COMMIT3resok.pack, wcc_of(lambda a: a.file), W),
+        }
+        return {int(k): self._guard(v) for k, v in t.items()}
+
+    def _fail_dirattr(self, p: Packer, args: Any, ctx: CallContext) -> None:
+        post_op_attr.pack(p, self.post_op_fh(args.what.dir))
+
+    def program(self) -> Program:
+        return Program(NFS_PROGRAM, "nfs", {NFS_V3: self.procs}, map_error=status_of)
+
+
+__all__ = ["NFS3", "status_of", "to_fattr3", "XDRError"]

@@ -1,0 +1,221 @@
+"""The portmapper (RFC 1833): program 100000 version 2, plus rpcbind v3/v4 GETADDR.
+
+Clients ask it where MOUNT and NFS listen (QEMU's libnfs and ESXi always ask port 111).
+The table holds (prog, vers, protocol, port) rows; rpcbind's (netid, universal address)
+view is derived from them: netid "tcp"/"udp", address "h1.h2.h3.h4.p1.p2" with the
+address the question arrived on when the service listens on every address.
+
+SET and UNSET are accepted from loopback callers only, so other local servers (a peer
+NFS server in a benchmark) can register; remote callers get FALSE.
+
+When port 111 is held by a system rpcbind, the daemon does not run this program and
+registers its services there instead (``register_with``, a small client of v2 SET/UNSET).
+"""
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import struct
+import time
+from dataclasses import dataclass
+
+from engine.nfs.rpc import CallContext, Proc, Program
+from engine.nfs.xdr import (
+    IPPROTO_TCP,
+    IPPROTO_UDP,
+    PMAP_PROG,
+    PMAPPROC,
+    RPCBPROC,
+    Packer,
+    Unpacker,
+    mapping,
+    pmaplist,
+    rp__list,
+    rpcb,
+    uint32,
+)
+
+_NETIDS = {IPPROTO_TCP: b"tcp", IPPROTO_UDP: b"udp"}
+_PROTOS = {b"tcp": IPPROTO_TCP, b"udp": IPPROTO_UDP, b"tcp6": IPPROTO_TCP, b"udp6": IPPROTO_UDP}
+
+
+@dataclass(frozen=True, slots=True)
+class Registration:
+    prog: int
+    vers: int
+    prot: int
+    port: int
+    addr: str  # the address the service listens on ("0.0.0.0": all)
+    owner: bytes = b"instantnfs"
+
+
+def _is_local(addr: str) -> bool:
+    try:
+        ip = ipaddress.ip_address(addr)
+    except ValueError:
+        return False
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
+
+
+def uaddr(host: str, port: int) -> bytes:
+    return f"{host}.{port >> 8}.{port & 255}".encode()
+
+
+def parse_uaddr(u: bytes) -> tuple[str, int]:
+    parts = u.decode("ascii").rsplit(".", 2)
+    if len(parts) != 3:
+        raise ValueError(f"bad universal address {u!r}")
+    return parts[0], int(parts[1]) * 256 + int(parts[2])
+
+
+class PortMapper:
+    def __init__(self) -> None:
+        self.table: list[Registration] = []
+
+    def register(self, prog: int, vers: int, prot: int, port: int, addr: str = "0.0.0.0", owner: bytes = b"instantnfs") -> bool:
+        if any(r.prog == prog and r.vers == vers and r.prot == prot for r in self.table):
+            return False
+        self.table.append(Registration(prog, vers, prot, port, addr, owner))
+        return True
+
+    def unregister(self, prog: int, vers: int, prot: int | None = None) -> bool:
+        before = len(self.table)
+        self.table = [r for r in self.table if not (r.prog == prog and r.vers == vers and (prot is None or r.prot == prot))]
+        return len(self.table) != before
+
+    def getport(self, prog: int, vers: int, prot: int) -> int:
+        for r in self.table:
+            if r.prog == prog and r.vers == vers and r.prot == prot:
+                return r.port
+        return 0
+
+    # -- v2 ------------------------------------------------------------------------------
+
+    def pmap_null(self, args: None, ctx: CallContext) -> None:
+        return None
+
+    def pmap_set(self, m, ctx: CallContext) -> bool:
+        if not _is_local(ctx.client):
+            return False
+        return self.register(m.prog, m.vers, m.prot, m.port, ctx.local or "0.0.0.0")
+
+    def pmap_unset(self, m, ctx: CallContext) -> bool:
+        if not _is_local(ctx.client):
+            return False
+        return self.unregister(m.prog, m.vers)
+
+    def pmap_getport(self, m, ctx: CallContext) -> int:
+        return self.getport(m.prog, m.vers, m.prot)
+
+    def pmap_dump(self, args: None, ctx: CallContext) -> list:
+        return [mapping(r.prog, r.vers, r.prot, r.port) for r in self.table]
+
+    # -- rpcbind v3 / v4 -----------------------------------------------------------------
+
+    def _addr_for(self, r: Registration, ctx: CallContext) -> bytes:
+        host = r.addr
+        if host in ("0.0.0.0", "::", ""):
+            host = ctx.local or "127.0.0.1"
+        if host.startswith("::ffff:"):
+            host = host[7:]
+        return uaddr(host, r.port)
+
+    def rpcb_set(self, b, ctx: CallContext) -> bool:
+        if not _is_local(ctx.client) or b.r_netid not in _PROTOS:
+            return False
+        try:
+            host, port = parse_uaddr(b.r_addr)
+        except ValueError:
+            return False
+        return self.register(b.r_prog, b.r_vers, _PROTOS[b.r_netid], port, host, b.r_owner)
+
+    def rpcb_unset(self, b, ctx: CallContext) -> bool:
+        if not _is_local(ctx.client):
+            return False
+        prot = _PROTOS.get(b.r_netid) if b.r_netid else None
+        return self.unregister(b.r_prog, b.r_vers, prot)
+
+    def rpcb_getaddr(self, b, ctx: CallContext) -> bytes:
+        want = _PROTOS.get(b.r_netid, IPPROTO_TCP)
+        for r in self.table:
+            if r.prog == b.r_prog and r.prot == want and (r.vers == b.r_vers or b.r_vers == 0):
+                return self._addr_for(r, ctx)
+        return b""
+
+    def rpcb_dump(self, args: None, ctx: CallContext) -> list:
+        return [rpcb(r.prog, r.vers, _NETIDS[r.prot], self._addr_for(r, ctx), r.owner) for r in self.table]
+
+    def rpcb_gettime(self, args: None, ctx: CallContext) -> int:
+        return int(time.time()) & 0xFFFFFFFF
+
+    def program(self) -> Program:
+        none = lambda u: None  # noqa: E731
+        nothing = lambda p, v: None  # noqa: E731
+        pbool = lambda p, v: p.bool(v)  # noqa: E731
+        pu32 = lambda p, v: p.u32(v)  # noqa: E731
+        pstr = lambda p, v: p.opaque(v)  # noqa: E731
+        v2 = {
+            PMAPPROC.NULL: Proc("NULL", none, self.pmap_null, nothing),
+            PMAPPROC.SET: Proc("SET", mapping.unpack, self.pmap_set, pbool),
+            PMAPPROC.UNSET: Proc("UNSET", mapping.unpack, self.pmap_unset, pbool),
+            PMAPPROC.GETPORT: Proc("GETPORT", mapping.unpack, self.pmap_getport, pu32),
+            PMAPPROC.DUMP: Proc("DUMP", none, self.pmap_dump, pmaplist.pack),
+        }
+        v34 = {
+            RPCBPROC.NULL: Proc("NULL", none, self.pmap_null, nothing),
+            RPCBPROC.SET: Proc("RPCB_SET", rpcb.unpack, self.rpcb_set, pbool),
+            RPCBPROC.UNSET: Proc("RPCB_UNSET", rpcb.unpack, self.rpcb_unset, pbool),
+            RPCBPROC.GETADDR: Proc("RPCB_GETADDR", rpcb.unpack, self.rpcb_getaddr, pstr),
+            RPCBPROC.DUMP: Proc("RPCB_DUMP", none, self.rpcb_dump, rp__list.pack),
+            RPCBPROC.GETTIME: Proc("RPCB_GETTIME", none, self.rpcb_gettime, pu32),
+        }
+        return Program(PMAP_PROG, "portmap", {2: v2, 3: v34, 4: dict(v34)})
+
+
+# -- registering with another portmapper (a system rpcbind on 111) -------------------------
+
+
+async def pmap_call(host: str, port: int, proc: int, m, timeout: float = 3.0) -> int:
+    """One portmap v2 call over TCP (AUTH_NONE); returns the decoded u32/bool result."""
+    p = Packer()
+    xid = int(time.monotonic_ns() & 0x7FFFFFFF)
+    p.buf += struct.pack(">IIIIIIIIII", xid, 0, 2, PMAP_PROG, 2, proc, 0, 0, 0, 0)
+    mapping.pack(p, m)
+    body = p.getvalue()
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+    try:
+        writer.write(struct.pack(">I", 0x80000000 | len(body)) + body)
+        hdr = await asyncio.wait_for(reader.readexactly(4), timeout)
+        n = struct.unpack(">I", hdr)[0] & 0x7FFFFFFF
+        rep = await asyncio.wait_for(reader.readexactly(n), timeout)
+    finally:
+        writer.close()
+    u = Unpacker(rep)
+    rxid, mtype, rstat = u.u32(), u.u32(), u.u32()
+    if rxid != xid or mtype != 1 or rstat != 0:
+        raise ConnectionError(f"portmapper at {host}:{port} denied the call")
+    u.u32()
+    u.opaque(400)
+    if u.u32() != 0:
+        raise ConnectionError(f"portmapper at {host}:{port} did not accept the call")
+    return uint32.unpack(u)
+
+
+async def register_with(host: str, port: int, regs: list[tuple[int, int, int, int]]) -> None:
+    """Register (prog, vers, prot, port) rows with the portmapper at host:port."""
+    for prog, vers, prot, p in regs:
+        await pmap_call(host, port, PMAPPROC.UNSET, mapping(prog, vers, prot, 0))
+    for prog, vers, prot, p in regs:
+        ok = await pmap_call(host, port, PMAPPROC.SET, mapping(prog, vers, prot, p))
+        if not ok:
+            raise ConnectionError(f"portmapper at {host}:{port} refused to register program {prog} v{vers}")
+
+
+async def unregister_with(host: str, port: int, regs: list[tuple[int, int, int, int]]) -> None:
+    for prog, vers, prot, _p in regs:
+        try:
+            await pmap_call(host, port, PMAPPROC.UNSET, mapping(prog, vers, prot, 0))
+        except (OSError, ConnectionError, asyncio.TimeoutError):
+            return

@@ -1,0 +1,538 @@
+"""ONC RPC v2 (RFC 5531): calls, replies, the dispatcher, and the TCP/UDP transports.
+
+The dispatcher (``RpcServer.handle``) is the only code that maps failures to the wire:
+a call for a program it does not serve gets PROG_UNAVAIL, an unserved version
+PROG_MISMATCH (lowest, highest), an unknown procedure PROC_UNAVAIL, undecodable
+arguments GARBAGE_ARGS, an RPC version other than 2 a denied RPC_MISMATCH (2, 2), an
+unsupported or malformed credential a denied AUTH_ERROR. A handler raising
+``ProcError`` (or an error its program maps to a status) gets the status and the
+procedure's mandatory failure body; anything else is a bug: logged with its traceback
+and answered SYSTEM_ERR. Procedures flagged ``CAN_BE_DUP`` go through the duplicate
+request cache: a retransmission (same client address, xid, program, version, procedure
+and argument bytes) gets the original reply, or nothing while the original is running.
+
+Transport invariants (``RpcStreamProtocol``, one per TCP connection): ``get_buffer``
+never raises and hands out the free tail of one preallocated buffer; nothing raises out
+of ``buffer_updated``: a framing error (a record over ``max_record`` bytes) closes that
+connection only. Requests run as tasks, so replies go out in completion order; a slow
+READ never holds up a GETATTR behind it. Back-pressure: reading pauses when
+``max_inflight`` requests are running or the transport's write buffer is over its high
+mark, and resumes at half / on drain. Replies are written with ``writelines`` as the
+list of buffers the encoder produced (READ data is not copied on the way).
+
+Concurrency: everything runs on the one event loop thread; handlers may await work done
+in an executor.
+"""
+from __future__ import annotations
+
+import asyncio
+import inspect
+import ipaddress
+import logging
+import struct
+import zlib
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine.nfs.xdr import (
+    RPC_VERSION,
+    Packer,
+    Unpacker,
+    XDRError,
+    accept_stat,
+    auth_flavor,
+    auth_stat,
+    authsys_parms,
+    msg_type,
+    reject_stat,
+    reply_stat,
+)
+
+log = logging.getLogger("instantnfs.rpc")
+
+MAKES_WRITE = 1  # changes state: refused on a read-only object / export
+CAN_BE_DUP = 2  # not idempotent: goes through the duplicate request cache
+MAKES_IO = 4  # moves file data: counted in the I/O statistics
+NEEDS_AUTH = 8  # refused to clients outside the allowed list
+
+DEFAULT_MAX_RECORD = (1 << 20) + 64 * 1024
+_LAST = 0x80000000
+_U32 = struct.Struct(">I")
+_ACCEPT_HEAD = struct.Struct(">IIIIII")  # xid, REPLY, MSG_ACCEPTED, verf flavor, verf len, accept_stat
+
+
+class ProcError(Exception):
+    """A procedure failed with a protocol status (an nfsstat3 / mountstat3 value)."""
+
+    def __init__(self, status: int, message: str = "") -> None:
+        super().__init__(message or str(status))
+        self.status = status
+
+
+class RpcDenied(Exception):
+    """The call is rejected as a whole (AUTH_ERROR with this auth_stat)."""
+
+    def __init__(self, why: auth_stat) -> None:
+        super().__init__(why.name)
+        self.why = why
+
+
+@dataclass(frozen=True, slots=True)
+class Cred:
+    flavor: int
+    uid: int = 65534
+    gid: int = 65534
+    gids: tuple[int, ...] = ()
+    machinename: bytes = b""
+
+
+@dataclass(slots=True)
+class CallContext:
+    """What a handler may know about the call beyond its arguments."""
+
+    xid: int
+    prog: int
+    vers: int
+    proc: int
+    cred: Cred
+    client: str  # client IP address
+    port: int
+    allowed: bool  # client address is in the allowed list
+    local: str = ""  # the server address the call arrived on
+
+
+@dataclass(frozen=True, slots=True)
+class Proc:
+    """One procedure: decode args, the handler, encode success / failure bodies, flags."""
+
+    name: str
+    decode: Callable[[Unpacker], Any]
+    handler: Callable[[Any, CallContext], Any]
+    encode_ok: Callable[[Packer, Any], None]
+    encode_fail: Callable[[Packer, Any, CallContext], None] | None = None
+    flags: int = 0
+
+
+@dataclass
+class Program:
+    prog: int
+    name: str
+    versions: dict[int, dict[int, Proc]]
+    map_error: Callable[[BaseException], int | None] = lambda e: None
+    stats: dict[str, int] = field(default_factory=dict)
+
+
+class AllowList:
+    """Client addresses allowed to mount and use the export (CIDR networks)."""
+
+    def __init__(self, nets: list[str]) -> None:
+        self.nets = [ipaddress.ip_network(n, strict=False) for n in nets]
+
+    def __contains__(self, addr: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(addr)
+        except ValueError:
+            return False
+        if ip.version == 6 and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return any(ip in n for n in self.nets)
+
+
+# -- reply encoders (also used by golden tests) ----------------------------------------
+
+
+def accepted_head(xid: int, stat: accept_stat) -> bytes:
+    return _ACCEPT_HEAD.pack(xid, msg_type.REPLY, reply_stat.MSG_ACCEPTED, auth_flavor.AUTH_NONE, 0, stat)
+
+
+def reply_prog_mismatch(xid: int, low: int, high: int) -> bytes:
+    return accepted_head(xid, accept_stat.PROG_MISMATCH) + struct.pack(">II", low, high)
+
+
+def reply_rpc_mismatch(xid: int) -> bytes:
+    return struct.pack(">IIIIII", xid, msg_type.REPLY, reply_stat.MSG_DENIED, reject_stat.RPC_MISMATCH, RPC_VERSION, RPC_VERSION)
+
+
+def reply_auth_error(xid: int, why: auth_stat) -> bytes:
+    return struct.pack(">IIIII", xid, msg_type.REPLY, reply_stat.MSG_DENIED, reject_stat.AUTH_ERROR, why)
+
+
+def parse_cred(flavor: int, body: bytes) -> Cred:
+    if flavor == auth_flavor.AUTH_NONE:
+        return Cred(flavor)
+    if flavor == auth_flavor.AUTH_SYS:
+        try:
+            a = authsys_parms.decode(body)
+        except XDRError:
+            raise RpcDenied(auth_stat.AUTH_BADCRED) from None
+        return Cred(flavor, a.uid, a.gid, tuple(a.gids), a.machinename)
+    raise RpcDenied(auth_stat.AUTH_BADCRED)
+
+
+class DuplicateRequestCache:
+    """Replies of non-idempotent calls, by (client, xid, prog, vers, proc, args crc)."""
+
+    IN_PROGRESS = object()
+
+    def __init__(self, capacity: int = 4096) -> None:
+        self.capacity = capacity
+        self._d: OrderedDict[tuple, Any] = OrderedDict()
+        self.hits = 0
+
+    def get(self, key: tuple) -> Any:
+        v = self._d.get(key)
+        if v is not None:
+            self._d.move_to_end(key)
+            self.hits += 1
+        return v
+
+    def put(self, key: tuple, value: Any) -> None:
+        self._d[key] = value
+        self._d.move_to_end(key)
+        while len(self._d) > self.capacity:
+            self._d.popitem(last=False)
+
+    def drop(self, key: tuple) -> None:
+        self._d.pop(key, None)
+
+
+class RpcServer:
+    """The dispatcher shared by all transports of one daemon."""
+
+    def __init__(self, allow: AllowList | None = None) -> None:
+        self.programs: dict[int, Program] = {}
+        self.drc = DuplicateRequestCache()
+        self.allow = allow or AllowList(["0.0.0.0/0", "::/0"])
+        self.calls = 0
+        self.bytes_read = 0
+        self.bytes_written = 0
+
+    def add(self, program: Program) -> None:
+        self.programs[program.prog] = program
+
+    async def handle(self, record: memoryview | bytes, client: tuple[str, int], local: str = "") -> list[Any] | None:
+        """One call record in, the reply as a list of buffers out (None: send nothing)."""
+        r = self.handle_start(record, client, local)
+        if inspect.isawaitable(r):
+            return await r
+        return r
+
+    def handle_start(self, record: memoryview | bytes, client: tuple[str, int], local: str = "") -> Any:
+        """Decode and dispatch; returns the reply, or an awaitable for it."""
+        u = Unpacker(record)
+        try:
+            xid = u.u32()
+            mtype = u.u32()
+        except XDRError:
+            return None  # not even an xid: nothing we could answer to
+        if mtype != msg_type.CALL:
+            return None
+        try:
+            rpcvers = u.u32()
+            if rpcvers != RPC_VERSION:
+                return [reply_rpc_mismatch(xid)]
+            prog, vers, procnum = u.u32(), u.u32(), u.u32()
+            cflavor = u.u32()
+            cbody = u.opaque(400)
+            u.u32()  # verifier flavor: we only issue AUTH_NONE verifiers and check none
+            u.opaque(400)
+        except XDRError:
+            return [reply_auth_error(xid, auth_stat.AUTH_BADCRED)] if u.pos > 16 else None
+        self.calls += 1
+        try:
+            cred = parse_cred(cflavor, cbody)
+        except RpcDenied as e:
+            return [reply_auth_error(xid, e.why)]
+        program = self.programs.get(prog)
+        if program is None:
+            return [accepted_head(xid, accept_stat.PROG_UNAVAIL)]
+        procs = program.versions.get(vers)
+        if procs is None:
+            vs = sorted(program.versions)
+            return [reply_prog_mismatch(xid, vs[0], vs[-1])]
+        proc = procs.get(procnum)
+        if proc is None:
+            return [accepted_head(xid, accept_stat.PROC_UNAVAIL)]
+        host, port = client[0], client[1]
+        ctx = CallContext(xid, prog, vers, procnum, cred, host, port, host in self.allow, local)
+        if proc.flags & NEEDS_AUTH and not ctx.allowed:
+            return [reply_auth_error(xid, auth_stat.AUTH_TOOWEAK)]
+        try:
+            args = proc.decode(u)
+        except (XDRError, ValueError):
+            return [accepted_head(xid, accept_stat.GARBAGE_ARGS)]
+        key = None
+        if proc.flags & CAN_BE_DUP:
+            key = (host, xid, prog, vers, procnum, zlib.crc32(u.data))
+            prev = self.drc.get(key)
+            if prev is DuplicateRequestCache.IN_PROGRESS:
+                return None
+            if prev is not None:
+                return [prev]
+            self.drc.put(key, DuplicateRequestCache.IN_PROGRESS)
+        program.stats[proc.name] = program.stats.get(proc.name, 0) + 1
+        try:
+            res = proc.handler(args, ctx)
+        except BaseException as e:  # noqa: BLE001 - mapped below, bugs logged
+            return self._finish_error(program, proc, args, ctx, key, e)
+        if inspect.isawaitable(res):
+            return self._finish_async(program, proc, args, ctx, key, res)
+        return self._finish_ok(proc, ctx, key, res)
+
+    async def _finish_async(self, program: Program, proc: Proc, args: Any, ctx: CallContext, key: tuple | None, aw: Any) -> list[Any] | None:
+        try:
+            res = await aw
+        except BaseException as e:  # noqa: BLE001
+            if isinstance(e, asyncio.CancelledError):
+                if key is not None:
+                    self.drc.drop(key)
+                raise
+            return self._finish_error(program, proc, args, ctx, key, e)
+        return self._finish_ok(proc, ctx, key, res)
+
+    def _finish_ok(self, proc: Proc, ctx: CallContext, key: tuple | None, res: Any) -> list[Any]:
+        p = Packer()
+        p.buf += accepted_head(ctx.xid, accept_stat.SUCCESS)
+        if proc.encode_fail is not None:
+            p.u32(0)  # status OK
+        proc.encode_ok(p, res)
+        return self._done(p, key)
+
+    def _finish_error(self, program: Program, proc: Proc, args: Any, ctx: CallContext, key: tuple | None, e: BaseException) -> list[Any]:
+        status = e.status if isinstance(e, ProcError) else program.map_error(e)
+        if status is None or proc.encode_fail is None:
+            log.error("%s %s failed (xid %#x): a bug, answered SYSTEM_ERR", program.name, proc.name, ctx.xid, exc_info=e)
+            if key is not None:
+                self.drc.drop(key)
+            return [accepted_head(ctx.xid, accept_stat.SYSTEM_ERR)]
+        p = Packer()
+        p.buf += accepted_head(ctx.xid, accept_stat.SUCCESS)
+        p.u32(int(status))
+        try:
+            proc.encode_fail(p, args, ctx)
+        except Exception:  # noqa: BLE001 - a failure body is best effort, never a second error
+            log.exception("%s %s: failure body", program.name, proc.name)
+            p = Packer()
+            p.buf += accepted_head(ctx.xid, accept_stat.SYSTEM_ERR)
+        return self._done(p, key)
+
+    def _done(self, p: Packer, key: tuple | None) -> list[Any]:
+        bufs = p.buffers()
+        if key is not None:
+            self.drc.put(key, b"".join(bytes(b) for b in bufs))
+        return bufs
+
+
+# -- transports ---------------------------------------------------------------------------
+
+
+class RpcStreamProtocol(asyncio.BufferedProtocol):
+    """ONC RPC over TCP with record marking (RFC 5531 section 11)."""
+
+    def __init__(self, server: RpcServer, max_record: int = DEFAULT_MAX_RECORD, max_inflight: int = 64, bufsize: int = 1 << 18) -> None:
+        self.server = server
+        self.max_record = max_record
+        self.max_inflight = max_inflight
+        self._buf = bytearray(max(bufsize, 8))
+        self._mv = memoryview(self._buf)
+        self._start = 0  # first unparsed byte
+        self._end = 0  # end of received data
+        self._frags: list[bytes] = []
+        self._fraglen = 0
+        self.transport: asyncio.Transport | None = None
+        self.peer: tuple[str, int] = ("?", 0)
+        self.local = ""
+        self.inflight = 0
+        self._paused_inflight = False
+        self._paused_write = False
+        self._tasks: set[asyncio.Task] = set()
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        self.peer = (peer[0], peer[1]) if peer else ("?", 0)
+        sock = transport.get_extra_info("sockname")
+        self.local = sock[0] if sock else ""
+        transport.set_write_buffer_limits(high=8 << 20, low=2 << 20)  # type: ignore[attr-defined]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        for t in self._tasks:
+            t.cancel()
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self._end == len(self._buf):
+            if self._start:
+                self._compact()
+            else:
+                self._grow(len(self._buf) * 2)
+        return self._mv[self._end :]
+
+    def _grow(self, size: int) -> None:
+        new = bytearray(size)
+        n = self._end - self._start
+        new[:n] = self._mv[self._start : self._end]
+        self._buf, self._mv = new, memoryview(new)
+        self._start, self._end = 0, n
+
+    def _compact(self) -> None:
+        if self._start:
+            n = self._end - self._start
+            self._buf[:n] = self._mv[self._start : self._end]
+            self._start, self._end = 0, n
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._end += nbytes
+        try:
+            self._parse()
+        except Exception:  # noqa: BLE001 - nothing raises out of buffer_updated
+            log.exception("RPC connection from %s: internal error, closing it", self.peer[0])
+            self._abort()
+
+    def _abort(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _parse(self) -> None:
+        mv = self._mv
+        while not self.closed:
+            avail = self._end - self._start
+            if avail < 4:
+                break
+            hdr = _U32.unpack_from(mv, self._start)[0]
+            flen = hdr & 0x7FFFFFFF
+            if self._fraglen + flen > self.max_record:
+                log.warning("RPC connection from %s: record of more than %d bytes, closing it", self.peer[0], self.max_record)
+                self._abort()
+                return
+            if avail < 4 + flen:
+                if self._start + 4 + flen > len(self._buf):
+                    if 4 + flen > len(self._buf):
+                        self._grow(4 + flen)
+                    else:
+                        self._compact()
+                break
+            a = self._start + 4
+            self._start = a + flen
+            if hdr & _LAST and not self._frags:
+                record: bytes = bytes(mv[a : a + flen])
+            else:
+                self._frags.append(bytes(mv[a : a + flen]))
+                self._fraglen += flen
+                if not hdr & _LAST:
+                    continue
+                record = b"".join(self._frags)
+                self._frags, self._fraglen = [], 0
+            self._dispatch(record)
+        if self._start == self._end:
+            self._start = self._end = 0
+        elif self._start > len(self._buf) // 2:
+            self._compact()
+
+    def _dispatch(self, record: bytes) -> None:
+        try:
+            r = self.server.handle_start(record, self.peer, self.local)
+        except Exception:  # noqa: BLE001
+            log.exception("RPC from %s: dispatcher error", self.peer[0])
+            return
+        if r is None:
+            return
+        if isinstance(r, list):
+            self._send(r)
+            return
+        self.inflight += 1
+        if self.inflight >= self.max_inflight and not self._paused_inflight:
+            self._paused_inflight = True
+            self._update_reading()
+        task = asyncio.get_running_loop().create_task(r)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        self.inflight -= 1
+        if self._paused_inflight and self.inflight <= self.max_inflight // 2:
+            self._paused_inflight = False
+            self._update_reading()
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            log.error("RPC from %s: request failed", self.peer[0], exc_info=exc)
+            return
+        r = task.result()
+        if r is not None:
+            self._send(r)
+
+    def _send(self, bufs: list[Any]) -> None:
+        if self.closed or self.transport is None:
+            return
+        n = 0
+        for b in bufs:
+            n += len(b) if not isinstance(b, memoryview) else b.nbytes
+        self.transport.writelines([_U32.pack(_LAST | n), *bufs])
+
+    def _update_reading(self) -> None:
+        if self.transport is None or self.closed:
+            return
+        if self._paused_inflight or self._paused_write:
+            self.transport.pause_reading()
+        else:
+            self.transport.resume_reading()
+
+    def pause_writing(self) -> None:
+        self._paused_write = True
+        self._update_reading()
+
+    def resume_writing(self) -> None:
+        self._paused_write = False
+        self._update_reading()
+
+
+class RpcDatagramProtocol(asyncio.DatagramProtocol):
+    """ONC RPC over UDP: one call per datagram, no record marking."""
+
+    def __init__(self, server: RpcServer) -> None:
+        self.server = server
+        self.transport: asyncio.DatagramTransport | None = None
+        self._tasks: set[asyncio.Task] = set()
+        self.local = ""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("sockname")
+        self.local = sock[0] if sock else ""
+
+    def datagram_received(self, data: bytes, addr: tuple) -> None:
+        try:
+            r = self.server.handle_start(data, (addr[0], addr[1]), self.local)
+        except Exception:  # noqa: BLE001
+            log.exception("RPC/UDP from %s: dispatcher error", addr[0])
+            return
+        if r is None:
+            return
+        if isinstance(r, list):
+            self._send(r, addr)
+            return
+        task = asyncio.get_running_loop().create_task(r)
+        self._tasks.add(task)
+        task.add_done_callback(lambda t: self._done(t, addr))
+
+    def _done(self, task: asyncio.Task, addr: tuple) -> None:
+        self._tasks.discard(task)
+        if task.cancelled() or task.exception() is not None:
+            return
+        r = task.result()
+        if r is not None:
+            self._send(r, addr)
+
+    def _send(self, bufs: list[Any], addr: tuple) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.sendto(b"".join(bytes(b) for b in bufs), addr)
+
+    def error_received(self, exc: Exception) -> None:
+        log.debug("RPC/UDP error: %s", exc)
