@@ -40,7 +40,7 @@ from engine.repo.format import (
     read_idx,
     zero_entries,
 )
-from engine.repo.packs import PackWriter, compress_block
+from engine.repo.packs import PackWriter, compress_block, record_header
 from engine.repo.repository import Repository
 from engine.repo.sources import Source, open_source, parse_changed_extents
 
@@ -231,19 +231,19 @@ def _ingest(
     total_logical = sum(s.size for s in sources)
     advance = progress_start(total_logical) if progress_start else None
 
-    def work(fd: int, offset: int, length: int) -> tuple[bytes | None, int, bytes | None, int]:
+    def work(fd: int, offset: int, length: int) -> tuple[bytes | None, bytes | None, bytes | None, int]:
         data = os.pread(fd, length, offset)
         if len(data) != length:
             raise InstantNFSError(f"source shrank while being read (short read at offset {offset})")
         if length < bs:
             data += bytes(bs - length)
         if data == zero_block:
-            return None, 0, None, length
+            return None, None, None, length
         fp = blake3.blake3(data).digest()
         if fp in known:
-            return fp, 0, None, length
+            return fp, None, None, length
         codec, payload = compress_block(data)
-        return fp, codec, payload, length
+        return fp, record_header(codec, payload, bs, fp), payload, length
 
     st = dict(
         logical_bytes=total_logical,
@@ -283,15 +283,15 @@ def _ingest(
             pass
         while inflight:
             b, fut = inflight.popleft()
-            fp, codec, payload, length = fut.result()
+            fp, header, payload, length = fut.result()
             submit_next()
             st["read_bytes"] += length
             done_bytes += length
             if fp is not None:
                 loc = known.get(fp)
                 if loc is None:
-                    assert payload is not None, "the fingerprint table only grows"
-                    loc = writer.append(codec, payload, bs, fp)
+                    assert header is not None and payload is not None, "the fingerprint table only grows"
+                    loc = writer.append(header, payload, fp)
                     known[fp] = loc
                     st["new_chunks"] += 1
                     st["new_chunk_bytes"] += bs

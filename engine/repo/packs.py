@@ -43,10 +43,15 @@ from engine.repo.format import (
 HDR = RECORD_HEADER.size
 
 
-def encode_record(codec: int, payload: bytes, ulen: int, fingerprint: bytes) -> bytes:
+def record_header(codec: int, payload: bytes, ulen: int, fingerprint: bytes) -> bytes:
+    """The 52-byte header of a record, its CRC32C covering header and payload."""
     head = RECORD_HEADER.pack(RECORD_MAGIC, codec, len(payload), ulen, fingerprint, 0)[:RECORD_CRC_SPAN]
     crc = crc32c.crc32c(payload, crc32c.crc32c(head))
-    return head + crc.to_bytes(4, "little") + payload
+    return head + crc.to_bytes(4, "little")
+
+
+def encode_record(codec: int, payload: bytes, ulen: int, fingerprint: bytes) -> bytes:
+    return record_header(codec, payload, ulen, fingerprint) + payload
 
 
 def compress_block(block: bytes | memoryview) -> tuple[int, bytes]:
@@ -64,7 +69,7 @@ class PackWriter:
         self.dir = packs_dir
         self.next_pack = first_pack
         self.pack_limit = pack_limit
-        self._file = None
+        self._fd = -1
         self._pack = -1
         self._pos = 0
         self._records: list[tuple[bytes, int, int, int]] = []
@@ -77,45 +82,51 @@ class PackWriter:
         self.next_pack += 1
         path = self.dir / pack_name(self._pack)
         self.created.append(path)
-        self._file = open(path, "xb", buffering=4 << 20)
-        self._write(PACK_HEADER.pack(PACK_MAGIC, PACK_VERSION, self._pack))
-        self._pos = PACK_HEADER.size
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        self._pos = 0
+        self._write([PACK_HEADER.pack(PACK_MAGIC, PACK_VERSION, self._pack)])
 
-    def _write(self, data: bytes) -> None:
-        assert self._file is not None
+    def _write(self, parts: list[bytes]) -> None:
+        """Write all of ``parts`` at the pack's end (no user-space copy: writev)."""
         try:
-            self._file.write(data)
+            todo = sum(len(p) for p in parts)
+            while todo:
+                n = os.pwritev(self._fd, parts, self._pos)
+                self._pos += n
+                todo -= n
+                if todo:  # a short write: drop what went out and go on
+                    while n >= len(parts[0]):
+                        n -= len(parts[0])
+                        parts = parts[1:]
+                    parts = [memoryview(parts[0])[n:], *parts[1:]]
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise NoSpace(f"no space left for pack {self.dir / pack_name(self._pack)}") from e
             raise
 
-    def append(self, codec: int, payload: bytes, ulen: int, fingerprint: bytes) -> tuple[int, int, int]:
-        """Store one record; returns (pack, record offset, clen)."""
-        if self._file is None or self._pos >= self.pack_limit:
+    def append(self, header: bytes, payload: bytes, fingerprint: bytes) -> tuple[int, int, int]:
+        """Store one record (``header`` from ``record_header``); returns (pack, record offset, clen)."""
+        if self._fd < 0 or self._pos >= self.pack_limit:
             self._close_current()
             self._open()
-        record = encode_record(codec, payload, ulen, fingerprint)
         offset = self._pos
-        self._write(record)
-        self._pos += len(record)
-        self.bytes_written += len(record)
-        self._records.append((fingerprint, offset, len(payload), ulen))
+        self._write([header, payload])
+        self.bytes_written += len(header) + len(payload)
+        self._records.append((fingerprint, offset, len(payload), RECORD_HEADER.unpack_from(header)[3]))
         return self._pack, offset, len(payload)
 
     def _close_current(self) -> None:
-        if self._file is None:
+        if self._fd < 0:
             return
-        f, self._file = self._file, None
+        fd, self._fd = self._fd, -1
         try:
-            f.flush()
-            os.fsync(f.fileno())
+            os.fsync(fd)
         except OSError as e:
-            f.close()
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise NoSpace(f"no space left to finish pack {self.dir / pack_name(self._pack)}") from e
             raise
-        f.close()
+        finally:
+            os.close(fd)
         self.finished.append((self._pack, self._records))
         self._records = []
 
@@ -135,12 +146,9 @@ class PackWriter:
 
     def abort(self) -> None:
         """Remove everything this writer created (nothing references it yet)."""
-        if self._file is not None:
-            try:
-                self._file.close()
-            except OSError:
-                pass
-            self._file = None
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
         for path in self.created:
             for p in (path, path.with_suffix(".idx")):
                 try:
