@@ -2,7 +2,8 @@ from libc.stdint cimport int64_t, uint64_t
 
 cdef class BlockMap:
     cdef readonly object entries
-    cdef const uint64_t[::1] _words
+    cdef object _wordarr
+    cdef const uint64_t* _w
     cdef readonly int64_t block_size
     cdef readonly int64_t disk_size
     cdef readonly int shift

@@ -15,6 +15,10 @@ from libc.stdint cimport int64_t, uint8_t, uint64_t
 
 import numpy as np
 
+cimport numpy as cnp
+
+cnp.import_array()
+
 ZERO_PACK = 0xFFFFFFFF
 KEY_SHIFT = 40
 cdef enum:
@@ -42,7 +46,8 @@ cdef class BlockMap:
             raise ValueError(f"block map has {len(entries)} entries, a {disk_size}-byte disk needs {nblocks}")
         self.entries = entries
         # each 16-byte entry is two little-endian words: pack | clen << 32, offset
-        self._words = np.ascontiguousarray(entries).view(np.uint64)
+        self._wordarr = np.ascontiguousarray(entries).view(np.uint64)
+        self._w = <const uint64_t*>cnp.PyArray_DATA(self._wordarr)
         self.block_size = block_size
         self.disk_size = disk_size
         self.shift = block_size.bit_length() - 1
@@ -51,65 +56,83 @@ cdef class BlockMap:
     def __len__(self):
         return self._nblocks
 
-    @cython.boundscheck(False)
-    @cython.wraparound(False)
     def key(self, int64_t block):
         if block < 0 or block >= self._nblocks:
             raise IndexError(block)
-        cdef uint64_t w = self._words[2 * block]
+        cdef uint64_t w = self._w[2 * block]
         if (w & LOW32) == LOW32:
             return -1
-        return <int64_t>((w & LOW32) << C_KEY_SHIFT | self._words[2 * block + 1])
+        return <int64_t>((w & LOW32) << C_KEY_SHIFT | self._w[2 * block + 1])
 
-    @cython.boundscheck(False)
-    @cython.wraparound(False)
+    def locate(self, int64_t offset, int64_t length):
+        """For a range inside one block: its chunk key, or -1 for a zero block. -2 when the
+        range is empty, crosses a block boundary or leaves the disk."""
+        if offset < 0 or length <= 0 or offset + length > self.disk_size:
+            return -2
+        cdef int64_t block = offset >> self.shift
+        if (offset + length - 1) >> self.shift != block:
+            return -2
+        cdef uint64_t w = self._w[2 * block]
+        if (w & LOW32) == LOW32:
+            return -1
+        return <int64_t>((w & LOW32) << C_KEY_SHIFT | self._w[2 * block + 1])
+
     def entry(self, int64_t block):
         """(pack, clen, record_offset) of one block."""
         if block < 0 or block >= self._nblocks:
             raise IndexError(block)
-        cdef uint64_t w = self._words[2 * block]
-        return <int64_t>(w & LOW32), <int64_t>(w >> 32), <int64_t>self._words[2 * block + 1]
+        cdef uint64_t w = self._w[2 * block]
+        return <int64_t>(w & LOW32), <int64_t>(w >> 32), <int64_t>self._w[2 * block + 1]
 
-    @cython.boundscheck(False)
-    @cython.wraparound(False)
-    @cython.cdivision(True)
     def translate(self, int64_t offset, int64_t length):
         if offset < 0 or length < 0 or offset + length > self.disk_size:
             raise ValueError(f"range {offset}+{length} is outside the {self.disk_size}-byte disk")
-        cdef int64_t first = offset >> self.shift
-        cdef int64_t last = (offset + length - 1) >> self.shift if length else first - 1
-        out = np.empty((last - first + 1 if length else 0, 5), dtype=np.int64)
-        cdef int64_t[:, ::1] rows = out
-        cdef int64_t n = 0, pos = offset, end = offset + length, block, skip, take
-        cdef uint64_t w
-        cdef const uint64_t[::1] words = self._words
-        with nogil:
-            while pos < end:
-                block = pos >> self.shift
-                skip = pos - (block << self.shift)
-                take = self.block_size - skip
-                if take > end - pos:
-                    take = end - pos
-                w = words[2 * block]
-                if (w & LOW32) == LOW32:
-                    if n > 0 and rows[n - 1, 0] == -1:
-                        rows[n - 1, 4] += take
-                    else:
-                        rows[n, 0] = -1
-                        rows[n, 1] = 0
-                        rows[n, 2] = 0
-                        rows[n, 3] = 0
-                        rows[n, 4] = take
-                        n += 1
-                else:
-                    rows[n, 0] = <int64_t>(w & LOW32)
-                    rows[n, 1] = <int64_t>words[2 * block + 1]
-                    rows[n, 2] = <int64_t>(w >> 32)
-                    rows[n, 3] = skip
-                    rows[n, 4] = take
-                    n += 1
-                pos += take
-        return out[:n]
+        cdef cnp.npy_intp dims[2]
+        dims[0] = _walk(self._w, self.shift, offset, length, NULL)
+        dims[1] = 5
+        out = cnp.PyArray_EMPTY(2, dims, cnp.NPY_INT64, 0)
+        _walk(self._w, self.shift, offset, length, <int64_t*>cnp.PyArray_DATA(out))
+        return out
+
+
+cdef int64_t _walk(const uint64_t* words, int shift, int64_t offset, int64_t length, int64_t* rows) noexcept nogil:
+    """Emit the extents of [offset, offset+length) into rows (5 per extent); count only
+    when rows is NULL. Returns the number of extents."""
+    cdef int64_t n = 0, pos = offset, end = offset + length, block, skip, take
+    cdef int64_t bs = (<int64_t>1) << shift
+    cdef uint64_t w
+    cdef bint prev_zero = False
+    while pos < end:
+        block = pos >> shift
+        skip = pos - (block << shift)
+        take = bs - skip
+        if take > end - pos:
+            take = end - pos
+        w = words[2 * block]
+        if (w & LOW32) == LOW32:
+            if prev_zero:
+                if rows != NULL:
+                    rows[5 * (n - 1) + 4] += take
+            else:
+                if rows != NULL:
+                    rows[5 * n] = -1
+                    rows[5 * n + 1] = 0
+                    rows[5 * n + 2] = 0
+                    rows[5 * n + 3] = 0
+                    rows[5 * n + 4] = take
+                n += 1
+                prev_zero = True
+        else:
+            if rows != NULL:
+                rows[5 * n] = <int64_t>(w & LOW32)
+                rows[5 * n + 1] = <int64_t>words[2 * block + 1]
+                rows[5 * n + 2] = <int64_t>(w >> 32)
+                rows[5 * n + 3] = skip
+                rows[5 * n + 4] = take
+            n += 1
+            prev_zero = False
+        pos += take
+    return n
 
 
 cdef inline int _check(Py_ssize_t nbytes, int64_t start, int64_t count) except -1:

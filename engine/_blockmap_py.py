@@ -64,6 +64,16 @@ class BlockMap:
             return -1
         return int(e["pack"]) << KEY_SHIFT | int(e["offset"])
 
+    def locate(self, offset: int, length: int) -> int:
+        """For a range inside one block: its chunk key, or -1 for a zero block. -2 when the
+        range is empty, crosses a block boundary or leaves the disk."""
+        if offset < 0 or length <= 0 or offset + length > self.disk_size:
+            return -2
+        block = offset // self.block_size
+        if (offset + length - 1) // self.block_size != block:
+            return -2
+        return self.key(block)
+
     def entry(self, block: int) -> tuple[int, int, int]:
         """(pack, clen, record_offset) of one block."""
         e = self.entries[block]

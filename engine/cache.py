@@ -2,7 +2,7 @@
 
 Keys are chunk keys (``pack << 40 | record offset``, see ``engine.blockmap``), so a chunk
 that dedup made common to several disks or restore points is one entry. Values are
-read-only buffers of exactly one block; the layer below (``PackReader``) returns the same
+``bytes`` of exactly one block; the layer below (``PackReader``) returns the same
 immutable bytes for a key every time, so entries are never invalidated, only evicted
 (least recently used first) when the total passes ``capacity`` bytes.
 
@@ -19,14 +19,8 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Executor, Future
-from typing import Protocol
 
-
-class Buffer(Protocol):
-    def __len__(self) -> int: ...
-
-
-Loader = Callable[[], memoryview]
+Loader = Callable[[], bytes]
 
 
 class ChunkCache:
@@ -36,8 +30,8 @@ class ChunkCache:
         self.capacity = capacity
         self.executor = executor
         self.max_prefetch = max_prefetch
-        self._lru: OrderedDict[int, memoryview] = OrderedDict()
-        self._loading: dict[int, Future[memoryview]] = {}
+        self._lru: OrderedDict[int, bytes] = OrderedDict()
+        self._loading: dict[int, Future[bytes]] = {}
         self._lock = threading.Lock()
         self.size = 0
         self.hits = 0
@@ -48,16 +42,23 @@ class ChunkCache:
     def __len__(self) -> int:
         return len(self._lru)
 
-    def peek(self, key: int) -> memoryview | None:
-        """The cached chunk, or None; a hit counts as a use."""
-        with self._lock:
-            data = self._lru.get(key)
-            if data is not None:
-                self._lru.move_to_end(key)
-                self.hits += 1
-            return data
+    def peek(self, key: int) -> bytes | None:
+        """The cached chunk, or None; a hit counts as a use.
 
-    def _claim(self, key: int) -> tuple[memoryview | None, Future[memoryview], bool]:
+        Lock-free on purpose (it is the hot path of every cached read): ``get`` and
+        ``move_to_end`` are single C calls under the GIL; an entry evicted between the
+        two is simply a miss. The hit counter may lose an increment under races.
+        """
+        data = self._lru.get(key)
+        if data is not None:
+            try:
+                self._lru.move_to_end(key)
+            except KeyError:
+                return None
+            self.hits += 1
+        return data
+
+    def _claim(self, key: int) -> tuple[bytes | None, Future[bytes], bool]:
         """Under the lock: (cached data, future to wait for, whether we must load)."""
         data = self._lru.get(key)
         if data is not None:
@@ -74,7 +75,7 @@ class ChunkCache:
         self._loading[key] = fut
         return None, fut, True
 
-    def _load(self, key: int, fut: Future[memoryview], load: Loader) -> memoryview:
+    def _load(self, key: int, fut: Future[bytes], load: Loader) -> bytes:
         try:
             data = load()
         except BaseException as e:
@@ -94,7 +95,7 @@ class ChunkCache:
         fut.set_result(data)
         return data
 
-    def get(self, key: int, load: Loader) -> memoryview:
+    def get(self, key: int, load: Loader) -> bytes:
         """The chunk, loading it in this thread on a miss (blocking)."""
         with self._lock:
             data, fut, mine = self._claim(key)
@@ -104,19 +105,19 @@ class ChunkCache:
             return self._load(key, fut, load)
         return fut.result()
 
-    def get_future(self, key: int, load: Loader) -> Future[memoryview]:
+    def get_future(self, key: int, load: Loader) -> Future[bytes]:
         """A future of the chunk; a miss is loaded in the executor."""
         with self._lock:
             data, fut, mine = self._claim(key)
         if data is not None:
-            done: Future[memoryview] = Future()
+            done: Future[bytes] = Future()
             done.set_result(data)
             return done
         if mine:
             self.executor.submit(self._load_quietly, key, fut, load)
         return fut
 
-    def _load_quietly(self, key: int, fut: Future[memoryview], load: Loader) -> None:
+    def _load_quietly(self, key: int, fut: Future[bytes], load: Loader) -> None:
         try:
             self._load(key, fut, load)
         except Exception:
@@ -128,7 +129,7 @@ class ChunkCache:
             if key in self._lru or key in self._loading or len(self._loading) >= self.max_prefetch:
                 return
             self.prefetches += 1
-            fut: Future[memoryview] = Future()
+            fut: Future[bytes] = Future()
             fut.set_running_or_notify_cancel()
             self._loading[key] = fut
         self.executor.submit(self._load_quietly, key, fut, load)

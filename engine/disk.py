@@ -17,6 +17,7 @@ cached chunks and of a shared zero block) so a server can send them without copy
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Protocol
 
 from engine.blockmap import KEY_SHIFT, BlockMap
@@ -56,38 +57,38 @@ class BackupDisk:
             raise ValueError(f"negative offset or length ({offset}, {length})")
         return max(0, min(length, self.size - offset))
 
-    def _loader(self, pack: int, rec: int, clen: int):
+    def _loader(self, pack: int, rec: int, clen: int) -> Callable[[], bytes]:
         reader = self._reader
         return lambda: reader.read_chunk(pack, rec, clen)
 
     def _readahead(self, first: int, last: int) -> None:
         """Prefetch the blocks after a read that continues the previous one."""
-        sequential = self._next_block in (first, first + 1) or first == self._next_block - 1
-        self._next_block = last + 1
-        if not sequential:
+        expected, self._next_block = self._next_block, last + 1
+        if not -1 <= first - expected <= 0:
             return
-        bm, nblocks = self.map, len(self.map)
-        for block in range(last + 1, min(last + 1 + READAHEAD_BLOCKS, nblocks)):
+        bm = self.map
+        for block in range(last + 1, min(last + 1 + READAHEAD_BLOCKS, len(bm))):
             pack, clen, rec = bm.entry(block)
             if clen:
                 self._cache.prefetch(pack << KEY_SHIFT | rec, self._loader(pack, rec, clen))
 
     def read(self, offset: int, length: int) -> bytes:
         """The disk's bytes in [offset, offset + length), cut at the end of the disk."""
+        key = self.map.locate(offset, length)
+        if key >= 0:  # the common case: inside one stored block
+            data = self._cache.peek(key)
+            if data is not None:
+                block = offset >> self._shift
+                if block != self._next_block - 1:
+                    self._readahead(block, block)
+                skip = offset & self._mask
+                return data[skip : skip + length]
+        elif key == -1:
+            self._next_block = (offset >> self._shift) + 1
+            return bytes(length)
         length = self._clip(offset, length)
         if length == 0:
             return b""
-        block = offset >> self._shift
-        if (offset + length - 1) >> self._shift == block:
-            key = self.map.key(block)
-            skip = offset & self._mask
-            if key < 0:
-                self._readahead(block, block)
-                return bytes(length)
-            data = self._cache.peek(key)
-            if data is not None:
-                self._readahead(block, block)
-                return data[skip : skip + length].tobytes()
         return b"".join(self.readv(offset, length))
 
     def readv(self, offset: int, length: int) -> list[memoryview]:
@@ -103,7 +104,7 @@ class BackupDisk:
                 out.extend(self._zeros(take))
             else:
                 chunk = cache.get(pack << KEY_SHIFT | rec, self._loader(pack, rec, clen))
-                out.append(chunk[skip : skip + take])
+                out.append(memoryview(chunk)[skip : skip + take])
         return out
 
     async def aread(self, offset: int, length: int) -> list[memoryview]:
@@ -114,7 +115,7 @@ class BackupDisk:
         self._readahead(offset >> self._shift, (offset + length - 1) >> self._shift)
         rows = self.map.translate(offset, length).tolist()
         cache = self._cache
-        chunks: list[memoryview | asyncio.Future[memoryview] | None] = []
+        chunks: list[bytes | asyncio.Future[bytes] | None] = []
         pending = False
         for pack, rec, clen, _skip, _take in rows:
             if pack < 0:
@@ -135,7 +136,7 @@ class BackupDisk:
             if chunk is None:
                 out.extend(self._zeros(take))
             else:
-                out.append(chunk[skip : skip + take])  # type: ignore[index]
+                out.append(memoryview(chunk)[skip : skip + take])  # type: ignore[arg-type]
         return out
 
     def _zeros(self, length: int) -> list[memoryview]:

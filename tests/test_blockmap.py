@@ -65,6 +65,9 @@ def test_translate_matches_model(impl, m):
     assert got.dtype == np.int64 and got.shape[1] == 5
     assert got.tolist() == model_translate(bs, rows, start, length)
     assert int(got[:, 4].sum()) == length
+    one_block = length > 0 and start // bs == (start + length - 1) // bs
+    want = (-1 if rows[start // bs][0] == 0xFFFFFFFF else rows[start // bs][0] << 40 | rows[start // bs][2]) if one_block else -2
+    assert bm.locate(start, length) == want
     for b, (p, c, o) in enumerate(rows):
         assert bm.key(b) == (-1 if p == 0xFFFFFFFF else p << 40 | o)
         assert bm.entry(b) == (p, c, o)

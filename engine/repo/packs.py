@@ -201,19 +201,19 @@ class PackReader:
             raise IntegrityError(f"chunk at {where}: checksum mismatch")
         return codec, fingerprint, payload, ulen
 
-    def read_chunk(self, pack: int, offset: int, clen: int) -> memoryview:
+    def read_chunk(self, pack: int, offset: int, clen: int) -> bytes:
         """The decompressed block stored at (pack, offset): exactly block_size bytes."""
         codec, _fp, payload, ulen = self.read_record(pack, offset, clen)
         return self.decode(pack, offset, codec, payload, ulen)
 
-    def decode(self, pack: int, offset: int, codec: int, payload: memoryview, ulen: int) -> memoryview:
+    def decode(self, pack: int, offset: int, codec: int, payload: memoryview, ulen: int) -> bytes:
         where = f"pack {pack_name(pack)} offset {offset}"
         if ulen != self.block_size:
             raise IntegrityError(f"chunk at {where}: size {ulen} is not the block size {self.block_size}")
         if codec == CODEC_RAW:
             if len(payload) != ulen:
                 raise IntegrityError(f"chunk at {where}: raw payload has the wrong size")
-            return payload
+            return payload.tobytes()
         if codec != CODEC_LZ4:
             raise IntegrityError(f"chunk at {where}: unknown codec {codec}")
         try:
@@ -222,7 +222,7 @@ class PackReader:
             raise IntegrityError(f"chunk at {where}: LZ4 data is corrupt") from e
         if len(data) != ulen:
             raise IntegrityError(f"chunk at {where}: decompressed to {len(data)} bytes, expected {ulen}")
-        return memoryview(data)
+        return data
 
     def close(self) -> None:
         with self._lock:
