@@ -300,7 +300,7 @@ class Datastore:
         self.next_sid += 1
         s = self._attach(name, sid, point, time.time_ns())
         (d / f"{point.vm}.vmx").write_text(vmx_text(point))
-        for i, info in enumerate(point.disks):
+        for info in point.disks:
             cid = int.from_bytes(hashlib.blake2b(f"{point.id}/{info.name}".encode(), digest_size=4).digest(), "big")
             (d / f"{info.name}.vmdk").write_text(vmdk_descriptor(info.name, info.size, cid))
         self._rescan(s)

@@ -205,7 +205,7 @@ async def pmap_call(host: str, port: int, proc: int, m, timeout: float = 3.0) ->
 
 async def register_with(host: str, port: int, regs: list[tuple[int, int, int, int]]) -> None:
     """Register (prog, vers, prot, port) rows with the portmapper at host:port."""
-    for prog, vers, prot, p in regs:
+    for prog, vers, prot, _p in regs:
         await pmap_call(host, port, PMAPPROC.UNSET, mapping(prog, vers, prot, 0))
     for prog, vers, prot, p in regs:
         ok = await pmap_call(host, port, PMAPPROC.SET, mapping(prog, vers, prot, p))
@@ -217,5 +217,5 @@ async def unregister_with(host: str, port: int, regs: list[tuple[int, int, int, 
     for prog, vers, prot, _p in regs:
         try:
             await pmap_call(host, port, PMAPPROC.UNSET, mapping(prog, vers, prot, 0))
-        except (OSError, ConnectionError, asyncio.TimeoutError):
+        except (TimeoutError, OSError, ConnectionError):
             return

@@ -132,7 +132,7 @@ class NFSServices:
             host = self._pmap_host()
             try:
                 await portmap.register_with(host, pm_port, regs)
-            except (OSError, ConnectionError, asyncio.TimeoutError) as e:
+            except (TimeoutError, OSError, ConnectionError) as e:
                 await self._close()
                 raise PortInUse(
                     f"port {pm_port} on {self.bind} is taken by something that would not register our services ({e}); "
@@ -152,7 +152,7 @@ class NFSServices:
         for s in self._servers:
             try:
                 await asyncio.wait_for(s.wait_closed(), 2)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
         self._servers, self._udp = [], []
 

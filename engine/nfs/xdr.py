@@ -598,7 +598,7 @@ FSF3_SYMLINK = 0x0002
 FSF3_HOMOGENEOUS = 0x0008
 FSF3_CANSETTIME = 0x0010
 
-filename3 = String(NAME_MAX, "filename3")
+filename3 = String(PATH_MAX, "filename3")  # longer names decode, then get NAMETOOLONG
 nfspath3 = String(PATH_MAX, "nfspath3")
 cookieverf3 = Fixed(NFS3_COOKIEVERFSIZE, "cookieverf3")
 createverf3 = Fixed(NFS3_CREATEVERFSIZE, "createverf3")

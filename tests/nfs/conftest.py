@@ -54,7 +54,7 @@ class Daemon:
         self.extra = extra or []
         self.portmap_port = portmap_port
         self.proc: subprocess.Popen | None = None
-        self.log = cache_dir.parent / f"daemon-{addr}.log"
+        self.log = cache_dir.parent / f"daemon-{addr}-{cache_dir.name}.log"
         self.status: dict[str, Any] = {}
 
     @property
@@ -68,6 +68,7 @@ class Daemon:
             "--bind", self.addr, "--control-bind", self.addr,
             "--portmap-port", str(self.portmap_port), *self.extra,
         ]
+        start_at = self.log.stat().st_size if self.log.exists() else 0
         logf = open(self.log, "ab")
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=logf, stderr=subprocess.STDOUT)
         logf.close()
@@ -75,14 +76,14 @@ class Daemon:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"daemon exited with {self.proc.returncode}: {self.log.read_text()[-2000:]}")
-            text = self.log.read_text() if self.log.exists() else ""
-            if "instantnfs serving" in text.split("stopped")[-1]:
+            text = self.log.read_bytes()[start_at:].decode(errors="replace")
+            if "instantnfs serving" in text:
                 break
             time.sleep(0.05)
         else:
             self.stop()
             raise RuntimeError(f"daemon did not start: {self.log.read_text()[-2000:]}")
-        line = [ln for ln in self.log.read_text().splitlines() if "instantnfs serving" in ln][-1]
+        line = [ln for ln in text.splitlines() if "instantnfs serving" in ln][-1]
         port = int(line.split("control http://")[1].split("/")[0].rsplit(":", 1)[1])
         self.status = self.get_at(f"http://{self.addr}:{port}", "/status")
         return self

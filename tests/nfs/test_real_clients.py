@@ -7,7 +7,6 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 from engine.nfs.client import NFSClient
 from tests.conftest import require_tool
@@ -113,7 +112,7 @@ def test_sessions_json_gives_urls_that_work(served, images):
     sessions = json.loads(out)
     s = [x for x in sessions if x["name"] == "sess"][0]
     assert s["point"] == images["point"] and s["path"] == "/instantnfs/sess"
-    for d, want in zip(s["disks"], images["disks"]):
+    for d, want in zip(s["disks"], images["disks"], strict=True):
         assert d["url"] == f"nfs://{served.addr}/instantnfs/sess/{want['name']}.img"
         info = json.loads(sh("qemu-img", "info", "--output=json", "-f", "raw", d["url"]).stdout)
         assert info["virtual-size"] == want["size"]

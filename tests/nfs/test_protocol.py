@@ -1,0 +1,613 @@
+"""NFSv3 / MOUNT / portmap procedures through the in-repo RPC client: what real clients
+do not reach. Golden, byte-exact replies for every RPC reject path."""
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import struct
+from typing import Any
+
+import pytest
+
+from engine.nfs.client import AUTH_NONE, NFSClient, RpcClient, auth_sys, build_call, frame
+from engine.nfs.xdr import (
+    ACCESS3_EXECUTE,
+    ACCESS3_LOOKUP,
+    ACCESS3_MODIFY,
+    ACCESS3_READ,
+    DONT_CHANGE_TIME,
+    MOUNT_PROGRAM,
+    MOUNTPROC3,
+    NFS_PROGRAM,
+    NFSPROC3,
+    PMAP_PROG,
+    PMAPPROC,
+    RPCBPROC,
+    SATTR3_NONE,
+    ACCESS3args,
+    COMMIT3args,
+    FSINFO3args,
+    FSSTAT3args,
+    GETATTR3args,
+    LINK3args,
+    LOOKUP3args,
+    MKDIR3args,
+    MKNOD3args,
+    Packer,
+    PATHCONF3args,
+    READ3args,
+    READDIR3args,
+    READLINK3args,
+    REMOVE3args,
+    RENAME3args,
+    SETATTR3args,
+    SYMLINK3args,
+    UnionValue,
+    createmode3,
+    devicedata3,
+    diropargs3,
+    exports,
+    ftype3,
+    mapping,
+    mountlist,
+    mountres3,
+    mountstat3,
+    nfs_fh3,
+    nfsstat3,
+    nfstime3,
+    rp__list,
+    rpcb,
+    sattr3,
+    specdata3,
+    symlinkdata3,
+    time_how,
+    uint32,
+)
+from tests.nfs.conftest import run
+
+X = 0x11223344
+
+
+def client_for(served: Any, fn: Any, cred: Any = None) -> Any:
+    async def main() -> Any:
+        c = await NFSClient.connect(served.addr, served.mount_port, served.nfs_port, cred)
+        try:
+            sess = await c.mount("/instantnfs/sess")
+            return await fn(c, sess)
+        finally:
+            await c.close()
+
+    return run(main())
+
+
+def fh3(b: bytes) -> Any:
+    return nfs_fh3(b)
+
+
+def dirop(d: bytes, name: str | bytes) -> Any:
+    return diropargs3(nfs_fh3(d), name.encode() if isinstance(name, str) else name)
+
+
+async def status(c: NFSClient, proc: int, args: Any) -> nfsstat3:
+    return nfsstat3((await c.call(proc, args, check=False)).tag)
+
+
+async def workdir(c: NFSClient, sess: bytes, name: str) -> bytes:
+    r = await c.call(NFSPROC3.MKDIR, MKDIR3args(dirop(sess, name), SATTR3_NONE), check=False)
+    if r.tag == nfsstat3.NFS3ERR_EXIST:
+        return await c.lookup(sess, name)
+    assert r.tag == nfsstat3.NFS3_OK
+    return r.body.obj.data
+
+
+# -- golden reject replies --------------------------------------------------------------------
+
+
+def raw_exchange(served: Any, port: int, record: bytes) -> bytes:
+    async def main() -> bytes:
+        c = await RpcClient.connect(served.addr, port)
+        try:
+            return await c.call_raw(record)
+        finally:
+            await c.close()
+
+    return run(main())
+
+
+def words(*w: int) -> bytes:
+    return struct.pack(f">{len(w)}I", *w)
+
+
+def test_golden_rejects(served):
+    nfs = served.nfs_port
+    # NULL: accepted, SUCCESS, AUTH_NONE verifier, no results
+    assert raw_exchange(served, nfs, build_call(X, NFS_PROGRAM, 3, 0)) == words(X, 1, 0, 0, 0, 0)
+    # RPC version 3: denied, RPC_MISMATCH, low 2, high 2
+    assert raw_exchange(served, nfs, build_call(X, NFS_PROGRAM, 3, 0, rpcvers=3)) == words(X, 1, 1, 0, 2, 2)
+    # unknown program: PROG_UNAVAIL
+    assert raw_exchange(served, nfs, build_call(X, 100099, 1, 0)) == words(X, 1, 0, 0, 0, 1)
+    # NFS version 4 / 2: PROG_MISMATCH low 3 high 3
+    assert raw_exchange(served, nfs, build_call(X, NFS_PROGRAM, 4, 0)) == words(X, 1, 0, 0, 0, 2, 3, 3)
+    assert raw_exchange(served, nfs, build_call(X, NFS_PROGRAM, 2, 0)) == words(X, 1, 0, 0, 0, 2, 3, 3)
+    # procedure 22: PROC_UNAVAIL
+    assert raw_exchange(served, nfs, build_call(X, NFS_PROGRAM, 3, 22, cred=auth_sys())) == words(X, 1, 0, 0, 0, 3)
+    # GETATTR with 2 bytes of arguments: GARBAGE_ARGS
+    assert raw_exchange(served, nfs, build_call(X, NFS_PROGRAM, 3, 1, b"\0\0", cred=auth_sys())) == words(X, 1, 0, 0, 0, 4)
+    # AUTH_DH credential: denied, AUTH_ERROR, AUTH_BADCRED
+    assert raw_exchange(served, nfs, build_call(X, NFS_PROGRAM, 3, 1, cred=(3, b"x" * 8))) == words(X, 1, 1, 1, 1)
+    # AUTH_SYS with a truncated body: AUTH_BADCRED
+    assert raw_exchange(served, nfs, build_call(X, NFS_PROGRAM, 3, 0, cred=(1, b"\0\0\0\1"))) == words(X, 1, 1, 1, 1)
+    # MOUNT on the NFS port: PROG_UNAVAIL; MOUNT v1: PROG_MISMATCH 3..3
+    assert raw_exchange(served, nfs, build_call(X, MOUNT_PROGRAM, 3, 0)) == words(X, 1, 0, 0, 0, 1)
+    assert raw_exchange(served, served.mount_port, build_call(X, MOUNT_PROGRAM, 1, 0)) == words(X, 1, 0, 0, 0, 2, 3, 3)
+    # portmap v5: PROG_MISMATCH 2..4; v2 CALLIT (not served): PROC_UNAVAIL
+    assert raw_exchange(served, 111, build_call(X, PMAP_PROG, 5, 0)) == words(X, 1, 0, 0, 0, 2, 2, 4)
+    assert raw_exchange(served, 111, build_call(X, PMAP_PROG, 2, 5)) == words(X, 1, 0, 0, 0, 3)
+
+
+def test_golden_status_with_failure_body(served):
+    """LOOKUP of a missing name: SUCCESS, NFS3ERR_NOENT, then post_op_attr of the dir."""
+
+    async def fn(c: NFSClient, sess: bytes) -> bytes:
+        p = Packer()
+        LOOKUP3args.pack(p, LOOKUP3args(dirop(sess, "nope")))
+        return await c.rpc.call_raw(build_call(X, NFS_PROGRAM, 3, 3, p.getvalue(), cred=auth_sys()))
+
+    rep = client_for(served, fn)
+    assert rep[:28] == words(X, 1, 0, 0, 0, 0, 2)
+    assert rep[28:32] == words(1)  # attributes follow
+    assert struct.unpack(">I", rep[32:36])[0] == ftype3.NF3DIR
+    assert len(rep) == 36 + 80
+
+
+# -- procedures -------------------------------------------------------------------------------
+
+
+def test_getattr_lookup_access_and_names(served, images):
+    async def fn(c: NFSClient, sess: bytes) -> None:
+        root = await c.mount("/instantnfs")
+        ra = await c.getattr(root)
+        assert ra.type == ftype3.NF3DIR
+        # '..' at the export root stays at the root; '.' is the directory itself
+        assert await c.lookup(root, "..") == root
+        assert await c.lookup(root, ".") == root
+        assert await c.lookup(root, "sess") == sess
+        assert await c.lookup(sess, "..") == root
+        d = images["disks"][0]
+        img = await c.lookup(sess, f"{d['name']}.img")
+        a = await c.getattr(img)
+        assert a.type == ftype3.NF3REG and a.size == d["size"] and a.fsid == ra.fsid
+        flat = await c.lookup(sess, f"{d['name']}-flat.vmdk")
+        assert (await c.getattr(flat)).fileid != a.fileid
+        # names with '/' or NUL are refused; over 255 bytes: NAMETOOLONG
+        for bad in (b"a/b", b"a\0b", b"/"):
+            assert await status(c, NFSPROC3.LOOKUP, LOOKUP3args(dirop(sess, bad))) == nfsstat3.NFS3ERR_ACCES
+        assert await status(c, NFSPROC3.LOOKUP, LOOKUP3args(dirop(sess, "x" * 300))) == nfsstat3.NFS3ERR_NAMETOOLONG
+        r = await c.call(NFSPROC3.LOOKUP, LOOKUP3args(dirop(sess, "missing")), check=False)
+        assert r.tag == nfsstat3.NFS3ERR_NOENT and r.body is not None and r.body.type == ftype3.NF3DIR
+        assert await status(c, NFSPROC3.LOOKUP, LOOKUP3args(dirop(img, "x"))) == nfsstat3.NFS3ERR_NOTDIR
+        # ACCESS: the backup disk is readable, not modifiable; the session dir is both
+        acc = (await c.call(NFSPROC3.ACCESS, ACCESS3args(fh3(img), 0x3F))).body.access
+        assert acc & ACCESS3_READ and not acc & ACCESS3_MODIFY
+        acc = (await c.call(NFSPROC3.ACCESS, ACCESS3args(fh3(sess), 0x3F))).body.access
+        assert acc & ACCESS3_LOOKUP and acc & ACCESS3_MODIFY and not acc & ACCESS3_EXECUTE
+
+    client_for(served, fn)
+
+
+def test_read_backup_disk(served, images):
+    data = images["data"][1]
+    d = images["disks"][1]
+
+    async def fn(c: NFSClient, sess: bytes) -> None:
+        fh = await c.lookup(sess, f"{d['name']}.img")
+        for off, n in ((0, 4096), (1_000_000, 100_000), (len(data) - 10, 100), (3 << 20, 1 << 20)):
+            got, eof = await c.read(fh, off, n)
+            assert got == data[off : off + n]
+            assert eof == (off + n >= len(data))
+        got, eof = await c.read(fh, len(data) + 5, 10)
+        assert got == b"" and eof
+        got, _ = await c.read(fh, 0, 4 << 20)  # more than rtmax: cut to 1 MiB
+        assert got == data[: 1 << 20]
+        assert await c.read_all(fh) == data
+
+    client_for(served, fn)
+
+
+def test_backup_disk_files_are_read_only(served, images):
+    d = images["disks"][0]
+
+    async def fn(c: NFSClient, sess: bytes) -> None:
+        name = f"{d['name']}-flat.vmdk"
+        fh = await c.lookup(sess, name)
+        r = await c.call(NFSPROC3.WRITE, _write_args(fh, 0, b"abc"), check=False)
+        assert r.tag == nfsstat3.NFS3ERR_ROFS and r.body.after is not None
+        sa = sattr3(None, None, None, 0, DONT_CHANGE_TIME, DONT_CHANGE_TIME)
+        assert await status(c, NFSPROC3.SETATTR, SETATTR3args(fh3(fh), sa, None)) == nfsstat3.NFS3ERR_ROFS
+        assert await status(c, NFSPROC3.REMOVE, REMOVE3args(dirop(sess, name))) == nfsstat3.NFS3ERR_ROFS
+        r = await c.create(sess, name, createmode3.GUARDED, check=False)
+        assert r.tag == nfsstat3.NFS3ERR_EXIST
+        await c.create(sess, "victim.txt")
+        rn = RENAME3args(dirop(sess, "victim.txt"), dirop(sess, name))
+        assert await status(c, NFSPROC3.RENAME, rn) == nfsstat3.NFS3ERR_ROFS
+        assert (await c.getattr(fh)).size == d["size"]
+
+    client_for(served, fn)
+
+
+def _write_args(fh: bytes, off: int, data: bytes, stable: int = 2) -> Any:
+    from engine.nfs.xdr import WRITE3args
+
+    return WRITE3args(fh3(fh), off, len(data), stable, data)
+
+
+def test_file_lifecycle(served):
+    async def fn(c: NFSClient, sess: bytes) -> None:
+        w = await workdir(c, sess, "life")
+        r = await c.create(w, "f.log")
+        f = r.body.obj.data
+        assert r.body.obj_attributes.type == ftype3.NF3REG
+        wr = await c.write(f, 0, b"hello world", stable=0)
+        assert wr.count == 11 and wr.committed == 0
+        cm = (await c.call(NFSPROC3.COMMIT, COMMIT3args(fh3(f), 0, 0))).body
+        assert cm.verf == wr.verf
+        assert (await c.read(f, 0, 100)) == (b"hello world", True)
+        # GUARDED on an existing name: EXIST; UNCHECKED with size 0 truncates
+        assert (await c.create(w, "f.log", createmode3.GUARDED, check=False)).tag == nfsstat3.NFS3ERR_EXIST
+        # SETATTR: size, mode, mtime; guard with a wrong ctime: NOT_SYNC
+        sa = sattr3(0o600, None, None, 5, DONT_CHANGE_TIME, UnionValue(time_how.SET_TO_CLIENT_TIME, nfstime3(1_000_000, 5)))
+        res = (await c.call(NFSPROC3.SETATTR, SETATTR3args(fh3(f), sa, None))).body
+        a = res.obj_wcc.after
+        assert a.size == 5 and a.mode == 0o600 and a.mtime == nfstime3(1_000_000, 5)
+        assert (await c.read(f, 0, 100))[0] == b"hello"
+        bad = SETATTR3args(fh3(f), SATTR3_NONE, nfstime3(1, 1))
+        assert await status(c, NFSPROC3.SETATTR, bad) == nfsstat3.NFS3ERR_NOT_SYNC
+        # the .vswp way: grow by SETATTR size
+        sa = sattr3(None, None, None, 64 << 20, DONT_CHANGE_TIME, DONT_CHANGE_TIME)
+        await c.call(NFSPROC3.SETATTR, SETATTR3args(fh3(f), sa, None))
+        assert (await c.getattr(f)).size == 64 << 20
+        # directories
+        sub = (await c.call(NFSPROC3.MKDIR, MKDIR3args(dirop(w, "sub"), SATTR3_NONE))).body.obj.data
+        assert (await c.getattr(sub)).type == ftype3.NF3DIR
+        await c.create(sub, "inner")
+        assert await status(c, NFSPROC3.RMDIR, REMOVE3args(dirop(w, "sub"))) == nfsstat3.NFS3ERR_NOTEMPTY
+        assert await status(c, NFSPROC3.RMDIR, REMOVE3args(dirop(w, "f.log"))) == nfsstat3.NFS3ERR_NOTDIR
+        assert await status(c, NFSPROC3.REMOVE, REMOVE3args(dirop(w, "sub"))) == nfsstat3.NFS3ERR_ISDIR
+        assert await status(c, NFSPROC3.MKDIR, MKDIR3args(dirop(w, "sub"), SATTR3_NONE)) == nfsstat3.NFS3ERR_EXIST
+        await c.remove(sub, "inner")
+        await c.call(NFSPROC3.RMDIR, REMOVE3args(dirop(w, "sub")))
+        # symlink: created, read back, never followed
+        sl = await c.call(NFSPROC3.SYMLINK, SYMLINK3args(dirop(w, "ln"), symlinkdata3(SATTR3_NONE, b"/etc/passwd")))
+        ln = sl.body.obj.data
+        assert (await c.getattr(ln)).type == ftype3.NF3LNK
+        assert (await c.call(NFSPROC3.READLINK, READLINK3args(fh3(ln)))).body.data == b"/etc/passwd"
+        assert await status(c, NFSPROC3.READ, READ3args(fh3(ln), 0, 100)) == nfsstat3.NFS3ERR_INVAL
+        assert await status(c, NFSPROC3.READLINK, READLINK3args(fh3(f))) == nfsstat3.NFS3ERR_INVAL
+        # hard link, rename, remove
+        await c.call(NFSPROC3.LINK, LINK3args(fh3(f), dirop(w, "f2.log")))
+        assert (await c.getattr(f)).nlink == 2
+        await c.call(NFSPROC3.RENAME, RENAME3args(dirop(w, "f2.log"), dirop(w, "f3.log")))
+        assert await c.lookup(w, "f3.log") == f
+        assert await status(c, NFSPROC3.LOOKUP, LOOKUP3args(dirop(w, "f2.log"))) == nfsstat3.NFS3ERR_NOENT
+        # MKNOD: a FIFO is made; a device is BADTYPE
+        fifo = await c.call(NFSPROC3.MKNOD, MKNOD3args(dirop(w, "pipe"), UnionValue(ftype3.NF3FIFO, SATTR3_NONE)))
+        assert fifo.body.obj_attributes.type == ftype3.NF3FIFO
+        dev = MKNOD3args(dirop(w, "dev"), UnionValue(ftype3.NF3CHR, devicedata3(SATTR3_NONE, specdata3(1, 3))))
+        assert await status(c, NFSPROC3.MKNOD, dev) == nfsstat3.NFS3ERR_BADTYPE
+        for n in ("f.log", "f3.log", "ln", "pipe"):
+            await c.remove(w, n)
+        assert await status(c, NFSPROC3.GETATTR, GETATTR3args(fh3(f))) == nfsstat3.NFS3ERR_STALE
+        await c.call(NFSPROC3.RMDIR, REMOVE3args(dirop(sess, "life")))
+
+    client_for(served, fn)
+
+
+def test_export_root_holds_only_sessions(served, images):
+    async def fn(c: NFSClient, sess: bytes) -> None:
+        root = await c.mount("/instantnfs")
+        assert (await c.create(root, "x", check=False)).tag == nfsstat3.NFS3ERR_ACCES
+        assert await status(c, NFSPROC3.MKDIR, MKDIR3args(dirop(root, "d"), SATTR3_NONE)) == nfsstat3.NFS3ERR_ACCES
+        assert await status(c, NFSPROC3.REMOVE, REMOVE3args(dirop(root, "sess"))) == nfsstat3.NFS3ERR_ACCES
+        assert await status(c, NFSPROC3.RMDIR, REMOVE3args(dirop(root, "sess"))) == nfsstat3.NFS3ERR_ACCES
+        await c.create(sess, "mover")
+        served.api("POST", "/sessions", {"point": images["point"], "name": "other"})
+        try:
+            other = await c.lookup(root, "other")
+            rn = RENAME3args(dirop(sess, "mover"), dirop(other, "mover"))
+            assert await status(c, NFSPROC3.RENAME, rn) == nfsstat3.NFS3ERR_XDEV
+            rn = RENAME3args(dirop(sess, "mover"), dirop(root, "mover"))
+            assert await status(c, NFSPROC3.RENAME, rn) == nfsstat3.NFS3ERR_ACCES
+            d = images["disks"][0]
+            disk = await c.lookup(other, f"{d['name']}.img")
+        finally:
+            served.api("DELETE", "/sessions/other")
+        # an unpublished session's handles are STALE
+        assert await status(c, NFSPROC3.GETATTR, GETATTR3args(fh3(disk))) == nfsstat3.NFS3ERR_STALE
+        assert await status(c, NFSPROC3.READ, READ3args(fh3(other), 0, 10)) == nfsstat3.NFS3ERR_STALE
+        await c.remove(sess, "mover")
+
+    client_for(served, fn)
+
+
+def test_fsstat_fsinfo_pathconf(served):
+    async def fn(c: NFSClient, sess: bytes) -> None:
+        st = (await c.call(NFSPROC3.FSSTAT, FSSTAT3args(fh3(sess)))).body
+        v = os.statvfs(served.cache_dir)
+        assert st.tbytes == v.f_blocks * v.f_frsize and 0 < st.abytes <= st.fbytes <= st.tbytes
+        fi = (await c.call(NFSPROC3.FSINFO, FSINFO3args(fh3(sess)))).body
+        assert fi.rtmax == fi.wtmax == 1 << 20 and fi.obj_attributes is not None
+        pc = (await c.call(NFSPROC3.PATHCONF, PATHCONF3args(fh3(sess)))).body
+        assert pc.name_max == 255 and pc.no_trunc and pc.case_preserving
+
+    client_for(served, fn)
+
+
+def test_readdir_cookies_over_a_big_directory(served):
+    names = {f"file-with-a-longish-name-{i:04d}.log" for i in range(300)}
+
+    async def fn(c: NFSClient, sess: bytes) -> None:
+        big = await workdir(c, sess, "big")
+        await asyncio.gather(*(c.create(big, n) for n in names))
+        entries, calls = await c.readdir_all(big, count=2048)
+        got = [e.name.decode() for e in entries]
+        assert calls > 3
+        assert len(got) == len(set(got)) == len(names) + 2
+        assert set(got) == names | {".", ".."}
+        plus, pcalls = await c.readdir_all(big, count=4096, plus=True)
+        assert pcalls > 3 and {e.name.decode() for e in plus} == names | {".", ".."}
+        e = [x for x in plus if x.name.decode() == "file-with-a-longish-name-0007.log"][0]
+        assert (await c.getattr(e.name_handle.data)).fileid == e.fileid == e.name_attributes.fileid
+        # the verifier: resuming after the directory changed is BAD_COOKIE
+        first = (await c.call(NFSPROC3.READDIR, READDIR3args(fh3(big), 0, b"\0" * 8, 1024))).body
+        await c.create(big, "newcomer")
+        nxt = READDIR3args(fh3(big), first.reply.entries[-1].cookie, first.cookieverf, 1024)
+        assert await status(c, NFSPROC3.READDIR, nxt) == nfsstat3.NFS3ERR_BAD_COOKIE
+        # a reply too small for one entry: TOOSMALL
+        assert await status(c, NFSPROC3.READDIR, READDIR3args(fh3(big), 0, b"\0" * 8, 100)) == nfsstat3.NFS3ERR_TOOSMALL
+
+    client_for(served, fn)
+
+
+def test_exclusive_create_replay(served):
+    async def fn(c: NFSClient, sess: bytes) -> None:
+        w = await workdir(c, sess, "excl")
+        r1 = await c.create(w, "lock", createmode3.EXCLUSIVE, b"verifier")
+        r2 = await c.create(w, "lock", createmode3.EXCLUSIVE, b"verifier")  # a new xid: the server's own check
+        assert r1.body.obj.data == r2.body.obj.data
+        r3 = await c.create(w, "lock", createmode3.EXCLUSIVE, b"another!", check=False)
+        assert r3.tag == nfsstat3.NFS3ERR_EXIST
+        # then the client sets the real attributes
+        sa = sattr3(0o644, None, None, None, UnionValue(time_how.SET_TO_SERVER_TIME), UnionValue(time_how.SET_TO_SERVER_TIME))
+        await c.call(NFSPROC3.SETATTR, SETATTR3args(fh3(r1.body.obj.data), sa, None))
+        assert (await c.getattr(r1.body.obj.data)).mode == 0o644
+
+    client_for(served, fn)
+
+
+def test_duplicate_request_cache_on_retransmitted_remove(served):
+    async def fn(c: NFSClient, sess: bytes) -> None:
+        w = await workdir(c, sess, "drc")
+        await c.create(w, "gone")
+        p = Packer()
+        REMOVE3args.pack(p, REMOVE3args(dirop(w, "gone")))
+        rec = build_call(0x5EED0001, NFS_PROGRAM, 3, NFSPROC3.REMOVE, p.getvalue(), cred=auth_sys())
+        first = await c.rpc.call_raw(rec)
+        again = await c.rpc.call_raw(rec)  # same xid and bytes: the original reply
+        assert first[24:28] == words(0) and again == first
+        fresh = build_call(0x5EED0002, NFS_PROGRAM, 3, NFSPROC3.REMOVE, p.getvalue(), cred=auth_sys())
+        assert (await c.rpc.call_raw(fresh))[24:28] == words(nfsstat3.NFS3ERR_NOENT)
+        # a retransmitted CREATE gets its original reply too (not EXIST)
+        from engine.nfs.xdr import CREATE3args
+
+        p = Packer()
+        CREATE3args.pack(p, CREATE3args(dirop(w, "once"), UnionValue(createmode3.GUARDED, SATTR3_NONE)))
+        rec = build_call(0x5EED0003, NFS_PROGRAM, 3, NFSPROC3.CREATE, p.getvalue(), cred=auth_sys())
+        a, b = await c.rpc.call_raw(rec), await c.rpc.call_raw(rec)
+        assert a[24:28] == words(0) and a == b
+
+    client_for(served, fn)
+
+
+def test_forged_and_altered_handles(served, images):
+    async def fn(c: NFSClient, sess: bytes) -> None:
+        d = images["disks"][0]
+        fh = await c.lookup(sess, f"{d['name']}.img")
+        assert len(fh) <= 64
+        for i in (0, 5, 12, len(fh) - 1):
+            bad = bytearray(fh)
+            bad[i] ^= 0x40
+            assert await status(c, NFSPROC3.GETATTR, GETATTR3args(fh3(bytes(bad)))) == nfsstat3.NFS3ERR_BADHANDLE
+        for bad in (b"", b"x" * 10, fh + b"\0", os.urandom(64)):
+            assert await status(c, NFSPROC3.GETATTR, GETATTR3args(fh3(bad))) == nfsstat3.NFS3ERR_BADHANDLE
+        r = await c.call(NFSPROC3.READ, READ3args(fh3(fh[:-1] + b"\0"), 0, 10), check=False)
+        assert r.tag == nfsstat3.NFS3ERR_BADHANDLE and r.body is None
+
+    client_for(served, fn)
+
+
+def test_mount_procedures(served):
+    async def main() -> None:
+        c = await RpcClient.connect(served.addr, served.mount_port)
+        try:
+            async def mnt(path: bytes) -> Any:
+                p = Packer()
+                p.opaque(path)
+                return mountres3.unpack(await c.call(MOUNT_PROGRAM, 3, MOUNTPROC3.MNT, p.getvalue()))
+
+            ok = await mnt(b"/instantnfs")
+            assert ok.tag == mountstat3.MNT3_OK and 1 in ok.body.auth_flavors and len(ok.body.fhandle) <= 64
+            assert (await mnt(b"/instantnfs/sess/")).tag == mountstat3.MNT3_OK
+            assert (await mnt(b"/elsewhere")).tag == mountstat3.MNT3ERR_NOENT
+            assert (await mnt(b"/instantnfs/nosuch")).tag == mountstat3.MNT3ERR_NOENT
+            assert (await mnt(b"/instantnfs/../etc")).tag in (mountstat3.MNT3ERR_ACCES, mountstat3.MNT3ERR_NOENT)
+            assert (await mnt(b"/instantnfs/sess/testvm.vmx")).tag == mountstat3.MNT3ERR_NOTDIR
+            dump = mountlist.unpack(await c.call(MOUNT_PROGRAM, 3, MOUNTPROC3.DUMP))
+            assert any(m.ml_directory == b"/instantnfs" for m in dump)
+            p = Packer()
+            p.opaque(b"/instantnfs")
+            await c.call(MOUNT_PROGRAM, 3, MOUNTPROC3.UMNT, p.getvalue())
+            dump = mountlist.unpack(await c.call(MOUNT_PROGRAM, 3, MOUNTPROC3.DUMP))
+            assert not any(m.ml_directory == b"/instantnfs" for m in dump)
+            await c.call(MOUNT_PROGRAM, 3, MOUNTPROC3.UMNTALL)
+            assert mountlist.unpack(await c.call(MOUNT_PROGRAM, 3, MOUNTPROC3.DUMP)) == []
+            ex = exports.unpack(await c.call(MOUNT_PROGRAM, 3, MOUNTPROC3.EXPORT))
+            assert [e.ex_dir for e in ex] == [b"/instantnfs"]
+        finally:
+            await c.close()
+
+    run(main())
+    # MOUNT over UDP
+    p = Packer()
+    p.opaque(b"/instantnfs")
+    rep = udp_call(served.addr, served.mount_port, build_call(77, MOUNT_PROGRAM, 3, MOUNTPROC3.MNT, p.getvalue()))
+    assert rep[:24] == words(77, 1, 0, 0, 0, 0) and rep[24:28] == words(0)
+
+
+def udp_call(host: str, port: int, record: bytes) -> bytes:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(5)
+        s.sendto(record, (host, port))
+        return s.recv(65536)
+
+
+def test_portmapper_v2_and_rpcbind(served):
+    p = Packer()
+    mapping.pack(p, mapping(NFS_PROGRAM, 3, 6, 0))
+    rep = udp_call(served.addr, 111, build_call(9, PMAP_PROG, 2, PMAPPROC.GETPORT, p.getvalue()))
+    assert rep == words(9, 1, 0, 0, 0, 0, served.nfs_port)
+
+    async def main() -> None:
+        c = await RpcClient.connect(served.addr, 111, AUTH_NONE)
+        try:
+            port = uint32.unpack(await c.call(PMAP_PROG, 2, PMAPPROC.GETPORT, mapping.encode(mapping(MOUNT_PROGRAM, 3, 17, 0))))
+            assert port == served.mount_port
+            assert uint32.unpack(await c.call(PMAP_PROG, 2, PMAPPROC.GETPORT, mapping.encode(mapping(123456, 1, 6, 0)))) == 0
+            dump = [(m.prog, m.vers, m.prot, m.port) for m in
+                    __import__("engine.nfs.xdr", fromlist=["pmaplist"]).pmaplist.unpack(await c.call(PMAP_PROG, 2, PMAPPROC.DUMP))]
+            assert (NFS_PROGRAM, 3, 6, served.nfs_port) in dump and (PMAP_PROG, 2, 17, 111) in dump
+            for v in (3, 4):
+                u = await c.call(PMAP_PROG, v, RPCBPROC.GETADDR, rpcb.encode(rpcb(NFS_PROGRAM, 3, b"tcp", b"", b"")))
+                addr = u.opaque(255).decode()
+                h, p1, p2 = addr.rsplit(".", 2)
+                assert h == served.addr and int(p1) * 256 + int(p2) == served.nfs_port
+            rl = rp__list.unpack(await c.call(PMAP_PROG, 4, RPCBPROC.DUMP))
+            assert any(r.r_prog == MOUNT_PROGRAM and r.r_netid == b"udp" for r in rl)
+            # SET / UNSET from a loopback caller
+            assert uint32.unpack(await c.call(PMAP_PROG, 2, PMAPPROC.SET, mapping.encode(mapping(400000, 1, 6, 4242)))) == 1
+            assert uint32.unpack(await c.call(PMAP_PROG, 2, PMAPPROC.GETPORT, mapping.encode(mapping(400000, 1, 6, 0)))) == 4242
+            assert uint32.unpack(await c.call(PMAP_PROG, 2, PMAPPROC.UNSET, mapping.encode(mapping(400000, 1, 6, 0)))) == 1
+            assert uint32.unpack(await c.call(PMAP_PROG, 2, PMAPPROC.GETPORT, mapping.encode(mapping(400000, 1, 6, 0)))) == 0
+        finally:
+            await c.close()
+
+    run(main())
+
+
+def test_getattr_is_answered_while_reads_wait(daemon_factory, images):
+    """A GETATTR sent after cold READs on one connection is answered before them."""
+    dmn = daemon_factory()
+    dmn.api("POST", "/sessions", {"point": images["point"], "name": "cold"})
+    d = images["disks"][0]
+
+    async def main() -> list[int]:
+        c = await NFSClient.connect(dmn.addr, dmn.mount_port, dmn.nfs_port)
+        try:
+            sess = await c.mount("/instantnfs/cold")
+            img = await c.lookup(sess, f"{d['name']}.img")
+            order: list[int] = []
+
+            async def one(proc: int, args: Any, tag: int) -> None:
+                await c.call(proc, args)
+                order.append(tag)
+
+            reads = [one(NFSPROC3.READ, READ3args(fh3(img), i << 20, 1 << 20), i) for i in range(16)]
+            await asyncio.gather(*reads, one(NFSPROC3.GETATTR, GETATTR3args(fh3(sess)), -1))
+            return order
+        finally:
+            await c.close()
+
+    order = run(main())
+    assert len(order) == 17 and order.index(-1) < 16
+
+
+def test_pipelined_requests_with_back_pressure(daemon_factory, images, tmp_path):
+    """max_inflight 4: 300 pipelined READs on one connection all get their replies."""
+    cfg = tmp_path / "small.toml"
+    cfg.write_text("[server]\nmax_inflight = 4\n")
+    dmn = daemon_factory(extra=["--config", str(cfg)])
+    dmn.api("POST", "/sessions", {"point": images["point"], "name": "bp"})
+    data = images["data"][0]
+    d = images["disks"][0]
+
+    async def main() -> None:
+        c = await NFSClient.connect(dmn.addr, dmn.mount_port, dmn.nfs_port)
+        try:
+            sess = await c.mount("/instantnfs/bp")
+            img = await c.lookup(sess, f"{d['name']}.img")
+            offs = [(i * 77_777) % (len(data) - 65536) for i in range(300)]
+            res = await asyncio.gather(*(c.read(img, o, 65536) for o in offs))
+            for o, (got, _eof) in zip(offs, res, strict=True):
+                assert got == data[o : o + 65536]
+        finally:
+            await c.close()
+
+    run(main())
+
+
+def test_allowed_clients(daemon_factory, images):
+    dmn = daemon_factory(extra=["--allow", "10.9.0.0/16"])
+    dmn.api("POST", "/sessions", {"point": images["point"], "name": "s"})
+    p = Packer()
+    p.opaque(b"/instantnfs")
+    rep = raw_exchange(dmn, dmn.mount_port, build_call(X, MOUNT_PROGRAM, 3, MOUNTPROC3.MNT, p.getvalue(), cred=auth_sys()))
+    assert rep == words(X, 1, 0, 0, 0, 0, mountstat3.MNT3ERR_ACCES)
+    # NFS from a refused address: AUTH_ERROR / AUTH_TOOWEAK (NULL stays open)
+    rep = raw_exchange(dmn, dmn.nfs_port, build_call(X, NFS_PROGRAM, 3, 1, b"\0" * 4, cred=auth_sys()))
+    assert rep == words(X, 1, 1, 1, 5)
+    assert raw_exchange(dmn, dmn.nfs_port, build_call(X, NFS_PROGRAM, 3, 0)) == words(X, 1, 0, 0, 0, 0)
+
+
+@pytest.mark.parametrize("flavor", ["none", "sys"])
+def test_auth_none_and_sys_both_work(served, flavor):
+    cred = AUTH_NONE if flavor == "none" else auth_sys(1000, 1000, (4, 24))
+
+    async def fn(c: NFSClient, sess: bytes) -> Any:
+        return await c.getattr(sess)
+
+    assert client_for(served, fn, cred).type == ftype3.NF3DIR
+
+
+def test_read_only_export(daemon_factory, images):
+    dmn = daemon_factory(extra=["--read-only"])
+    dmn.api("POST", "/sessions", {"point": images["point"], "name": "ro"})
+
+    async def main() -> None:
+        c = await NFSClient.connect(dmn.addr, dmn.mount_port, dmn.nfs_port)
+        try:
+            sess = await c.mount("/instantnfs/ro")
+            assert (await c.create(sess, "x", check=False)).tag == nfsstat3.NFS3ERR_ROFS
+            assert await status(c, NFSPROC3.REMOVE, REMOVE3args(dirop(sess, "testvm.vmx"))) == nfsstat3.NFS3ERR_ROFS
+            vmx = await c.lookup(sess, "testvm.vmx")
+            assert b"numvcpus" in (await c.read(vmx, 0, 4096))[0]
+        finally:
+            await c.close()
+
+    run(main())
+
+
+def test_rpc_client_sees_replies_out_of_order_cleanly(served):
+    """Two pipelined NULL calls with chosen xids both come back, matched by xid."""
+
+    async def main() -> tuple[bytes, bytes]:
+        c = await RpcClient.connect(served.addr, served.nfs_port)
+        try:
+            a = c.call_raw(build_call(1, NFS_PROGRAM, 3, 0))
+            b = c.call_raw(build_call(2, NFS_PROGRAM, 3, 0))
+            return await asyncio.gather(a, b)
+        finally:
+            await c.close()
+
+    a, b = run(main())
+    assert a == words(1, 1, 0, 0, 0, 0) and b == words(2, 1, 0, 0, 0, 0)
+    assert frame(b"abcd") == b"\x80\x00\x00\x04abcd"
