@@ -106,6 +106,8 @@ def machine() -> dict:
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
         "kernel": platform.release(),
+        # other work on the machine skews every figure: say how busy it was
+        "loadavg_1_5_15": [round(x, 2) for x in os.getloadavg()],
     }
 
 
@@ -370,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         cache = Path(os.environ.get("INSTANTNFS_BENCH_CACHE", "/var/tmp/instantnfs-bench"))
         cache.mkdir(parents=True, exist_ok=True)
-        disk = cache / f"disk-{args.size}-s{args.seed}.img"
+        disk = cache / f"disk-{args.size}-s{args.seed}-v{gen_disk.GENERATOR_VERSION}.img"
         meta = disk.with_suffix(".json")
         if not (disk.exists() and meta.exists()):
             print(f"generating {disk} ...", file=sys.stderr)
@@ -430,8 +432,11 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / f"repo-bench-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.json"
+    res["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     out.write_text(json.dumps(res, indent=2) + "\n")
     print(table(res))
+    print(f"\nload average at start {res['machine']['loadavg_1_5_15']}, at end {res['loadavg_at_end']}"
+          f" ({res['machine']['cpus']} CPUs): other work on the machine skews the figures")
     print(f"\nJSON: {out}")
     if "ours_read" in res and not res["ours_read"]["verified"]:
         print("ERROR: the disk read back through the repository differs from the source", file=sys.stderr)
