@@ -19,7 +19,7 @@ read-only (so the journal is flushed and host tools such as debugfs see the file
 prints ``GUEST-DONE`` and powers off.
 
 Reproducible: fixed UUIDs, hash seed, MBR id, ``E2FSPROGS_FAKE_TIME``, every staged
-file's times pinned and inode ctimes rewritten with ``debugfs``; the same inputs give
+file's times pinned and inode ctimes and atimes rewritten with ``debugfs``; the same inputs give
 a byte-identical image (a test checks it).
 
 Initramfs: busybox plus only the modules the guest needs to reach its root
@@ -250,13 +250,15 @@ def build_disk(out: str | os.PathLike, size_mb: int = DEFAULT_SIZE_MB) -> Path:
         _run(["mkfs.ext4", "-F", "-q", "-b", "4096", "-m", "0", "-L", "guest-root", "-U", FS_UUID,
               "-E", f"offset={PART_OFFSET},hash_seed={HASH_SEED},lazy_itable_init=0,lazy_journal_init=0,root_owner=0:0",
               "-d", str(stage), str(img), f"{part_bytes // 1024}k"], env=env)
-        # mke2fs -d copies each staged file's ctime (when we made it): pin it
+        # mke2fs -d copies each staged file's ctime (when we made it) and atime (which
+        # reading the file during the copy may have just set, under relatime): pin both
         cmds = []
         for root, dirs, files in os.walk(stage):
             for name in [""] + dirs + files:
                 rel = "/" + os.path.relpath(os.path.join(root, name), stage) if name else "/" + os.path.relpath(root, stage)
                 rel = "/" if rel in ("/.",) else rel
                 cmds.append(f'sif "{rel}" ctime @{EPOCH}\n')
+                cmds.append(f'sif "{rel}" atime @{EPOCH}\n')
         script = work / "ctime.debugfs"
         script.write_text("".join(sorted(set(cmds))))
         p = _run(["debugfs", "-w", "-f", str(script), f"{img}?offset={PART_OFFSET}"], env=env)

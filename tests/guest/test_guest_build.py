@@ -5,6 +5,7 @@ import hashlib
 import os
 import shutil
 import subprocess
+import time
 
 import pytest
 
@@ -25,6 +26,7 @@ def tools():
 
 def test_disk_is_byte_identical_across_builds(tmp_path, tools):
     a = mgd.build_disk(tmp_path / "a.img")
+    time.sleep(1.1)  # a wall-clock second apart, so a leaked timestamp shows
     b = mgd.build_disk(tmp_path / "b.img")
     assert a.stat().st_size == mgd.DEFAULT_SIZE_MB << 20
     assert _sha(a) == _sha(b)
