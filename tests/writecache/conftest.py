@@ -1,0 +1,72 @@
+"""Fixtures for the write cache tests: one small repository per session, its files'
+hashes checked at the end (the backup must never be written)."""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engine.repo.ingest import BackupSettings, backup
+from engine.repo.repository import Repository
+
+DISK_SIZE = 16 << 20
+BLOCK = 256 << 10
+
+
+def make_image(path: Path, size: int, seed: int) -> bytes:
+    """A disk image with data blocks, zero blocks and blocks half zero."""
+    rng = np.random.default_rng(seed)
+    img = rng.integers(0, 256, size, dtype=np.uint8)
+    nblocks = size // BLOCK
+    for b in range(nblocks):
+        kind = b % 4
+        if kind == 1:
+            img[b * BLOCK : (b + 1) * BLOCK] = 0
+        elif kind == 2:
+            img[b * BLOCK : b * BLOCK + BLOCK // 2] = 0
+    # a tail that is not block-aligned nor granule-aligned
+    data = img.tobytes()
+    path.write_bytes(data)
+    return data
+
+
+def repo_hashes(root: Path) -> dict[str, str]:
+    out = {}
+    for dirpath, _dirs, files in os.walk(root):
+        for f in files:
+            p = Path(dirpath) / f
+            out[str(p.relative_to(root))] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+class Backup:
+    def __init__(self, root: Path, image: bytes, repo: Repository) -> None:
+        self.root = root
+        self.image = image
+        self.repo = repo
+
+    def disk(self):
+        return self.repo.point("latest").open_disk(0)
+
+
+@pytest.fixture(scope="session")
+def backup_repo(tmp_path_factory):
+    """A repository with one restore point of one 16 MiB + 5120-byte disk (its last granule is partial)."""
+    root = tmp_path_factory.mktemp("wc-repo")
+    img_path = root.parent / "wc-src.img"
+    image = make_image(img_path, DISK_SIZE, 7)
+    image = image + bytes(range(256)) * 20  # 5120 more bytes: the last granule is partial
+    img_path.write_bytes(image)
+    repo_dir = root / "repo"
+    Repository.init(repo_dir, BLOCK)
+    with Repository.open(repo_dir) as repo:
+        backup(repo, BackupSettings(vm="wc"), [str(img_path)])
+    before = repo_hashes(repo_dir)
+    repo = Repository.open(repo_dir, cache_bytes=64 << 20)
+    yield Backup(repo_dir, image, repo)
+    repo.close()
+    after = repo_hashes(repo_dir)
+    assert after == before, "the repository changed under the write cache tests"

@@ -1,0 +1,51 @@
+"""A process that owns one WriteCache and obeys JSON lines on stdin (crash tests).
+
+    python -m tests.writecache.owner REPO CACHE_DIR create|open GRANULE
+
+Prints {"ready": verifier} once open, then one JSON reply per request:
+{"op": "write", "off", "len", "seed", "stable"} -> {"ok": true}
+{"op": "commit"} -> {"ok": true}
+{"op": "read", "off", "len"} -> {"sha": sha256 of the bytes}
+The test kills it with SIGKILL at any moment; nothing is closed cleanly.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+
+from engine.repo.repository import Repository
+from engine.writecache import WriteCache
+from tests.writecache.model import pattern
+
+
+def main() -> None:
+    repo_dir, cache_dir, mode, granule = sys.argv[1:5]
+    repo = Repository.open(repo_dir, cache_bytes=32 << 20)
+    base = repo.point("latest").open_disk(0)
+    if mode == "create":
+        wc = WriteCache.create(cache_dir, base, granule=int(granule))
+    else:
+        wc = WriteCache.open(cache_dir, base)
+    out = sys.stdout
+    out.write(json.dumps({"ready": wc.verifier.hex()}) + "\n")
+    out.flush()
+    for line in sys.stdin:
+        req = json.loads(line)
+        op = req["op"]
+        if op == "write":
+            wc.write(req["off"], pattern(req["seed"], req["len"]), stable=req["stable"])
+            reply = {"ok": True}
+        elif op == "commit":
+            wc.commit()
+            reply = {"ok": True}
+        elif op == "read":
+            reply = {"sha": hashlib.sha256(wc.read(req["off"], req["len"])).hexdigest()}
+        else:
+            reply = {"error": f"unknown op {op}"}
+        out.write(json.dumps(reply) + "\n")
+        out.flush()
+
+
+if __name__ == "__main__":
+    main()
