@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import os
 import struct
 import time
 from dataclasses import dataclass
@@ -50,6 +51,8 @@ class Registration:
 
 
 def _is_local(addr: str) -> bool:
+    if addr == "unix":  # a caller on our AF_UNIX socket (the rpcbind.sock way of local servers)
+        return True
     try:
         ip = ipaddress.ip_address(addr)
     except ValueError:
@@ -75,8 +78,9 @@ class PortMapper:
         self.table: list[Registration] = []
 
     def register(self, prog: int, vers: int, prot: int, port: int, addr: str = "0.0.0.0", owner: bytes = b"instantnfs") -> bool:
-        if any(r.prog == prog and r.vers == vers and r.prot == prot for r in self.table):
-            return False
+        for r in self.table:
+            if r.prog == prog and r.vers == vers and r.prot == prot:
+                return r.port == port  # the same service again (e.g. its tcp6 twin): fine
         self.table.append(Registration(prog, vers, prot, port, addr, owner))
         return True
 
@@ -219,3 +223,57 @@ async def unregister_with(host: str, port: int, regs: list[tuple[int, int, int, 
             await pmap_call(host, port, PMAPPROC.UNSET, mapping(prog, vers, prot, 0))
         except (TimeoutError, OSError, ConnectionError):
             return
+
+
+# -- a standalone portmapper (python -m engine.nfs.portmap) ----------------------------------
+
+
+async def serve_standalone(bind: str, port: int, unix: str | None = None) -> None:
+    """Only the portmapper, TCP and UDP, until SIGTERM/SIGINT: for peer servers in benchmarks."""
+    import signal
+
+    from engine.nfs.rpc import RpcDatagramProtocol, RpcServer, RpcStreamProtocol
+
+    pm = PortMapper()
+    rpc = RpcServer()
+    rpc.add(pm.program())
+    loop = asyncio.get_running_loop()
+    srv = await loop.create_server(lambda: RpcStreamProtocol(rpc), bind, port, reuse_address=True)
+    udp, _ = await loop.create_datagram_endpoint(lambda: RpcDatagramProtocol(rpc), local_addr=(bind, port))
+    usrv = None
+    if unix:
+        if os.path.exists(unix):
+            os.unlink(unix)
+        usrv = await loop.create_unix_server(lambda: RpcStreamProtocol(rpc), unix)
+        os.chmod(unix, 0o666)
+    for v in (2, 3, 4):
+        for prot in (IPPROTO_TCP, IPPROTO_UDP):
+            pm.register(PMAP_PROG, v, prot, port, bind, b"superuser")
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"portmapper listening on {bind}:{port}" + (f" and {unix}" if unix else ""), flush=True)
+    await stop.wait()
+    srv.close()
+    udp.close()
+    if usrv is not None:
+        usrv.close()
+        os.unlink(unix)
+
+
+if __name__ == "__main__":
+    import argparse
+    import sys
+
+    import uvloop
+
+    ap = argparse.ArgumentParser(prog="python -m engine.nfs.portmap", description="run a standalone portmapper")
+    ap.add_argument("--bind", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=111)
+    ap.add_argument("--unix", help="also listen on this AF_UNIX stream socket (e.g. /run/rpcbind.sock)")
+    a = ap.parse_args()
+    try:
+        uvloop.run(serve_standalone(a.bind, a.port, a.unix))
+    except OSError as e:
+        print(f"portmap: cannot listen on {a.bind}:{a.port}: {e.strerror}", file=sys.stderr)
+        sys.exit(2)

@@ -29,6 +29,7 @@ import asyncio
 import inspect
 import ipaddress
 import logging
+import socket
 import struct
 import zlib
 from collections import OrderedDict
@@ -129,8 +130,17 @@ class AllowList:
 
     def __init__(self, nets: list[str]) -> None:
         self.nets = [ipaddress.ip_network(n, strict=False) for n in nets]
+        self._seen: dict[str, bool] = {}
 
     def __contains__(self, addr: str) -> bool:
+        v = self._seen.get(addr)
+        if v is None:
+            if len(self._seen) > 4096:
+                self._seen.clear()
+            v = self._seen[addr] = self._check(addr)
+        return v
+
+    def _check(self, addr: str) -> bool:
         try:
             ip = ipaddress.ip_address(addr)
         except ValueError:
@@ -348,14 +358,20 @@ class RpcStreamProtocol(asyncio.BufferedProtocol):
         self._paused_inflight = False
         self._paused_write = False
         self._tasks: set[asyncio.Task] = set()
+        self._out: list[Any] = []
+        self._flush_scheduled = False
         self.closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername")
-        self.peer = (peer[0], peer[1]) if peer else ("?", 0)
+        sock_obj = transport.get_extra_info("socket")
+        if sock_obj is not None and sock_obj.family == socket.AF_UNIX:
+            self.peer = ("unix", 0)  # a local process on an AF_UNIX socket
+        else:
+            self.peer = (peer[0], peer[1]) if peer else ("?", 0)
         sock = transport.get_extra_info("sockname")
-        self.local = sock[0] if sock else ""
+        self.local = sock[0] if isinstance(sock, tuple) else ""
         transport.set_write_buffer_limits(high=8 << 20, low=2 << 20)  # type: ignore[attr-defined]
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -469,12 +485,23 @@ class RpcStreamProtocol(asyncio.BufferedProtocol):
             self._send(r)
 
     def _send(self, bufs: list[Any]) -> None:
+        """Queue one reply; replies queued in one loop iteration go out in one writev."""
         if self.closed or self.transport is None:
             return
         n = 0
         for b in bufs:
             n += len(b) if not isinstance(b, memoryview) else b.nbytes
-        self.transport.writelines([_U32.pack(_LAST | n), *bufs])
+        self._out.append(_U32.pack(_LAST | n))
+        self._out.extend(bufs)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        out, self._out = self._out, []
+        if out and not self.closed and self.transport is not None:
+            self.transport.writelines(out)
 
     def _update_reading(self) -> None:
         if self.transport is None or self.closed:

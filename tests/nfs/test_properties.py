@@ -114,7 +114,7 @@ class _Transport:
         self.paused = False
 
     def get_extra_info(self, key: str) -> Any:
-        return ("127.0.0.1", 1)
+        return ("127.0.0.1", 1) if key in ("peername", "sockname") else None
 
     def set_write_buffer_limits(self, high: int, low: int) -> None:
         pass
