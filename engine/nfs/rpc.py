@@ -14,8 +14,10 @@ and argument bytes) gets the original reply, or nothing while the original is ru
 Transport invariants (``RpcStreamProtocol``, one per TCP connection): ``get_buffer``
 never raises and hands out the free tail of one preallocated buffer; nothing raises out
 of ``buffer_updated``: a framing error (a record over ``max_record`` bytes) closes that
-connection only. Requests run as tasks, so replies go out in completion order; a slow
-READ never holds up a GETATTR behind it. Back-pressure: reading pauses when
+connection only. Each request's coroutine is stepped at once (one that completes without
+waiting, e.g. a READ of cached data, costs no Task); one that waits resumes from its
+futures' callbacks, so replies go out in completion order and a slow READ never holds
+up a GETATTR behind it. Replies produced in one loop iteration go out in one writev. Back-pressure: reading pauses when
 ``max_inflight`` requests are running or the transport's write buffer is over its high
 mark, and resumes at half / on drain. Replies are written with ``writelines`` as the
 list of buffers the encoder produced (READ data is not copied on the way).
@@ -357,7 +359,6 @@ class RpcStreamProtocol(asyncio.BufferedProtocol):
         self.inflight = 0
         self._paused_inflight = False
         self._paused_write = False
-        self._tasks: set[asyncio.Task] = set()
         self._out: list[Any] = []
         self._flush_scheduled = False
         self.closed = False
@@ -375,9 +376,7 @@ class RpcStreamProtocol(asyncio.BufferedProtocol):
         transport.set_write_buffer_limits(high=8 << 20, low=2 << 20)  # type: ignore[attr-defined]
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        for t in self._tasks:
-            t.cancel()
+        self.closed = True  # requests still waiting are closed when they wake up
 
     def get_buffer(self, sizehint: int) -> memoryview:
         if self._end == len(self._buf):
@@ -460,29 +459,45 @@ class RpcStreamProtocol(asyncio.BufferedProtocol):
         if isinstance(r, list):
             self._send(r)
             return
-        self.inflight += 1
-        if self.inflight >= self.max_inflight and not self._paused_inflight:
-            self._paused_inflight = True
-            self._update_reading()
-        task = asyncio.get_running_loop().create_task(r)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
+        # Step the request's coroutine right here: a READ of cached data finishes
+        # without ever waiting, and then costs no Task and no extra loop iteration.
+        # One that waits is driven by its futures' callbacks (a minimal Task).
+        self._step(r, None, first=True)
 
-    def _task_done(self, task: asyncio.Task) -> None:
-        self._tasks.discard(task)
+    def _step(self, coro: Any, _fut: Any, first: bool = False) -> None:
+        if self.closed:
+            coro.close()
+            self._request_done()
+            return
+        try:
+            fut = coro.send(None)
+        except StopIteration as e:
+            if not first:
+                self._request_done()
+            if e.value is not None:
+                self._send(e.value)
+            return
+        except BaseException as e:  # noqa: BLE001 - the dispatcher already mapped expected errors
+            if not first:
+                self._request_done()
+            log.error("RPC from %s: request failed", self.peer[0], exc_info=e)
+            return
+        if first:
+            self.inflight += 1
+            if self.inflight >= self.max_inflight and not self._paused_inflight:
+                self._paused_inflight = True
+                self._update_reading()
+        if fut is None:  # a bare yield (asyncio.sleep(0))
+            asyncio.get_running_loop().call_soon(self._step, coro, None)
+        else:
+            fut._asyncio_future_blocking = False
+            fut.add_done_callback(lambda f: self._step(coro, f))
+
+    def _request_done(self) -> None:
         self.inflight -= 1
         if self._paused_inflight and self.inflight <= self.max_inflight // 2:
             self._paused_inflight = False
             self._update_reading()
-        if task.cancelled():
-            return
-        exc = task.exception()
-        if exc is not None:
-            log.error("RPC from %s: request failed", self.peer[0], exc_info=exc)
-            return
-        r = task.result()
-        if r is not None:
-            self._send(r)
 
     def _send(self, bufs: list[Any]) -> None:
         """Queue one reply; replies queued in one loop iteration go out in one writev."""
