@@ -422,22 +422,29 @@ class WriteCache:
         return out
 
     def _read_fragmented(self, offset: int, length: int, g0: int, g1: int) -> memoryview:
-        """Many small clean/dirty runs: one pread, one base read, a numpy merge."""
+        """Many small clean/dirty runs: one pread of the span, then the clean granules
+        copied over it from the base as whole rows (numpy, no per-run Python)."""
         sh, n = self._shift, g1 - g0 + 1
         a = g0 << sh
         b = min((g1 + 1) << sh, self.size)
         span = n << sh
         cache = _pread_exact(self._data_fd, b - a, a)
-        cache.extend(bytes(span - (b - a)))
-        base = bytearray(span)
-        pos = 0
-        for part in self.base.readv(a, b - a):
-            base[pos : pos + len(part)] = part
-            pos += len(part)
+        if span > b - a:
+            cache.extend(bytes(span - (b - a)))  # the partial last granule, padded
+        parts = self.base.readv(a, b - a)
+        if len(parts) == 1 and span == b - a:
+            base = np.frombuffer(parts[0], dtype=np.uint8)
+        else:
+            base = np.zeros(span, dtype=np.uint8)
+            pos = 0
+            for part in parts:
+                base[pos : pos + len(part)] = np.frombuffer(part, dtype=np.uint8)
+                pos += len(part)
         first = g0 >> 3
-        mask = np.unpackbits(self._bits[first : (g1 >> 3) + 1], bitorder="little")[g0 - (first << 3) :][:n]
-        c = np.frombuffer(cache, dtype=np.uint8).reshape(n, 1 << sh)
-        c[mask == 0] = np.frombuffer(base, dtype=np.uint8).reshape(n, 1 << sh)[mask == 0]
+        dirty = np.unpackbits(self._bits[first : (g1 >> 3) + 1], bitorder="little")[g0 - (first << 3) :][:n]
+        clean = np.flatnonzero(dirty == 0)
+        rows = np.frombuffer(cache, dtype=np.uint8).reshape(n, 1 << sh)
+        rows[clean] = base.reshape(n, 1 << sh)[clean]  # whole granules: row copies
         return memoryview(cache)[offset - a : offset - a + length]
 
     async def aread(self, offset: int, length: int) -> list[memoryview]:
