@@ -225,6 +225,7 @@ class Datastore:
         self.root_mtime_ns = time.time_ns()
         self.root_gen = 1
         self.fsid = 0
+        self._fh_cache: dict[bytes, Node] = {}  # verified handles of disk files
         self.write_verf = secrets.token_bytes(8)  # changes every start: clients resend uncommitted writes
 
     # -- state -----------------------------------------------------------------------------
@@ -315,6 +316,7 @@ class Datastore:
             raise SessionError(f"no published session {name!r}")
         del self.sessions[name]
         del self.by_sid[s.sid]
+        self._fh_cache.clear()
         self._save()
         shutil.rmtree(s.dir, ignore_errors=True)
         self._root_changed()
@@ -338,6 +340,9 @@ class Datastore:
         return Node(ROOT)
 
     def resolve(self, fh: bytes) -> Node:
+        node = self._fh_cache.get(fh)
+        if node is not None:
+            return node
         if len(fh) != HANDLE_SIZE:
             raise BadHandle()
         head, mac = fh[: _HEAD.size], fh[_HEAD.size :]
@@ -349,6 +354,12 @@ class Datastore:
         if kind == ROOT:
             return Node(ROOT)
         s = self.by_sid.get(sid)
+        if s is not None and kind == VDISK and ino < 2 * len(s.disks):
+            node = Node(VDISK, s, ino)
+            if len(self._fh_cache) > 65536:
+                self._fh_cache.clear()
+            self._fh_cache[bytes(fh)] = node  # immutable while the session is published
+            return node
         if s is None:
             raise StaleHandle()
         if kind == VDISK:

@@ -23,7 +23,7 @@ import os
 import stat
 from typing import Any
 
-from engine.datastore import NOW, Attr, Datastore, Node, SetAttr
+from engine.datastore import NOW, VDISK, Attr, Datastore, Node, SetAttr
 from engine.errors import (
     BadCookie,
     BadHandle,
@@ -204,6 +204,16 @@ def to_setattr(s: Any) -> SetAttr:
     return SetAttr(s.mode, s.uid, s.gid, s.size, _settime(s.atime), _settime(s.mtime))
 
 
+def _decode_read(u: Unpacker) -> Any:
+    """READ3args without the generic struct walk (the hot path)."""
+    fh = u.opaque(64)
+    return READ3args(nfs_fh3(fh), u.u64(), u.u32())
+
+
+def _decode_getattr(u: Unpacker) -> Any:
+    return GETATTR3args(nfs_fh3(u.opaque(64)))
+
+
 def _decode_write(u: Unpacker) -> tuple[Any, int, int, stable_how, memoryview]:
     fh = nfs_fh3.unpack(u)
     offset, count = u.u64(), u.u32()
@@ -218,6 +228,7 @@ class NFS3:
     def __init__(self, ds: Datastore, read_only: bool = False) -> None:
         self.ds = ds
         self.read_only = read_only
+        self._vattrs: dict[tuple[int, int], Any] = {}
         self.procs = self._table()
 
     # -- helpers -------------------------------------------------------------------------------
@@ -234,6 +245,15 @@ class NFS3:
     def post_op(self, node: Node | None) -> Any:
         if node is None:
             return None
+        if node.kind == VDISK:  # immutable attributes: built once per disk file
+            assert node.session is not None
+            key = (node.session.sid, node.ino)
+            a = self._vattrs.get(key)
+            if a is None:
+                if len(self._vattrs) > 4096:
+                    self._vattrs.clear()
+                a = self._vattrs[key] = self.attrs(node)
+            return a
         try:
             return self.attrs(node)
         except OSError:
@@ -264,7 +284,8 @@ class NFS3:
         return None
 
     def nfs3_getattr(self, args: Any, ctx: CallContext) -> Any:
-        return GETATTR3resok(self.attrs(self.node(args.object)))
+        node = self.node(args.object)
+        return GETATTR3resok(self.post_op(node) if node.kind == VDISK else self.attrs(node))
 
     def nfs3_setattr(self, args: Any, ctx: CallContext) -> Any:
         node = self.node(args.object)
@@ -284,7 +305,7 @@ class NFS3:
     def nfs3_access(self, args: Any, ctx: CallContext) -> Any:
         node = self.node(args.object)
         readable, writable, lookup = self.ds.access(node)
-        is_dir = node.kind != 3 and stat.S_ISDIR(self.ds.getattr(node).mode)
+        is_dir = node.kind != VDISK and stat.S_ISDIR(self.ds.getattr(node).mode)
         granted = 0
         if readable:
             granted |= ACCESS3_READ
@@ -496,12 +517,12 @@ class NFS3:
         wcc_of = self._fail_wcc
         t = {
             NFSPROC3.NULL: Proc("NULL", lambda u: None, self.nfs3_null, lambda p, v: None, None, 0),
-            NFSPROC3.GETATTR: Proc("GETATTR", GETATTR3args.unpack, self.nfs3_getattr, GETATTR3resok.pack, self._fail_void, A),
+            NFSPROC3.GETATTR: Proc("GETATTR", _decode_getattr, self.nfs3_getattr, GETATTR3resok.pack, self._fail_void, A),
             NFSPROC3.SETATTR: Proc("SETATTR", SETATTR3args.unpack, self.nfs3_setattr, SETATTR3resok.pack, wcc_of(lambda a: a.object), W),
             NFSPROC3.LOOKUP: Proc("LOOKUP", LOOKUP3args.unpack, self.nfs3_lookup, LOOKUP3resok.pack, self._fail_dirattr, A),
             NFSPROC3.ACCESS: Proc("ACCESS", ACCESS3args.unpack, self.nfs3_access, ACCESS3resok.pack, self._fail_attr("object"), A),
             NFSPROC3.READLINK: Proc("READLINK", READLINK3args.unpack, self.nfs3_readlink, READLINK3resok.pack, self._fail_attr("symlink"), A),
-            NFSPROC3.READ: Proc("READ", READ3args.unpack, self.nfs3_read, self._enc_read, self._fail_attr("file"), A | MAKES_IO),
+            NFSPROC3.READ: Proc("READ", _decode_read, self.nfs3_read, self._enc_read, self._fail_attr("file"), A | MAKES_IO),
             NFSPROC3.WRITE: Proc("WRITE", _decode_write, self.nfs3_write, WRITE3resok.pack, wcc_of(lambda a: a[0]), W | MAKES_IO),
             NFSPROC3.CREATE: Proc("CREATE", CREATE3args.unpack, self.nfs3_create, CREATE3resok.pack, wcc_of(lambda a: a.where.dir), W | D),
             NFSPROC3.MKDIR: Proc("MKDIR", MKDIR3args.unpack, self.nfs3_mkdir, CREATE3resok.pack, wcc_of(lambda a: a.where.dir), W | D),

@@ -63,7 +63,8 @@ NEEDS_AUTH = 8  # refused to clients outside the allowed list
 DEFAULT_MAX_RECORD = (1 << 20) + 64 * 1024
 _LAST = 0x80000000
 _U32 = struct.Struct(">I")
-_ACCEPT_HEAD = struct.Struct(">IIIIII")  # xid, REPLY, MSG_ACCEPTED, verf flavor, verf len, accept_stat
+_ACCEPT_HEAD = struct.Struct(">IIIIII")
+_CALL_HEAD = struct.Struct(">8I")  # xid, CALL, rpcvers, prog, vers, proc, cred flavor, cred length  # xid, REPLY, MSG_ACCEPTED, verf flavor, verf len, accept_stat
 
 
 class ProcError(Exception):
@@ -218,8 +219,29 @@ class RpcServer:
         self.drc = DuplicateRequestCache()
         self.allow = allow or AllowList(["0.0.0.0/0", "::/0"])
         self.calls = 0
+        self._creds: dict[tuple[int, bytes], Cred] = {}
         self.bytes_read = 0
         self.bytes_written = 0
+
+    @staticmethod
+    def _parse_head(record: Any) -> tuple | None:
+        """The call header of a well-formed CALL in a few struct reads; None: take the slow path."""
+        n = len(record)
+        if n < 40:
+            return None
+        xid, mtype, rpcvers, prog, vers, procnum, cflavor, clen = _CALL_HEAD.unpack_from(record)
+        if mtype != msg_type.CALL or rpcvers != RPC_VERSION or clen > 400:
+            return None
+        p = 32 + clen + (-clen & 3)
+        if p + 8 > n:
+            return None
+        vlen = _U32.unpack_from(record, p + 4)[0]
+        if vlen > 400:
+            return None
+        q = p + 8 + vlen + (-vlen & 3)
+        if q > n:
+            return None
+        return xid, prog, vers, procnum, cflavor, bytes(record[32 : 32 + clen]), Unpacker(record, q)
 
     def add(self, program: Program) -> None:
         self.programs[program.prog] = program
@@ -233,30 +255,40 @@ class RpcServer:
 
     def handle_start(self, record: memoryview | bytes, client: tuple[str, int], local: str = "") -> Any:
         """Decode and dispatch; returns the reply, or an awaitable for it."""
-        u = Unpacker(record)
-        try:
-            xid = u.u32()
-            mtype = u.u32()
-        except XDRError:
-            return None  # not even an xid: nothing we could answer to
-        if mtype != msg_type.CALL:
-            return None
-        try:
-            rpcvers = u.u32()
-            if rpcvers != RPC_VERSION:
-                return [reply_rpc_mismatch(xid)]
-            prog, vers, procnum = u.u32(), u.u32(), u.u32()
-            cflavor = u.u32()
-            cbody = u.opaque(400)
-            u.u32()  # verifier flavor: we only issue AUTH_NONE verifiers and check none
-            u.opaque(400)
-        except XDRError:
-            return [reply_auth_error(xid, auth_stat.AUTH_BADCRED)] if u.pos > 16 else None
+        fast = self._parse_head(record)
+        if fast is not None:
+            xid, prog, vers, procnum, cflavor, cbody, u = fast
+        else:
+            u = Unpacker(record)
+            try:
+                xid = u.u32()
+                mtype = u.u32()
+            except XDRError:
+                return None  # not even an xid: nothing we could answer to
+            if mtype != msg_type.CALL:
+                return None
+            try:
+                rpcvers = u.u32()
+                if rpcvers != RPC_VERSION:
+                    return [reply_rpc_mismatch(xid)]
+                prog, vers, procnum = u.u32(), u.u32(), u.u32()
+                cflavor = u.u32()
+                cbody = u.opaque(400)
+                u.u32()  # verifier flavor: we only issue AUTH_NONE verifiers and check none
+                u.opaque(400)
+            except XDRError:
+                return [reply_auth_error(xid, auth_stat.AUTH_BADCRED)] if u.pos > 16 else None
         self.calls += 1
-        try:
-            cred = parse_cred(cflavor, cbody)
-        except RpcDenied as e:
-            return [reply_auth_error(xid, e.why)]
+        ckey = (cflavor, cbody)
+        cred = self._creds.get(ckey)
+        if cred is None:
+            try:
+                cred = parse_cred(cflavor, cbody)
+            except RpcDenied as e:
+                return [reply_auth_error(xid, e.why)]
+            if len(self._creds) > 1024:
+                self._creds.clear()
+            self._creds[ckey] = cred
         program = self.programs.get(prog)
         if program is None:
             return [accepted_head(xid, accept_stat.PROG_UNAVAIL)]

@@ -284,3 +284,43 @@ def test_many_connections_like_nconnect(served, images):
                 await cl.close()
 
     run(main())
+
+
+def test_publish_a_1tib_sparse_disk(daemon_factory, tmp_path):
+    """Publishing maps the block map, it does not read it: a 1 TiB disk is there at once."""
+    from engine.repo.ingest import BackupSettings, backup
+    from engine.repo.repository import Repository
+
+    img = tmp_path / "huge.img"
+    head = os.urandom(1 << 20)
+    with open(img, "wb") as f:
+        f.truncate(1 << 40)
+        f.write(head)
+    repo = Repository.init(tmp_path / "hugerepo", 1 << 20)
+    with Repository.open(repo) as r:
+        m = backup(r, BackupSettings(vm="huge"), [str(img)])
+    img.unlink()
+    from tests.nfs.conftest import Daemon
+
+    addr = take_address()
+    dmn = Daemon(repo, tmp_path / "hcache", addr)
+    try:
+        dmn.start()
+        s = dmn.api("POST", "/sessions", {"point": m["id"], "name": "huge"})
+        assert s["disks"][0]["size"] == 1 << 40
+
+        async def main() -> None:
+            c = await NFSClient.connect(dmn.addr, dmn.mount_port, dmn.nfs_port)
+            try:
+                sess = await c.mount("/instantnfs/huge")
+                fh = await c.lookup(sess, f"{m['disks'][0]['name']}.img")
+                assert (await c.getattr(fh)).size == 1 << 40
+                assert (await c.read(fh, 0, 4096))[0] == head[:4096]
+                assert (await c.read(fh, (1 << 40) - 4096, 8192)) == (bytes(4096), True)
+            finally:
+                await c.close()
+
+        run(main())
+    finally:
+        dmn.stop()
+        give_address(addr)
