@@ -640,8 +640,9 @@ class Datastore:
                 node = self._real(s, str(s.dir))
                 out.append((n, node, node.ino))
             return out, struct.pack(">Q", self.root_gen)
-        s = dirnode.session
-        assert s is not None
+        sess = dirnode.session
+        assert sess is not None
+        s = sess
         st = os.lstat(dirnode.path)
         names: list[tuple[str, Node]] = []
         with os.scandir(dirnode.path) as it:

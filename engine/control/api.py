@@ -213,7 +213,7 @@ class ControlAPI:
         return await handler(req)
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[self.auth])
+        app = web.Application(middlewares=[self.auth])  # type: ignore[list-item]
         app.add_routes(
             [
                 web.get(f"{API}/status", self.h_status),
@@ -235,7 +235,7 @@ class ControlAPI:
         site = web.TCPSite(self._runner, bind, port, reuse_address=True)
         await site.start()
         server = site._server  # noqa: SLF001 - the only way to learn an ephemeral port
-        self.port = server.sockets[0].getsockname()[1] if server and server.sockets else port
+        self.port = server.sockets[0].getsockname()[1] if server and server.sockets else port  # type: ignore[attr-defined]
         return self.port
 
     async def stop(self) -> None:

@@ -18,6 +18,7 @@ import os
 import signal
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Sequence
 from typing import Any
@@ -177,7 +178,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
 
 @_client
 def cmd_unpublish(args: argparse.Namespace) -> int:
-    api_call(args, "DELETE", f"/sessions/{urllib.request.quote(args.name, safe='')}")
+    api_call(args, "DELETE", f"/sessions/{urllib.parse.quote(args.name, safe='')}")
     print(f"unpublished {args.name}")
     return 0
 

@@ -403,7 +403,7 @@ class NFS3:
     def nfs3_readdir(self, args: Any, ctx: CallContext) -> Any:
         d, entries, verf = self._listing(args.dir, args.cookie, args.cookieverf)
         budget = args.count - (24 + 4 + 88 + 8 + 8)
-        out = []
+        out: list[Any] = []
         i = args.cookie
         while i < len(entries):
             name, _node, fileid = entries[i]
@@ -422,7 +422,7 @@ class NFS3:
         d, entries, verf = self._listing(args.dir, args.cookie, args.cookieverf)
         budget = args.maxcount - (24 + 4 + 88 + 8 + 8)
         dbudget = args.dircount
-        out = []
+        out: list[Any] = []
         i = args.cookie
         while i < len(entries):
             name, node, fileid = entries[i]

@@ -175,7 +175,9 @@ class PortMapper:
             RPCBPROC.DUMP: Proc("RPCB_DUMP", none, self.rpcb_dump, rp__list.pack),
             RPCBPROC.GETTIME: Proc("RPCB_GETTIME", none, self.rpcb_gettime, pu32),
         }
-        return Program(PMAP_PROG, "portmap", {2: v2, 3: v34, 4: dict(v34)})
+        t2 = {int(k): v for k, v in v2.items()}
+        t34 = {int(k): v for k, v in v34.items()}
+        return Program(PMAP_PROG, "portmap", {2: t2, 3: t34, 4: dict(t34)})
 
 
 # -- registering with another portmapper (a system rpcbind on 111) -------------------------
@@ -256,7 +258,7 @@ async def serve_standalone(bind: str, port: int, unix: str | None = None) -> Non
     await stop.wait()
     srv.close()
     udp.close()
-    if usrv is not None:
+    if usrv is not None and unix:
         usrv.close()
         os.unlink(unix)
 

@@ -84,7 +84,7 @@ class NFSServices:
                 last = e
                 port += 1
                 continue
-            actual = srv.sockets[0].getsockname()[1]
+            actual = srv.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
             if udp:
                 try:
                     self._udp.append(await self._udp_bind(rpc, actual))
