@@ -14,6 +14,7 @@ import asyncio
 import errno
 import logging
 import socket
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,10 +59,15 @@ class NFSServices:
         self._servers: list[asyncio.AbstractServer] = []
         self._udp: list[asyncio.BaseTransport] = []
         self._registered: list[tuple[int, int, int, int]] = []
+        self._conns: weakref.WeakSet[RpcStreamProtocol] = weakref.WeakSet()
         self.max_inflight = server_cfg.get("max_inflight", 64)
 
     def _stream(self, rpc: RpcServer) -> Any:
-        return lambda: RpcStreamProtocol(rpc, max_inflight=self.max_inflight)
+        def make() -> RpcStreamProtocol:
+            proto = RpcStreamProtocol(rpc, max_inflight=self.max_inflight)
+            self._conns.add(proto)
+            return proto
+        return make
 
     async def _tcp(self, rpc: RpcServer, port: int) -> asyncio.AbstractServer:
         loop = asyncio.get_running_loop()
@@ -149,6 +155,9 @@ class NFSServices:
             s.close()
         for t in self._udp:
             t.close()
+        for proto in list(self._conns):  # clients reconnect and retransmit after a restart
+            if proto.transport is not None and not proto.closed:
+                proto.transport.abort()
         for s in self._servers:
             try:
                 await asyncio.wait_for(s.wait_closed(), 2)

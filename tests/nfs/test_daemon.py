@@ -59,7 +59,7 @@ def test_handles_and_client_files_survive_restart(daemon_factory, images, tmp_pa
 
     h = run(before())
     addr = dmn.addr
-    dmn.stop()
+    assert dmn.stop() == 0  # SIGTERM: a clean stop
     dmn2 = daemon_factory(cache_dir=cache, addr=addr)
     assert [s["name"] for s in dmn2.api("GET", "/sessions")] == ["ir"]
 
@@ -324,3 +324,21 @@ def test_publish_a_1tib_sparse_disk(daemon_factory, tmp_path):
     finally:
         dmn.stop()
         give_address(addr)
+
+
+def test_sigterm_with_clients_connected(daemon_factory):
+    dmn = daemon_factory()
+    socks = [socket.create_connection((dmn.addr, port), timeout=10) for port in (dmn.nfs_port, dmn.mount_port, 111)]
+    try:
+        socks[0].sendall(frame(build_call(7, NFS_PROGRAM, 3, 0)))
+        assert socks[0].recv(100)[4:8] == (7).to_bytes(4, "big")
+        assert dmn.stop() == 0
+        for s in socks:
+            try:
+                data = s.recv(100)
+            except ConnectionResetError:
+                data = b""
+            assert data == b""  # the server closed it
+    finally:
+        for s in socks:
+            s.close()
