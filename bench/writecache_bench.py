@@ -18,9 +18,15 @@ What it runs, in one process, one thread unless said (Python API, no client, no 
 - reads, 1 MiB sequential through ``readv`` (the list of buffers a server sends), the
   bytes copied once into a sink (as a socket send copies them into the kernel): a clean disk, a half-dirty disk with dirty 1 MiB extents alternating
   with clean ones, and a half-dirty disk where every other 4 KiB granule is dirty (the
-  worst case: 256 runs per read). Everything warm (chunk cache and page cache);
-- export of the half-dirty disk to a raw sparse file on the same volume, no writer
-  (GB/s of disk size), and the same with a writer thread running.
+  worst case: 256 runs per read). Everything warm (chunk cache and page cache), best of
+  three passes;
+- export of the half-dirty disk to a raw sparse file, no writer (GB/s of disk size, the
+  better of two runs: on a VM the first touch of fresh memory is much slower):
+  to tmpfs (``--export-fast-dir``, what the engine does) and to the work volume (the
+  final fsync of the output included: the disk's write speed); then on the work volume
+  with an unthrottled writer thread running (4 KiB writes at random offsets).
+- glibc's heap trimming is turned off first (``mallopt``, see ``tune_malloc``; the
+  daemon should do the same at start), unless ``--no-malloc-tuning``.
 
 Output: a table and ``bench/out/writecache-bench-<UTC time>.json`` (figures, settings,
 machine, load average at start and end). Figures are never asserted anywhere.
@@ -28,6 +34,7 @@ machine, load average at start and end). Figures are never asserted anywhere.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import platform
@@ -51,6 +58,20 @@ from engine.repo.repository import Repository  # noqa: E402
 from engine.writecache import WriteCache  # noqa: E402
 
 MIB = 1 << 20
+
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+
+
+def tune_malloc() -> bool:
+    """Stop glibc from trimming the heap (brk) and mmapping each freed 1 MiB buffer:
+    with its default dynamic thresholds every 1 MiB read buffer freed shrinks the heap,
+    and the TLB flushes that follow made each copy of a 1 MiB buffer ~10x slower here."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    return bool(libc.mallopt(M_TRIM_THRESHOLD, 256 << 20)) and bool(libc.mallopt(M_MMAP_THRESHOLD, 32 << 20))
 
 
 def parse_size(text: str) -> int:
@@ -171,7 +192,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--writes", type=int, default=20000, help="4 KiB writes per random-write phase")
     ap.add_argument("--sync-writes", type=int, default=2000, help="4 KiB FILE_SYNC writes per phase")
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--no-malloc-tuning", action="store_true", help="keep glibc's default trim/mmap thresholds")
+    ap.add_argument("--export-fast-dir", type=Path, default=Path("/dev/shm"), help="tmpfs for the engine-bound export figure")
     args = ap.parse_args(argv)
+    malloc_tuned = False if args.no_malloc_tuning else tune_malloc()
 
     work = args.work or Path(tempfile.mkdtemp(prefix="wc-bench-", dir="/var/tmp"))
     work.mkdir(parents=True, exist_ok=True)
@@ -180,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
             "size": args.size, "seed": args.seed, "block_size": MIB, "granule": 4096,
             "blockmap": IMPLEMENTATION, "work": str(work), "work_fs": fs_type(work),
             "client": "none: engine.writecache Python API in-process, no NFS",
+            "malloc_tuned": malloc_tuned,
         },
         "machine": machine(),
     }
@@ -214,11 +239,24 @@ def main(argv: list[str] | None = None) -> int:
             wc.commit()
             read_pass(wc)
             res["read_half_dirty_1m_extents"] = best_of(lambda: read_pass(wc))
-            t = time.perf_counter()
-            ex = export_disk(wc, work / "export.raw")
-            secs = time.perf_counter() - t
-            res["export_raw_half_dirty"] = {"seconds": round(secs, 3), "gb_s": round(size / secs / 1e9, 2), "data_bytes": ex.data_bytes, "passes": ex.passes}
-            (work / "export.raw").unlink()
+            for key, dest in (("export_raw_half_dirty_tmpfs", args.export_fast_dir), ("export_raw_half_dirty_same_volume", work)):
+                runs = []
+                for _ in range(2):  # the first run pays for first-touch of fresh memory
+                    marks: dict[str, float] = {}
+                    t = time.perf_counter()
+
+                    def mark(phase: str, _done: int, _total: int, marks=marks, t=t) -> None:
+                        marks[phase] = time.perf_counter() - t
+
+                    ex = export_disk(wc, dest / "wc-bench-export.raw", progress=mark)
+                    secs = time.perf_counter() - t
+                    runs.append({
+                        "target": str(dest), "target_fs": fs_type(dest), "seconds": round(secs, 3), "gb_s": round(size / secs / 1e9, 2),
+                        "copy_seconds": round(marks.get("copy", secs), 3), "data_bytes": ex.data_bytes, "passes": ex.passes,
+                    })
+                    (dest / "wc-bench-export.raw").unlink()
+                res[key] = max(runs, key=lambda r: r["gb_s"])
+                res[key]["all_seconds"] = [r["seconds"] for r in runs]
 
             stop = threading.Event()
             count = [0]
@@ -271,8 +309,12 @@ def main(argv: list[str] | None = None) -> int:
         r = res[key]
         print(f"{name:50} {r['iops']:>9} {r['mb_s']:>9}")
     print(f"read ratio half-dirty/clean: extents {res['ratio_half_dirty_extents_vs_clean']}, alternate 4 KiB {res['ratio_half_dirty_alternate_4k_vs_clean']}")
-    e, w = res["export_raw_half_dirty"], res["export_raw_with_writer"]
-    print(f"export raw, half-dirty disk: {e['gb_s']} GB/s ({e['seconds']} s); with a writer: {w['gb_s']} GB/s, {w['passes']} passes, {w['recopied_bytes']} bytes re-copied")
+    for key in ("export_raw_half_dirty_tmpfs", "export_raw_half_dirty_same_volume"):
+        e = res[key]
+        print(f"export raw, half-dirty disk -> {e['target']} ({e['target_fs']}): {e['gb_s']} GB/s, {e['seconds']} s (copy {e['copy_seconds']} s, the rest is fsync)")
+    w = res["export_raw_with_writer"]
+    print(f"export raw with a writer thread (4 KiB writes, unthrottled): {w['gb_s']} GB/s, {w['passes']} passes, {w['recopied_bytes']} bytes re-copied, {w['writer_writes']} writes during it")
+    print(f"malloc tuned: {malloc_tuned}")
     print(f"load average at start {res['machine']['loadavg_1_5_15']}, at end {res['loadavg_at_end']} ({res['machine']['cpus']} CPUs)")
     out = ROOT / "bench" / "out"
     out.mkdir(exist_ok=True)

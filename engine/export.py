@@ -190,7 +190,7 @@ class _Copier:
                     written += n
                 elif nonzero.any():
                     edges = np.flatnonzero(np.diff(np.concatenate(([0], nonzero.view(np.int8), [0]))))
-                    for a, b in zip(edges[0::2].tolist(), edges[1::2].tolist()):
+                    for a, b in zip(edges[0::2].tolist(), edges[1::2].tolist(), strict=True):
                         _pwrite_all(self.fd, part[a * ZERO_GRAIN : b * ZERO_GRAIN], pos + a * ZERO_GRAIN)
                         written += (b - a) * ZERO_GRAIN
             elif arr.any():
@@ -243,11 +243,9 @@ def _convert_qcow2(raw: Path, out: Path, progress: Progress | None) -> None:
         if not data:
             break
         buf = (buf + data)[-256:]
-        m = None
-        for m in _PERCENT.finditer(buf):
-            pass
-        if m is not None and progress is not None:
-            progress("convert", int(float(m.group(1)) * 100), 10000)
+        found = _PERCENT.findall(buf)
+        if found and progress is not None:
+            progress("convert", int(float(found[-1]) * 100), 10000)
     err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
     if proc.wait() != 0:
         if part.exists():

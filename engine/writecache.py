@@ -183,7 +183,7 @@ class WriteCache:
         self.size = base.size
         self.granule = granule
         self.durable = not temporary
-        self.temporary = temporary
+        self.is_temporary = temporary
         self.verifier = verifier if verifier is not None else os.urandom(8)
         if len(self.verifier) != 8:
             raise ValueError("a write verifier is 8 bytes")
@@ -349,7 +349,7 @@ class WriteCache:
             self._closed = True
             os.close(self._data_fd)
             os.close(self._bitmap_fd)
-            if self.temporary:
+            if self.is_temporary:
                 shutil.rmtree(self.path, ignore_errors=True)
 
     def __enter__(self) -> WriteCache:
@@ -638,6 +638,28 @@ class WriteCache:
     def _check_open(self) -> None:
         if self._closed:
             raise ValueError(f"the write cache in {self.path} is closed")
+
+
+def remove_stale_temporaries(parent: str | os.PathLike | None = None) -> list[Path]:
+    """Remove the temporary caches a killed daemon left under ``parent`` (default: the
+    system temporary directory). A cache still open somewhere holds the lock on its
+    bitmap and is kept; so is a directory still being created (no bitmap yet)."""
+    removed: list[Path] = []
+    root = Path(parent if parent is not None else tempfile.gettempdir())
+    for d in root.glob(TEMP_PREFIX + "*"):
+        try:
+            fd = os.open(d / BITMAP_FILE, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue
+        finally:
+            os.close(fd)
+        shutil.rmtree(d, ignore_errors=True)
+        removed.append(d)
+    return removed
 
 
 def _fsync_dir(path: Path) -> None:

@@ -1,12 +1,16 @@
 """A process that owns one WriteCache and obeys JSON lines on stdin (crash tests).
 
-    python -m tests.writecache.owner REPO CACHE_DIR create|open GRANULE
+    python -m tests.writecache.owner REPO CACHE_DIR create|open GRANULE [powerloss]
 
 Prints {"ready": verifier} once open, then one JSON reply per request:
 {"op": "write", "off", "len", "seed", "stable"} -> {"ok": true}
 {"op": "commit"} -> {"ok": true}
 {"op": "read", "off", "len"} -> {"sha": sha256 of the bytes}
-The test kills it with SIGKILL at any moment; nothing is closed cleanly.
+{"op": "arm", "after", "seed"} -> {"ok": true}: (powerloss mode) the power fails at
+    the after-th pwrite/fsync of the write cache from now on (see ``powerloss.py``)
+The test kills it with SIGKILL at any moment; nothing is closed cleanly. With
+``powerloss`` the write cache's writes stay in memory until fsynced, so a kill loses
+them all, and an armed power loss writes a random subset of them first.
 """
 from __future__ import annotations
 
@@ -21,6 +25,13 @@ from tests.writecache.model import pattern
 
 def main() -> None:
     repo_dir, cache_dir, mode, granule = sys.argv[1:5]
+    sim = None
+    if sys.argv[5:6] == ["powerloss"]:
+        import engine.writecache
+        from tests.writecache.powerloss import PowerLossOS
+
+        sim = PowerLossOS(0)
+        engine.writecache.os = sim  # type: ignore[assignment]
     repo = Repository.open(repo_dir, cache_bytes=32 << 20)
     base = repo.point("latest").open_disk(0)
     if mode == "create":
@@ -38,6 +49,9 @@ def main() -> None:
             reply = {"ok": True}
         elif op == "commit":
             wc.commit()
+            reply = {"ok": True}
+        elif op == "arm" and sim is not None:
+            sim.arm(req["after"], req["seed"])
             reply = {"ok": True}
         elif op == "read":
             reply = {"sha": hashlib.sha256(wc.read(req["off"], req["len"])).hexdigest()}

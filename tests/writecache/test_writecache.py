@@ -12,7 +12,7 @@ import pytest
 
 from engine.errors import FileTooLarge, WriteCacheError
 from engine.export import export_disk
-from engine.writecache import HEADER_SIZE, WriteCache
+from engine.writecache import HEADER_SIZE, WriteCache, remove_stale_temporaries
 from tests.writecache.conftest import repo_hashes
 from tests.writecache.model import pattern
 
@@ -229,3 +229,21 @@ def test_backup_files_untouched_by_writes_commits_and_export(backup_repo, tmp_pa
     assert repo_hashes(backup_repo.root) == before
     assert base.read(0, base.size) == backup_repo.image
     assert os.path.getsize(tmp_path / "e.raw") == base.size
+
+
+def test_stale_temporaries_are_removed_but_live_ones_kept(backup_repo, tmp_path):
+    base = backup_repo.disk()
+    live = WriteCache.temporary(base, tmp_path)
+    dead = WriteCache.temporary(base, tmp_path)
+    dead_path = dead.path
+    abandon = dead  # a killed daemon: its descriptors (and flock) go away, the directory stays
+    os.close(abandon._data_fd)
+    os.close(abandon._bitmap_fd)
+    abandon._closed = True
+    (tmp_path / "unrelated").mkdir()
+    removed = remove_stale_temporaries(tmp_path)
+    assert removed == [dead_path]
+    assert not dead_path.exists() and live.path.exists() and (tmp_path / "unrelated").exists()
+    live.write(0, b"still fine")
+    assert live.read(0, 10) == b"still fine"
+    live.close()
