@@ -172,6 +172,7 @@ def backup(
             manifest = {
                 "format": MANIFEST_FORMAT,
                 "id": point_id,
+                "seq": repo.next_seq(),
                 "vm": vm,
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
                 "cpus": settings.cpus,

@@ -68,6 +68,7 @@ class RestorePoint:
         self.id: str = manifest["id"]
         self.vm: str = manifest["vm"]
         self.created: str = manifest["created"]
+        self.seq: int = manifest.get("seq", 0)  # commit order: two points can share a second
         self.disks = [DiskInfo(**d) for d in manifest["disks"]]
 
     def disk_info(self, which: str | int) -> DiskInfo:
@@ -205,7 +206,7 @@ class Repository:
             pt = self._load_point(d)
             if vm is None or pt.vm == vm:
                 out.append(pt)
-        out.sort(key=lambda p: (p.created, p.id))
+        out.sort(key=lambda p: (p.seq, p.created, p.id))
         return out
 
     def point(self, ident: str) -> RestorePoint:
@@ -225,6 +226,10 @@ class Repository:
         if len(matches) > 1:
             raise UsageError(f"restore point id {ident!r} is ambiguous ({len(matches)} match)")
         raise NotFound(f"no restore point {ident!r} in {self.path} (see 'instantnfs points')")
+
+    def next_seq(self) -> int:
+        """The commit sequence number for a new restore point (call under the writer lock)."""
+        return max((p.seq for p in self.points()), default=0) + 1
 
     def latest_point(self, vm: str) -> RestorePoint | None:
         pts = self.points(vm)
