@@ -60,6 +60,9 @@ MAC_SIZE = 16
 HANDLE_SIZE = _HEAD.size + MAC_SIZE
 VIRTUAL_FILEID = 1 << 63
 NAME_MAX = 255
+# set-user/group-ID bits are dropped: clients act with the daemon's rights (root), and a
+# setuid-root file in the cache directory would hand those rights to local users
+MODE_MASK = 0o1777
 _SESSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 STATE_FORMAT = 1
 
@@ -439,7 +442,7 @@ class Datastore:
             finally:
                 os.close(fd)
         if sa.mode is not None and not is_link:
-            os.chmod(p, sa.mode & 0o7777)
+            os.chmod(p, sa.mode & MODE_MASK)
         if sa.uid is not None or sa.gid is not None:
             os.chown(p, -1 if sa.uid is None else sa.uid, -1 if sa.gid is None else sa.gid, follow_symlinks=False)
         if sa.atime_ns is not None or sa.mtime_ns is not None:
@@ -515,7 +518,7 @@ class Datastore:
             if check_name(name) in dirnode.session.vdisk_names() and mode == "unchecked":
                 raise _err(errno.EROFS, "a backup disk file")
         s, _n, path = self._target(dirnode, name)
-        perm = (sa.mode if sa and sa.mode is not None else 0o644) & 0o7777
+        perm = (sa.mode if sa and sa.mode is not None else 0o644) & MODE_MASK
         if mode == "exclusive":
             a, m = struct.unpack(">II", verf)
             try:
@@ -538,7 +541,7 @@ class Datastore:
 
     def mkdir(self, dirnode: Node, name: bytes, sa: SetAttr | None = None) -> Node:
         s, _n, path = self._target(dirnode, name)
-        os.mkdir(path, (sa.mode if sa and sa.mode is not None else 0o755) & 0o7777)
+        os.mkdir(path, (sa.mode if sa and sa.mode is not None else 0o755) & MODE_MASK)
         node = self._real(s, path)
         if sa is not None:
             self._apply_create_attrs(node, SetAttr(None, sa.uid, sa.gid, None, sa.atime_ns, sa.mtime_ns))
@@ -553,7 +556,7 @@ class Datastore:
 
     def mkfifo(self, dirnode: Node, name: bytes, sa: SetAttr | None = None) -> Node:
         s, _n, path = self._target(dirnode, name)
-        os.mkfifo(path, (sa.mode if sa and sa.mode is not None else 0o644) & 0o7777)
+        os.mkfifo(path, (sa.mode if sa and sa.mode is not None else 0o644) & MODE_MASK)
         return self._real(s, path)
 
     def mknod(self, dirnode: Node, name: bytes, kind: str, sa: SetAttr | None = None) -> Node:

@@ -261,6 +261,9 @@ def test_file_lifecycle(served):
         a = res.obj_wcc.after
         assert a.size == 5 and a.mode == 0o600 and a.mtime == nfstime3(1_000_000, 5)
         assert (await c.read(f, 0, 100))[0] == b"hello"
+        # set-user-ID is dropped (clients act as the daemon, root)
+        suid = sattr3(0o4755, None, None, None, DONT_CHANGE_TIME, DONT_CHANGE_TIME)
+        assert (await c.call(NFSPROC3.SETATTR, SETATTR3args(fh3(f), suid, None))).body.obj_wcc.after.mode == 0o755
         bad = SETATTR3args(fh3(f), SATTR3_NONE, nfstime3(1, 1))
         assert await status(c, NFSPROC3.SETATTR, bad) == nfsstat3.NFS3ERR_NOT_SYNC
         # the .vswp way: grow by SETATTR size
