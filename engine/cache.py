@@ -24,7 +24,7 @@ Loader = Callable[[], bytes]
 
 
 class ChunkCache:
-    def __init__(self, capacity: int, executor: Executor, max_prefetch: int = 8) -> None:
+    def __init__(self, capacity: int, executor: Executor, max_prefetch: int = 16) -> None:
         if capacity <= 0:
             raise ValueError("cache capacity must be positive")
         self.capacity = capacity

@@ -24,7 +24,7 @@ from engine.blockmap import KEY_SHIFT, BlockMap
 from engine.cache import ChunkCache
 from engine.repo.packs import PackReader
 
-READAHEAD_BLOCKS = 4
+READAHEAD_BLOCKS = 8
 
 
 class Disk(Protocol):
@@ -81,8 +81,13 @@ class BackupDisk:
                 block = offset >> self._shift
                 if block != self._next_block - 1:
                     self._readahead(block, block)
-                skip = offset & self._mask
-                return data[skip : skip + length]
+            else:
+                block = offset >> self._shift
+                self._readahead(block, block)
+                pack, clen, rec = self.map.entry(block)
+                data = self._cache.get(key, self._loader(pack, rec, clen))
+            skip = offset & self._mask
+            return data[skip : skip + length]  # a whole block is the cached object itself
         elif key == -1:
             self._next_block = (offset >> self._shift) + 1
             return bytes(length)
