@@ -110,6 +110,111 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return e.exit_code
 
 
+# -- demo ------------------------------------------------------------------------------------------
+
+DEMO_VM = "demo-vm"
+DEMO_SESSION = "demo"
+DEMO_SIZE = 256 << 20
+
+
+def make_demo_disk(path: str, size: int = DEMO_SIZE) -> None:
+    """A sparse sample disk: a boot sector, text, incompressible and repeated blocks, holes."""
+    import random
+
+    rng = random.Random(4)
+    block = 1 << 20
+    words = [b"instant", b"recovery", b"backup", b"restore", b"virtual", b"machine", b"disk", b"nfs", b"\n"]
+    text = b" ".join(rng.choice(words) for _ in range(200_000))[:block]
+    noise = rng.randbytes(block)
+    with open(path, "wb") as f:
+        f.truncate(size)
+        boot = bytearray(512)
+        boot[3:11] = b"INSTANTN"
+        boot[510:512] = b"\x55\xaa"
+        f.write(boot)
+        for i in range(1, size // block):
+            kind = i % 8
+            if kind in (0, 5):
+                continue  # holes: all zeros, not stored
+            f.seek(i * block)
+            f.write(noise if kind == 3 else text if kind != 7 else rng.randbytes(block))
+
+
+def _demo_repo(base: str) -> tuple[str, bool]:
+    from engine.repo.ingest import BackupSettings, backup
+    from engine.repo.repository import Repository
+
+    repo = os.path.join(base, "repo")
+    if os.path.exists(os.path.join(repo, "config.json")):
+        with Repository.open(repo) as r:
+            if r.points(DEMO_VM):
+                return repo, False
+    os.makedirs(base, exist_ok=True)
+    if not os.path.exists(os.path.join(repo, "config.json")):
+        Repository.init(repo, 1 << 20)
+    img = os.path.join(base, "sample.img")
+    make_demo_disk(img)
+    with Repository.open(repo) as r:
+        backup(r, BackupSettings(vm=DEMO_VM, cpus=1, memory_mib=512), [img])
+    os.unlink(img)
+    return repo, True
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        base = os.path.expanduser(args.dir or "~/.cache/instantnfs-demo")
+        repo, made = _demo_repo(base)
+        print(("created" if made else "reusing") + f" the demo repository {repo}", flush=True)
+        args.repo = repo
+        if not args.cache_dir:
+            args.cache_dir = os.path.join(base, "cache")
+        cfg = _serve_config(args)
+        import uvloop
+
+        return uvloop.run(_demo_main(cfg))
+    except InstantNFSError as e:
+        print(f"instantnfs: {e}", file=sys.stderr)
+        return e.exit_code
+
+
+async def _demo_main(cfg: dict[str, Any]) -> int:
+    ready: asyncio.Future = asyncio.get_running_loop().create_future()
+    daemon = asyncio.get_running_loop().create_task(run_daemon(cfg, ready))
+    done, _ = await asyncio.wait({daemon, ready}, return_when=asyncio.FIRST_COMPLETED)
+    if daemon in done:
+        return daemon.result()
+    ports, control_port, api = ready.result()
+    s = api.ds.sessions.get(DEMO_SESSION) or api.ds.publish(f"{DEMO_VM}@latest", DEMO_SESSION)
+    view = api.session_view(s)
+    host = api.host
+    d = view["disks"][0]
+    pm = ports.portmap or ports.portmap_external
+    lines = [
+        "",
+        f"instantnfs demo: restore point {s.point.id} of VM {s.point.vm} is published as {view['path']}",
+        "",
+        f"  QEMU/KVM disk:   {d['url']}",
+        f"  try:             qemu-img info {d['url']}",
+        f"                   qemu-img convert -f raw -O qcow2 {d['url']} /tmp/demo-vm.qcow2",
+        f"  libnfs-utils:    nfs-ls '{d['url_libnfs'].replace(d['name'] + '.img', '')}'",
+        f"                   nfs-cat '{d['url_libnfs']}' | head -c 512 | od -c | head",
+        "",
+        "  VMware ESXi, Storage > New datastore > Mount NFS datastore, NFS 3:",
+        f"      Name: instantnfs-demo    NFS server: {host}    NFS share: {api.services.mount3.export}",
+        f"      then register {view['vmx']} as a VM",
+        "",
+        f"  ports: portmap {pm or 'off'}, mount {ports.mount}, nfs {ports.nfs}; control API http://{cfg['control']['bind']}:{control_port}/api/v1",
+        "  Ctrl-C stops the server.",
+        "",
+    ]
+    if not pm:
+        lines.insert(4, "  (no portmapper: QEMU needs one on port 111; use the libnfs URL)")
+    print("\n".join(lines), flush=True)
+    return await daemon
+
+
 # -- client commands -------------------------------------------------------------------------
 
 
@@ -218,9 +323,7 @@ def _client_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="TOML configuration file")
 
 
-def add_commands(subparsers: Any) -> None:
-    p = subparsers.add_parser("serve", help="run the NFS daemon in the foreground")
-    p.add_argument("--repo", help="repository to serve")
+def _serve_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="TOML configuration file")
     p.add_argument("--bind", help="address for portmap, MOUNT and NFS (default 0.0.0.0)")
     p.add_argument("--portmap", choices=("on", "off"), help="run a portmapper (or register with the one on its port)")
@@ -234,7 +337,20 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument("--control-bind", help="control API address (default 127.0.0.1)")
     p.add_argument("--control-port", type=int, help="control API port (default 6161)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def add_commands(subparsers: Any) -> None:
+    p = subparsers.add_parser("serve", help="run the NFS daemon in the foreground")
+    p.add_argument("--repo", help="repository to serve")
+    _serve_opts(p)
     p.set_defaults(func=cmd_serve)
+
+    p = subparsers.add_parser(
+        "demo", help="make a demo repository from a generated disk (reused later), serve it and publish it"
+    )
+    p.add_argument("--dir", help="demo repository and cache (default ~/.cache/instantnfs-demo)")
+    _serve_opts(p)
+    p.set_defaults(func=cmd_demo)
 
     p = subparsers.add_parser("publish", help="publish a restore point in the running daemon's export")
     p.add_argument("point", help="restore point id, unique prefix, 'latest' or 'VM@latest'")

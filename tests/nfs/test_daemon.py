@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -342,3 +343,32 @@ def test_sigterm_with_clients_connected(daemon_factory):
     finally:
         for s in socks:
             s.close()
+
+
+def test_demo_sets_up_serves_and_reuses(tmp_path):
+    require_tool("qemu-img")
+    addr = take_address()
+    try:
+        for expect in ("created", "reusing"):
+            cmd = [sys.executable, "-m", "engine.control.server_cli", "demo", "--dir", str(tmp_path / "demo"),
+                   "--bind", addr, "--control-bind", addr]
+            p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            try:
+                assert p.stdout is not None
+                lines = []
+                for line in p.stdout:
+                    lines.append(line)
+                    if "Ctrl-C" in line:
+                        break
+                out = "".join(lines)
+                assert out.startswith(expect), out
+                url = f"nfs://{addr}/instantnfs/demo/demo-vm.img"
+                assert f"QEMU/KVM disk:   {url}" in out and f"NFS server: {addr}" in out
+                info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", "-f", "raw", url],
+                                                 capture_output=True, check=True, timeout=60).stdout)
+                assert info["virtual-size"] == 256 << 20
+            finally:
+                p.send_signal(signal.SIGINT)
+                assert p.wait(30) == 0
+    finally:
+        give_address(addr)
