@@ -19,10 +19,17 @@ extra=$([ "$what" = test ] && echo "[test,lint]" || echo "")
 stamp=.venv/.setup-stamp-$what
 want=$(cat setup.py pyproject.toml engine/_blockmap.pyx engine/_blockmap.pxd 2>/dev/null | sha256sum | cut -c1-16)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || ! ls engine/_blockmap*.so >/dev/null 2>&1; then
-  echo "instantnfs: installing into .venv (first run takes a minute)" >&2
-  .venv/bin/python -m pip install -q --upgrade pip >/dev/null
-  .venv/bin/python -m pip install -q "Cython>=3.0" "numpy>=1.26" "setuptools>=77" wheel
-  .venv/bin/python -m pip install -q --no-build-isolation -e ".$extra"
-  .venv/bin/python setup.py -q build_ext --inplace >/dev/null
+  echo "instantnfs: installing into .venv (first run takes a minute; log in .venv/setup.log)" >&2
+  log=.venv/setup.log
+  if ! {
+    .venv/bin/python -m pip install -q --upgrade pip &&
+    .venv/bin/python -m pip install -q "Cython>=3.0" "numpy>=1.26" "setuptools>=77" wheel &&
+    .venv/bin/python -m pip install -q --no-build-isolation -e ".$extra" &&
+    .venv/bin/python setup.py -q build_ext --inplace
+  } >"$log" 2>&1; then
+    tail -n 30 "$log" >&2
+    echo "instantnfs: set-up failed (whole log: $log)" >&2
+    exit 1
+  fi
   echo "$want" > "$stamp"
 fi
