@@ -137,7 +137,7 @@ class BackupDisk:
                 if isinstance(c, asyncio.Future):
                     chunks[i] = await c
         out: list[memoryview] = []
-        for (pack, _rec, _clen, skip, take), chunk in zip(rows, chunks):
+        for (_pack, _rec, _clen, skip, take), chunk in zip(rows, chunks):
             if chunk is None:
                 out.extend(self._zeros(take))
             else:

@@ -31,14 +31,11 @@ def require(condition: bool, reason: str) -> None:
         pytest.skip(reason)
 
 
-def pytest_collection_modifyitems(config, items):  # noqa: ARG001
-    if IN_CI:
-        for item in items:
-            for mark in item.iter_markers("skip"):
-                item.add_marker(pytest.mark.xfail(reason="skip marker under CI", strict=True))
-
-
-def pytest_runtest_logreport(report):
-    if IN_CI and report.skipped and report.when in ("setup", "call") and not hasattr(report, "wasxfail"):
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):  # noqa: ARG001
+    """Under CI=true a skip, however it was made, is reported as a failure."""
+    outcome = yield
+    report = outcome.get_result()
+    if IN_CI and report.skipped and not hasattr(report, "wasxfail"):
         report.outcome = "failed"
         report.longrepr = f"skipped under CI=true (a skip in CI is a failure): {report.longrepr}"

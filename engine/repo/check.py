@@ -31,7 +31,17 @@ import numpy as np
 
 from engine.blockmap import ZERO_PACK
 from engine.errors import InstantNFSError, RepositoryError
-from engine.repo.format import IDX_DTYPE, fingerprints, PACK_HEADER, PACK_MAGIC, idx_bytes, idx_name, pack_name, read_idx, write_file_atomic
+from engine.repo.format import (
+    IDX_DTYPE,
+    PACK_HEADER,
+    PACK_MAGIC,
+    fingerprints,
+    idx_bytes,
+    idx_name,
+    pack_name,
+    read_idx,
+    write_file_atomic,
+)
 from engine.repo.packs import HDR
 from engine.repo.repository import Repository, RestorePoint
 

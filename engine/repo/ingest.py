@@ -25,7 +25,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import blake3
 import numpy as np
@@ -33,9 +33,9 @@ import numpy as np
 from engine.blockmap import ZERO_PACK
 from engine.errors import InstantNFSError, NoSpace, UsageError
 from engine.repo.format import (
-    fingerprints,
     MANIFEST_FORMAT,
     dump_manifest,
+    fingerprints,
     fsync_dir,
     map_bytes,
     read_idx,
@@ -159,7 +159,7 @@ def backup(
                 if gc_was_on:
                     gc.enable()
             writer.seal()
-            point_id = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
+            point_id = f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
             names = disk_names(vm, len(sources))
             point_tmp = repo.tmp_dir / f"point-{point_id}"
             point_tmp.mkdir()
@@ -183,7 +183,7 @@ def backup(
                 "id": point_id,
                 "seq": repo.next_seq(),
                 "vm": vm,
-                "created": datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
+                "created": datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
                 "cpus": settings.cpus,
                 "memory_mib": settings.memory_mib,
                 "firmware": settings.firmware,
@@ -281,7 +281,7 @@ def _ingest(
         it = iter(blocks.tolist())
         done_bytes = 0
 
-        def submit_next() -> bool:
+        def submit_next(it=it, inflight=inflight, src=src) -> bool:
             b = next(it, None)
             if b is None:
                 return False

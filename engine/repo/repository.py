@@ -14,11 +14,11 @@ import json
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Iterator
 
 from engine.blockmap import BlockMap
 from engine.cache import ChunkCache
