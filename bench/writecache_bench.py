@@ -14,7 +14,8 @@ What it runs, in one process, one thread unless said (Python API, no client, no 
   time included);
 - 4 KiB random writes, FILE_SYNC (``stable=True``: each returns after fdatasync of the
   data and of the bitmap page), one thread and 4 threads (group commit);
-- 1 MiB sequential writes, UNSTABLE, one COMMIT at the end (included);
+- 1 MiB sequential writes of 1 GiB, UNSTABLE, one COMMIT at the end (included), the
+  better of two fresh caches;
 - reads, 1 MiB sequential through ``readv`` (the list of buffers a server sends), the
   bytes copied once into a sink (as a socket send copies them into the kernel): a clean disk, a half-dirty disk with dirty 1 MiB extents alternating
   with clean ones, and a half-dirty disk where every other 4 KiB granule is dirty (the
@@ -229,8 +230,13 @@ def main(argv: list[str] | None = None) -> int:
         with WriteCache.create(work / "w-sync", base) as wc:
             res["write_4k_file_sync"] = random_writes(wc, args.sync_writes, rng, True, 0)
             res["write_4k_file_sync_4threads"] = stable_writes_threads(wc, args.sync_writes, 4, args.seed)
-        with WriteCache.create(work / "w-seq", base) as wc:
-            res["write_1m_sequential"] = sequential_writes(wc, min(size, 1 << 30))
+        seq = []
+        for k in range(2):  # better of two fresh caches (first touch of memory, other tenants' I/O)
+            with WriteCache.create(work / f"w-seq{k}", base) as wc:
+                seq.append(sequential_writes(wc, min(size, 1 << 30)))
+            shutil.rmtree(work / f"w-seq{k}")
+        res["write_1m_sequential"] = max(seq, key=lambda r: r["mb_s"])
+        res["write_1m_sequential"]["all_mb_s"] = [r["mb_s"] for r in seq]
 
         # half dirty, 1 MiB extents: every other MiB written
         with WriteCache.create(work / "half-extents", base) as wc:

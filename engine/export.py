@@ -51,6 +51,7 @@ CHUNK = 8 << 20
 ZERO_GRAIN = 64 << 10  # zero detection granularity of the sparse raw output
 MAX_PASSES = 8
 RECOPY_BATCH = 4 << 20  # bytes of re-copied granules per read
+RECOPY_GAP = 64 << 10  # dirty runs closer than this are re-copied in one read
 
 Progress = Callable[[str, int, int], None]
 """progress(phase, done, total): phase "copy" (bytes of pass 1), "recopy" (granules of a
@@ -203,7 +204,17 @@ class _Copier:
         """Copy every granule set in ``bits`` (zeros included: they may overwrite data)."""
         g = cache.granule
         ngran = -(-cache.size // g)
-        runs = [(s, c) for s, c, v in bits_runs(bits, 0, ngran).tolist() if v]
+        runs: list[tuple[int, int]] = []
+        gap = max(1, RECOPY_GAP // g)
+        for s, c, v in bits_runs(bits, 0, ngran).tolist():
+            if not v:
+                continue
+            if runs and s - (runs[-1][0] + runs[-1][1]) <= gap:
+                # a small clean gap is copied along: one read instead of many, and
+                # copying a granule again only writes its current content again
+                runs[-1] = (runs[-1][0], s + c - runs[-1][0])
+            else:
+                runs.append((s, c))
         total = sum(c for _s, c in runs) * g
         done = 0
         batch = max(1, RECOPY_BATCH // g)

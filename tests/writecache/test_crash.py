@@ -205,7 +205,7 @@ def test_power_loss_keeps_committed_writes(backup_repo):
 def test_power_loss_keeps_committed_writes_long(backup_repo):
     machine = make_machine(backup_repo, powerloss=True)
     machine.TestCase.settings = settings(
-        max_examples=100, stateful_step_count=40, deadline=None, suppress_health_check=list(HealthCheck)
+        max_examples=50, stateful_step_count=30, deadline=None, suppress_health_check=list(HealthCheck)
     )
     machine.TestCase().runTest()
 
@@ -214,7 +214,7 @@ def test_power_loss_keeps_committed_writes_long(backup_repo):
 def test_crashes_keep_committed_writes_long(backup_repo):
     machine = make_machine(backup_repo)
     machine.TestCase.settings = settings(
-        max_examples=100, stateful_step_count=40, deadline=None, suppress_health_check=list(HealthCheck)
+        max_examples=50, stateful_step_count=30, deadline=None, suppress_health_check=list(HealthCheck)
     )
     machine.TestCase().runTest()
 
