@@ -141,6 +141,7 @@ class ControlAPI:
             "sessions": len(self.ds.sessions),
             "rpc": {
                 "nfs_calls": self.services.nfs_rpc.calls,
+                "nfs_io_calls": self.services.nfs_rpc.io_calls,
                 "nfs_procs": self._nfs_stats(),
                 "mount_calls": self.services.mount_rpc.calls,
                 "drc_hits": self.services.nfs_rpc.drc.hits,

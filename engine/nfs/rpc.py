@@ -220,8 +220,7 @@ class RpcServer:
         self.allow = allow or AllowList(["0.0.0.0/0", "::/0"])
         self.calls = 0
         self._creds: dict[tuple[int, bytes], Cred] = {}
-        self.bytes_read = 0
-        self.bytes_written = 0
+        self.io_calls = 0  # calls of MAKES_IO procedures (READ, WRITE)
 
     @staticmethod
     def _parse_head(record: Any) -> tuple | None:
@@ -317,6 +316,8 @@ class RpcServer:
                 return [prev]
             self.drc.put(key, DuplicateRequestCache.IN_PROGRESS)
         program.stats[proc.name] = program.stats.get(proc.name, 0) + 1
+        if proc.flags & MAKES_IO:
+            self.io_calls += 1
         try:
             res = proc.handler(args, ctx)
         except BaseException as e:  # noqa: BLE001 - mapped below, bugs logged

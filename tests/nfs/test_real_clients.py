@@ -37,6 +37,8 @@ def test_nfs_cat_reads_every_disk_byte_exact(served, images):
             data = sh("nfs-cat", served.libnfs_url(f"/instantnfs/sess/{fname}")).stdout
             assert len(data) == d["size"]
             assert hashlib.sha256(data).hexdigest() == d["sha256"], fname
+    st = served.api("GET", "/status")
+    assert st["rpc"]["nfs_io_calls"] >= st["rpc"]["nfs_procs"]["READ"] > 0
 
 
 def test_generated_descriptor_and_vmx(served, images):
