@@ -284,3 +284,39 @@ def test_fingerprints_ending_in_nul_survive_the_pack_index(tmp_path):
     path.write_bytes(idx_bytes(1, entries))
     _pack, back = read_idx(path)
     assert fingerprints(back) == fps
+
+
+class MemDisk:
+    """The simplest Disk: bytes in memory."""
+
+    def __init__(self, name: str, data: bytes) -> None:
+        self.name, self.data, self.size = name, data, len(data)
+
+    def read(self, offset: int, length: int) -> bytes:
+        return self.data[offset : offset + length]
+
+
+def test_backup_disks_commits_changed_extents_over_a_parent(tmp_path, repo):
+    from engine.repo.ingest import BackupSettings, backup_disks
+
+    src = tmp_path / "d.img"
+    base = make_image(src, ["text", "random", "hole", "text"], BS, seed=40)
+    r1 = ok("backup", "--repo", repo, "--vm", "app", "--memory", "512", "--json", src).json()
+    merged = bytearray(base)
+    merged[BS + 7 : BS + 20] = b"written by VM"
+    merged[2 * BS + 4096 : 2 * BS + 8192] = b"\xab" * 4096
+    merged[3 * BS + 5] = 0x01  # changed but NOT in the extent list: must stay the parent's
+    with Repository.open(repo) as r:
+        parent = r.point(r1["id"])
+        m = backup_disks(
+            r, BackupSettings(vm="app", memory_mib=512), [MemDisk("app", bytes(merged))],
+            parent=parent, changed=[[(BS + 7, 13), (2 * BS + 4096, 4096)]],
+        )
+        assert m["parent"] == r1["id"] and m["incremental"] and m["stats"]["read_bytes"] == 2 * BS
+        got = r.point(m["id"]).open_disk(0).read(0, len(base))
+    expect = bytes(merged[: 3 * BS]) + base[3 * BS :]
+    assert got == expect
+    assert restore_bytes(repo, r1["id"], "0", tmp_path) == base  # the parent is untouched
+    with Repository.open(repo) as r, pytest.raises(Exception, match="out of order"):
+        backup_disks(r, BackupSettings(vm="app"), [MemDisk("app", bytes(merged))],
+                     parent=r.point(r1["id"]), changed=[[(BS, 10), (5, 10)]])

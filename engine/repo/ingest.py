@@ -42,8 +42,8 @@ from engine.repo.format import (
     zero_entries,
 )
 from engine.repo.packs import PackWriter, compress_block, record_header
-from engine.repo.repository import Repository
-from engine.repo.sources import Source, open_source, parse_changed_extents
+from engine.repo.repository import Repository, RestorePoint
+from engine.repo.sources import DiskSource, Source, open_source, parse_changed_extents
 
 FIRMWARES = ("bios", "efi")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._ -]{0,127}$")
@@ -100,6 +100,17 @@ def _blocks_to_read(src: Source, bs: int, extents: list[tuple[int, int]] | None)
     return np.flatnonzero(want)
 
 
+def _check_settings(settings: BackupSettings, ndisks: int) -> str:
+    vm = check_vm_name(settings.vm)
+    if not ndisks:
+        raise UsageError("give at least one disk to back up")
+    if settings.firmware not in FIRMWARES:
+        raise UsageError(f"firmware must be one of {', '.join(FIRMWARES)}")
+    if settings.cpus < 1 or settings.memory_mib < 4:
+        raise UsageError("a VM needs at least 1 CPU and 4 MiB of memory")
+    return vm
+
+
 def backup(
     repo: Repository,
     settings: BackupSettings,
@@ -108,112 +119,162 @@ def backup(
     progress_start: Callable[[int], Progress] | None = None,
     window: int | None = None,
 ) -> dict:
-    """Store one restore point of ``settings.vm`` holding every disk in ``paths``."""
-    vm = check_vm_name(settings.vm)
-    if not paths:
-        raise UsageError("give at least one disk to back up")
-    if settings.firmware not in FIRMWARES:
-        raise UsageError(f"firmware must be one of {', '.join(FIRMWARES)}")
-    if settings.cpus < 1 or settings.memory_mib < 4:
-        raise UsageError("a VM needs at least 1 CPU and 4 MiB of memory")
+    """Store one restore point of ``settings.vm`` holding every disk in ``paths``.
+
+    With ``changed_extents`` (one file per disk), only those regions are read and the
+    rest is taken from the VM's latest restore point.
+    """
+    vm = _check_settings(settings, len(paths))
     if changed_extents is not None and len(changed_extents) != len(paths):
         raise UsageError(f"give one --changed-extents file per disk ({len(paths)} disks, {len(changed_extents)} files)")
-    bs = repo.block_size
     started = time.monotonic()
     with repo.lock(f"backup {vm}"):
         parent = repo.latest_point(vm)
         sources: list[Source] = []
-        writer: PackWriter | None = None
-        point_tmp = None
-        committed = False
         try:
             for p in paths:
                 sources.append(open_source(p, repo.tmp_dir))
-            extents: list[list[tuple[int, int]] | None] = [None] * len(sources)
-            parent_maps: list[np.ndarray | None] = [None] * len(sources)
+            extents = None
             if changed_extents is not None:
                 if parent is None:
                     raise UsageError(f"--changed-extents needs a previous restore point of VM {vm!r}; there is none")
-                if len(parent.disks) != len(sources):
-                    raise UsageError(
-                        f"the previous restore point {parent.id} has {len(parent.disks)} disks, this backup {len(sources)}: "
-                        "run a full backup"
-                    )
-                for i, (src, cef) in enumerate(zip(sources, changed_extents)):
-                    if parent.disks[i].size != src.size:
-                        raise UsageError(
-                            f"disk {i} changed size since restore point {parent.id} "
-                            f"({parent.disks[i].size} -> {src.size} bytes): run a full backup"
-                        )
-                    extents[i] = parse_changed_extents(cef, src.size)
-                    parent_maps[i] = np.array(parent.open_blockmap(i).entries)
-            known = load_fingerprints(repo)
-            writer = PackWriter(repo.packs_dir, next_pack_id(repo))
-            # a future and a few tuples per block, none cyclic: the cyclic collector would
-            # only rescan the fingerprint table again and again (9 % of the main thread)
-            gc_was_on = gc.isenabled()
-            gc.disable()
-            try:
-                stats = _ingest(repo, sources, extents, parent_maps, known, writer, progress_start, window)
-            finally:
-                if gc_was_on:
-                    gc.enable()
-            writer.seal()
-            point_id = f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
-            names = disk_names(vm, len(sources))
-            point_tmp = repo.tmp_dir / f"point-{point_id}"
-            point_tmp.mkdir()
-            disks = []
-            for i, (src, entries) in enumerate(zip(sources, stats.pop("entries"))):
-                map_file = f"disk{i}.map"
-                _write_synced(point_tmp / map_file, map_bytes(entries, bs, src.size))
-                stored = int(np.count_nonzero(entries["pack"] != ZERO_PACK))
-                disks.append({
-                    "name": names[i],
-                    "size": src.size,
-                    "map_file": map_file,
-                    "source": os.path.abspath(src.path),
-                    "source_format": src.format,
-                    "stored_blocks": stored,
-                    "zero_blocks": len(entries) - stored,
-                })
-            stats["elapsed_s"] = round(time.monotonic() - started, 3)
-            manifest = {
-                "format": MANIFEST_FORMAT,
-                "id": point_id,
-                "seq": repo.next_seq(),
-                "vm": vm,
-                "created": datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
-                "cpus": settings.cpus,
-                "memory_mib": settings.memory_mib,
-                "firmware": settings.firmware,
-                "guest_os": settings.guest_os,
-                "parent": parent.id if parent else None,
-                "incremental": changed_extents is not None,
-                "block_size": bs,
-                "disks": disks,
-                "stats": stats,
-            }
-            _write_synced(point_tmp / "manifest.json", dump_manifest(manifest))
-            fsync_dir(point_tmp)
-            os.rename(point_tmp, repo.points_dir / point_id)
-            committed = True
-            fsync_dir(repo.points_dir)
-            return manifest
-        except OSError as e:
-            if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise NoSpace(f"no space left on the repository volume ({repo.path}); nothing was committed") from e
-            raise
-        except NoSpace as e:
-            raise NoSpace(f"{e}; nothing was committed") from e
+                extents = [parse_changed_extents(f, src.size) for f, src in zip(changed_extents, sources)]
+            return _store(repo, settings, sources, parent, extents, started, progress_start, window)
         finally:
             for src in sources:
                 src.close()
-            if not committed:
-                if point_tmp is not None:
-                    shutil.rmtree(point_tmp, ignore_errors=True)
-                if writer is not None:
-                    writer.abort()
+
+
+def backup_disks(
+    repo: Repository,
+    settings: BackupSettings,
+    disks: list,
+    parent: RestorePoint | None = None,
+    changed: list[list[tuple[int, int]]] | None = None,
+    progress_start: Callable[[int], Progress] | None = None,
+) -> dict:
+    """Store a restore point whose sources are ``Disk`` objects (``.size``, ``.read``).
+
+    With ``parent`` and ``changed`` (per disk: sorted, disjoint (offset, length)
+    extents), only the changed extents are read; every other block is the parent's. This
+    is how a published session's write cache is committed: parent = its restore point,
+    changed = its dirty runs.
+    """
+    _check_settings(settings, len(disks))
+    if (parent is None) != (changed is None):
+        raise UsageError("changed extents and their parent restore point come together")
+    if changed is not None:
+        if len(changed) != len(disks):
+            raise UsageError(f"{len(disks)} disks but {len(changed)} changed-extent lists")
+        for ext, d in zip(changed, disks):
+            end = -1
+            for off, length in ext:
+                if off < end or length <= 0 or off + length > d.size:
+                    raise UsageError(f"changed extent {off}+{length} is out of order or outside the disk")
+                end = off + length
+    started = time.monotonic()
+    sources = [DiskSource(getattr(d, "name", f"disk{i}"), d) for i, d in enumerate(disks)]
+    with repo.lock(f"commit {settings.vm}"):
+        return _store(repo, settings, sources, parent or repo.latest_point(settings.vm), changed, started, progress_start, None)
+
+
+def _store(
+    repo: Repository,
+    settings: BackupSettings,
+    sources: list[Source],
+    parent: RestorePoint | None,
+    extents: list[list[tuple[int, int]]] | None,
+    started: float,
+    progress_start: Callable[[int], Progress] | None,
+    window: int | None,
+) -> dict:
+    """Ingest ``sources`` and commit the restore point (under the writer lock)."""
+    bs = repo.block_size
+    vm = settings.vm
+    writer: PackWriter | None = None
+    point_tmp = None
+    committed = False
+    try:
+        parent_maps: list[np.ndarray | None] = [None] * len(sources)
+        if extents is not None:
+            assert parent is not None
+            if len(parent.disks) != len(sources):
+                raise UsageError(
+                    f"the previous restore point {parent.id} has {len(parent.disks)} disks, this backup {len(sources)}: "
+                    "run a full backup"
+                )
+            for i, src in enumerate(sources):
+                if parent.disks[i].size != src.size:
+                    raise UsageError(
+                        f"disk {i} changed size since restore point {parent.id} "
+                        f"({parent.disks[i].size} -> {src.size} bytes): run a full backup"
+                    )
+                parent_maps[i] = np.array(parent.open_blockmap(i).entries)
+        known = load_fingerprints(repo)
+        writer = PackWriter(repo.packs_dir, next_pack_id(repo))
+        # a future and a few tuples per block, none cyclic: the cyclic collector would
+        # only rescan the fingerprint table again and again (9 % of the main thread)
+        gc_was_on = gc.isenabled()
+        gc.disable()
+        try:
+            stats = _ingest(repo, sources, extents or [None] * len(sources), parent_maps, known, writer, progress_start, window)
+        finally:
+            if gc_was_on:
+                gc.enable()
+        writer.seal()
+        point_id = f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
+        names = disk_names(vm, len(sources))
+        point_tmp = repo.tmp_dir / f"point-{point_id}"
+        point_tmp.mkdir()
+        disks = []
+        for i, (src, entries) in enumerate(zip(sources, stats.pop("entries"))):
+            map_file = f"disk{i}.map"
+            _write_synced(point_tmp / map_file, map_bytes(entries, bs, src.size))
+            stored = int(np.count_nonzero(entries["pack"] != ZERO_PACK))
+            disks.append({
+                "name": names[i],
+                "size": src.size,
+                "map_file": map_file,
+                "source": src.path if isinstance(src, DiskSource) else os.path.abspath(src.path),
+                "source_format": src.format,
+                "stored_blocks": stored,
+                "zero_blocks": len(entries) - stored,
+            })
+        stats["elapsed_s"] = round(time.monotonic() - started, 3)
+        manifest = {
+            "format": MANIFEST_FORMAT,
+            "id": point_id,
+            "seq": repo.next_seq(),
+            "vm": vm,
+            "created": datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
+            "cpus": settings.cpus,
+            "memory_mib": settings.memory_mib,
+            "firmware": settings.firmware,
+            "guest_os": settings.guest_os,
+            "parent": parent.id if parent else None,
+            "incremental": extents is not None,
+            "block_size": bs,
+            "disks": disks,
+            "stats": stats,
+        }
+        _write_synced(point_tmp / "manifest.json", dump_manifest(manifest))
+        fsync_dir(point_tmp)
+        os.rename(point_tmp, repo.points_dir / point_id)
+        committed = True
+        fsync_dir(repo.points_dir)
+        return manifest
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise NoSpace(f"no space left on the repository volume ({repo.path}); nothing was committed") from e
+        raise
+    except NoSpace as e:
+        raise NoSpace(f"{e}; nothing was committed") from e
+    finally:
+        if not committed:
+            if point_tmp is not None:
+                shutil.rmtree(point_tmp, ignore_errors=True)
+            if writer is not None:
+                writer.abort()
 
 
 def _write_synced(path, data: bytes) -> None:
@@ -241,8 +302,8 @@ def _ingest(
     total_logical = sum(s.size for s in sources)
     advance = progress_start(total_logical) if progress_start else None
 
-    def work(fd: int, offset: int, length: int) -> tuple[bytes | None, bytes | None, bytes | None, int]:
-        data = os.pread(fd, length, offset)
+    def work(pread: Callable[[int, int], bytes], offset: int, length: int) -> tuple[bytes | None, bytes | None, bytes | None, int]:
+        data = pread(offset, length)
         if len(data) != length:
             raise InstantNFSError(f"source shrank while being read (short read at offset {offset})")
         if length < bs:
@@ -286,7 +347,7 @@ def _ingest(
             if b is None:
                 return False
             off = b * bs
-            inflight.append((b, pool.submit(work, src.fd, off, min(bs, src.size - off))))
+            inflight.append((b, pool.submit(work, src.pread, off, min(bs, src.size - off))))
             return True
 
         while len(inflight) < depth and submit_next():

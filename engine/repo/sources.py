@@ -38,6 +38,9 @@ class Source:
     temp: Path | None = None
     extents: list[tuple[int, int]] | None = field(default=None)
 
+    def pread(self, offset: int, length: int) -> bytes:
+        return os.pread(self.fd, length, offset)
+
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
@@ -45,6 +48,17 @@ class Source:
         if self.temp is not None:
             self.temp.unlink(missing_ok=True)
             self.temp = None
+
+
+class DiskSource(Source):
+    """A ``Disk`` object (e.g. a published disk with its write cache) as a backup source."""
+
+    def __init__(self, name: str, disk) -> None:
+        super().__init__(name, "instantnfs-disk", disk.size, -1, [(0, disk.size)])
+        self.disk = disk
+
+    def pread(self, offset: int, length: int) -> bytes:
+        return bytes(self.disk.read(offset, length))
 
 
 def sniff_format(head: bytes) -> str:
