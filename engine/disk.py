@@ -129,9 +129,10 @@ class BackupDisk:
             key = pack << KEY_SHIFT | rec
             data = cache.peek(key)
             if data is None:
-                data = asyncio.wrap_future(cache.get_future(key, self._loader(pack, rec, clen)))
+                chunks.append(asyncio.wrap_future(cache.get_future(key, self._loader(pack, rec, clen))))
                 pending = True
-            chunks.append(data)
+            else:
+                chunks.append(data)
         if pending:
             for i, c in enumerate(chunks):
                 if isinstance(c, asyncio.Future):

@@ -25,6 +25,7 @@ import shutil
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import blake3
 import numpy as np
@@ -238,7 +239,7 @@ def _allocated(path) -> int:
 
 def gc(repo: Repository) -> dict:
     """Remove what no restore point references; returns what was done."""
-    out = {"packs_removed": 0, "chunks_removed": 0, "bytes_reclaimed": 0, "tmp_removed": 0, "notes": []}
+    out: dict[str, Any] = {"packs_removed": 0, "chunks_removed": 0, "bytes_reclaimed": 0, "tmp_removed": 0, "notes": []}
     with repo.lock("gc"):
         maps = _load_maps(repo, None)
         indexes = _load_indexes(repo, None)

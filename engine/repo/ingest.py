@@ -23,8 +23,9 @@ import secrets
 import shutil
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 from datetime import UTC, datetime
 
 import blake3
@@ -173,7 +174,7 @@ def backup_disks(
                     raise UsageError(f"changed extent {off}+{length} is out of order or outside the disk")
                 end = off + length
     started = time.monotonic()
-    sources = [DiskSource(getattr(d, "name", f"disk{i}"), d) for i, d in enumerate(disks)]
+    sources: list[Source] = [DiskSource(getattr(d, "name", f"disk{i}"), d) for i, d in enumerate(disks)]
     with repo.lock(f"commit {settings.vm}"):
         return _store(repo, settings, sources, parent or repo.latest_point(settings.vm), changed, started, progress_start, None)
 
@@ -217,7 +218,7 @@ def _store(
         gc_was_on = gc.isenabled()
         gc.disable()
         try:
-            stats = _ingest(repo, sources, extents or [None] * len(sources), parent_maps, known, writer, progress_start, window)
+            stats = _ingest(repo, sources, extents if extents is not None else [None] * len(sources), parent_maps, known, writer, progress_start, window)
         finally:
             if gc_was_on:
                 gc.enable()
@@ -287,7 +288,7 @@ def _write_synced(path, data: bytes) -> None:
 def _ingest(
     repo: Repository,
     sources: list[Source],
-    extents: list[list[tuple[int, int]] | None],
+    extents: Sequence[list[tuple[int, int]] | None],
     parent_maps: list[np.ndarray | None],
     known: dict[bytes, tuple[int, int, int]],
     writer: PackWriter,
@@ -316,7 +317,7 @@ def _ingest(
         codec, payload = compress_block(data)
         return fp, record_header(codec, payload, bs, fp), payload, length
 
-    st = dict(
+    st: dict[str, Any] = dict(
         logical_bytes=total_logical,
         read_bytes=0,
         zero_blocks=0,

@@ -98,7 +98,7 @@ class PackWriter:
         self._pos = 0
         self._write([PACK_HEADER.pack(PACK_MAGIC, PACK_VERSION, self._pack)])
 
-    def _write(self, parts: list[bytes]) -> None:
+    def _write(self, parts: list[bytes | memoryview]) -> None:
         """Write all of ``parts`` at the pack's end (no user-space copy: writev)."""
         try:
             todo = sum(len(p) for p in parts)
