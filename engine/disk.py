@@ -64,8 +64,8 @@ class BackupDisk:
     def _readahead(self, first: int, last: int) -> None:
         """Prefetch the blocks after a read that continues the previous one."""
         expected, self._next_block = self._next_block, last + 1
-        if not -1 <= first - expected <= 0:
-            return
+        if last + 1 == expected or not -1 <= first - expected <= 0:
+            return  # still in the block prefetched from, or not sequential
         bm = self.map
         for block in range(last + 1, min(last + 1 + READAHEAD_BLOCKS, len(bm))):
             pack, clen, rec = bm.entry(block)
@@ -114,6 +114,18 @@ class BackupDisk:
 
     async def aread(self, offset: int, length: int) -> list[memoryview]:
         """``readv`` for the event loop: cached chunks at once, misses in the thread pool."""
+        key = self.map.locate(offset, length)
+        if key >= 0:  # inside one stored block, and cached: no translate, no awaiting
+            data = self._cache.peek(key)
+            if data is not None:
+                block = offset >> self._shift
+                if block != self._next_block - 1:
+                    self._readahead(block, block)
+                skip = offset & self._mask
+                return [memoryview(data)[skip : skip + length]]
+        elif key == -1:
+            self._next_block = (offset >> self._shift) + 1
+            return self._zeros(length)
         length = self._clip(offset, length)
         if length == 0:
             return []
