@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 
 from engine.control.progress import Progress
 from engine.errors import InstantNFSError, UsageError
+from engine.tuning import tune_malloc
 
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b)?\s*$", re.I)
 
@@ -281,6 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    tune_malloc()
     parser = build_parser()
     args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
