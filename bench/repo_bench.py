@@ -55,6 +55,7 @@ import gen_disk  # noqa: E402
 from engine import blockmap as blockmap_mod  # noqa: E402
 from engine.repo.ingest import BackupSettings, backup  # noqa: E402
 from engine.repo.repository import Repository  # noqa: E402
+from engine.tuning import tune_malloc  # noqa: E402
 
 MIB = 1 << 20
 ALL_PHASES = ("ours-backup", "borg", "ours-read", "borg-mount")
@@ -347,6 +348,7 @@ def table(res: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    tune_malloc()  # as the instantnfs command line does
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--disk", help="image to use (default: generate one with gen_disk into the cache dir)")
     ap.add_argument("--size", type=gen_disk.parse_size, default=2 << 30, help="size of a generated image (2G)")
