@@ -320,3 +320,25 @@ def test_backup_disks_commits_changed_extents_over_a_parent(tmp_path, repo):
     with Repository.open(repo) as r, pytest.raises(Exception, match="out of order"):
         backup_disks(r, BackupSettings(vm="app"), [MemDisk("app", bytes(merged))],
                      parent=r.point(r1["id"]), changed=[[(BS, 10), (5, 10)]])
+
+
+def test_block_device_source_and_restore_target(tmp_path, repo):
+    require(os.geteuid() == 0 and subprocess.run(["losetup", "--version"], capture_output=True).returncode == 0,
+            "needs root and losetup for loop devices")
+    img = tmp_path / "dev.img"
+    data = make_image(img, ["text", "hole", "random", "zero"], BS, seed=50)
+    target = tmp_path / "target.img"
+    target.write_bytes(os.urandom(len(data)))  # old contents a restore must overwrite, zeros included
+    loops = []
+    try:
+        for f in (img, target):
+            p = subprocess.run(["losetup", "-f", "--show", f], capture_output=True, text=True)
+            require(p.returncode == 0, f"losetup failed: {p.stderr.strip()}")
+            loops.append(p.stdout.strip())
+        r = ok("backup", "--repo", repo, "--vm", "dev", "--json", loops[0]).json()
+        assert r["logical_bytes"] == len(data) and r["zero_blocks"] == 2
+        ok("restore", "--repo", repo, r["id"], "0", "-o", loops[1], "-q")
+    finally:
+        for dev in loops:
+            subprocess.run(["losetup", "-d", dev])
+    assert target.read_bytes() == data
