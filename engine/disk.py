@@ -67,10 +67,17 @@ class BackupDisk:
         if last + 1 == expected or not -1 <= first - expected <= 0:
             return  # still in the block prefetched from, or not sequential
         bm = self.map
-        for block in range(last + 1, min(last + 1 + READAHEAD_BLOCKS, len(bm))):
+        nblocks = len(bm)
+        for block in range(last + 1, min(last + 1 + READAHEAD_BLOCKS, nblocks)):
             pack, clen, rec = bm.entry(block)
             if clen:
                 self._cache.prefetch(pack << KEY_SHIFT | rec, self._loader(pack, rec, clen))
+        # further out, only ask the kernel to fetch the records: the decompressing
+        # threads then find them in the page cache instead of waiting on the device
+        for block in range(last + 1 + READAHEAD_BLOCKS, min(last + 1 + 3 * READAHEAD_BLOCKS, nblocks)):
+            pack, clen, rec = bm.entry(block)
+            if clen:
+                self._reader.willneed(pack, rec, clen)
 
     def read(self, offset: int, length: int) -> bytes:
         """The disk's bytes in [offset, offset + length), cut at the end of the disk."""

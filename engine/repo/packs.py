@@ -22,7 +22,7 @@ import crc32c
 import lz4.block
 import numpy as np
 
-from engine.errors import IntegrityError, NoSpace, RepositoryError
+from engine.errors import InstantNFSError, IntegrityError, NoSpace, RepositoryError
 from engine.repo.format import (
     CODEC_LZ4,
     CODEC_RAW,
@@ -212,6 +212,13 @@ class PackReader:
         if crc32c.crc32c(payload, crc32c.crc32c(view[:RECORD_CRC_SPAN])) != crc:
             raise IntegrityError(f"chunk at {where}: checksum mismatch")
         return codec, fingerprint, payload, ulen
+
+    def willneed(self, pack: int, offset: int, clen: int) -> None:
+        """Ask the kernel to start reading a record into the page cache (no waiting)."""
+        try:
+            os.posix_fadvise(self._fd(pack), offset, HDR + clen, os.POSIX_FADV_WILLNEED)
+        except (OSError, InstantNFSError):
+            pass  # only a hint: the read itself reports what is wrong
 
     def read_chunk(self, pack: int, offset: int, clen: int) -> bytes:
         """The decompressed block stored at (pack, offset): exactly block_size bytes."""
