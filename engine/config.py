@@ -36,6 +36,12 @@ max_inflight = 64
 [cache]
 # Where sessions keep their state and the files clients create.
 dir = "~/.cache/instantnfs"
+# Where the write caches of published disks go (default <dir>/writecache); a publish
+# may name another directory.
+write_dir = ""
+# Free space (GiB) the write-cache volume must have at publish; a publish may lower it
+# or force past it.
+reserve_gib = 100
 # Decompressed chunk cache, MiB.
 chunk_cache_mib = 1024
 
@@ -103,4 +109,8 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
     if s["max_inflight"] < 2:
         raise UsageError("server.max_inflight must be at least 2")
     cfg["cache"]["dir"] = str(Path(os.path.expanduser(cfg["cache"]["dir"])))
+    if cfg["cache"]["reserve_gib"] < 0:
+        raise UsageError("cache.reserve_gib must not be negative")
+    if cfg["cache"]["write_dir"]:
+        cfg["cache"]["write_dir"] = str(Path(os.path.expanduser(cfg["cache"]["write_dir"])).absolute())
     return cfg

@@ -12,8 +12,11 @@
 A session directory is a real directory, ``<cache_dir>/sessions/<name>``; everything in
 it except the disk files is an ordinary file there, so client-created files (ESXi's
 ``.lck-*``, ``.vswp``, logs, a ``.vmx`` renamed over the generated one) survive a
-restart. The disk files are virtual: listed beside the real entries, read through the
-restore point's ``BackupDisk``; writing them is EROFS in this version. Real files are
+restart. The disk files are virtual: listed beside the real entries, each disk one
+``WriteCache`` over the restore point's ``BackupDisk`` (both file names of a disk are
+the same cache). Reads return the newest bytes; writes land in the cache, never in the
+repository; the disk's size is fixed (SETATTR to another size is EINVAL, a write past
+the end EFBIG). Real files are
 never opened through a symbolic link (``O_NOFOLLOW``, ``lstat``): a client may create
 symlinks, and they stay names, never paths the daemon follows.
 
@@ -22,6 +25,19 @@ File handles are 32 bytes: version, kind, session id, inode (or disk file index)
 same file has the same handle after a restart; a forged or altered handle is
 ``BadHandle``; a handle of an unpublished session or a deleted file is ``StaleHandle``.
 Session ids are never reused, so a republished name gets new handles.
+
+Write-cache modes (``Session.mode``):
+
+- ``instant``: the caches live in ``<cache parent>/<session>.<sid>/disk<i>`` and are
+  listed in ``state.json``; after a restart the session comes back with its caches
+  (everything committed, per ``WriteCache``) and its file handles.
+- ``sandbox``: each disk's cache is a ``WriteCache.temporary`` directory under the cache
+  parent, removed at unpublish and at daemon stop (``close``); a sandbox a killed daemon
+  left behind is removed at the next start. Several sandboxes of one point coexist.
+
+The cache parent is the publish's ``cache_dir`` or ``<cache_dir>/writecache``. Publish
+refuses when its volume has less free space than the reserve (unless forced). Every
+cache uses the datastore's write verifier, new at each start.
 
 Errors are ``OSError`` with the errno a local filesystem would give (EROFS, EEXIST,
 ENOTDIR, ...) or the ``engine.errors`` datastore errors; ``engine.nfs.nfs3`` maps both
@@ -48,8 +64,9 @@ from pathlib import Path
 from typing import Any
 
 from engine.disk import BackupDisk
-from engine.errors import BadCookie, BadHandle, BadType, SessionError, StaleHandle
+from engine.errors import BadCookie, BadHandle, BadType, InstantNFSError, SessionError, StaleHandle
 from engine.repo.repository import Repository, RestorePoint
+from engine.writecache import WriteCache, remove_stale_temporaries
 
 log = logging.getLogger("instantnfs.datastore")
 
@@ -65,6 +82,9 @@ NAME_MAX = 255
 MODE_MASK = 0o1777
 _SESSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 STATE_FORMAT = 1
+MODES = ("instant", "sandbox")
+GiB = 1 << 30
+DEFAULT_RESERVE = 100 * GiB
 
 
 def _err(code: int, what: str = "") -> OSError:
@@ -119,6 +139,11 @@ class Session:
     created_ns: int
     dir: Path
     disks: list[BackupDisk]
+    mode: str = "instant"
+    cache_parent: Path = Path()  # the volume the write caches live on
+    caches: list[WriteCache] = field(default_factory=list)  # one per disk, over disks[i]
+    mtimes: list[int] = field(default_factory=list)  # per disk: last write or time set
+    jobs: int = 0  # export/commit jobs running on this session (unpublish waits for none)
     inodes: dict[int, str] = field(default_factory=dict)  # inode -> path relative to dir
     read_ops: int = 0
     read_bytes: int = 0
@@ -216,9 +241,12 @@ def _write_atomic(path: Path, data: bytes) -> None:
 class Datastore:
     """The published sessions of one repository, and every file operation on them."""
 
-    def __init__(self, repo: Repository, cache_dir: str | os.PathLike) -> None:
+    def __init__(self, repo: Repository, cache_dir: str | os.PathLike, write_dir: str | os.PathLike | None = None,
+                 reserve: int = DEFAULT_RESERVE) -> None:
         self.repo = repo
         self.cache_dir = Path(cache_dir)
+        self.write_dir = Path(write_dir) if write_dir else self.cache_dir / "writecache"
+        self.reserve = reserve  # default free-space reserve of a publish
         self.sessions_dir = self.cache_dir / "sessions"
         self.state_path = self.cache_dir / "state.json"
         self.sessions: dict[str, Session] = {}
@@ -253,12 +281,40 @@ class Datastore:
         self.fsid = int.from_bytes(hashlib.blake2b(self.secret, digest_size=8, person=b"fsid").digest(), "big") >> 1
         self.next_sid = int(state.get("next_sid", 1))
         for s in state.get("sessions", []):
+            mode = s.get("mode", "instant")
+            parent = Path(s.get("cache_parent") or self.default_cache_parent)
+            if mode == "sandbox":  # a daemon that was killed left it: throw it away
+                shutil.rmtree(self.sessions_dir / s["name"], ignore_errors=True)
+                for d in remove_stale_temporaries(parent):
+                    log.info("removed the sandbox cache %s left by a stopped daemon", d)
+                log.info("sandbox session %s ended with the daemon that ran it", s.get("name"))
+                continue
             try:
                 point = self.repo.point(s["point"])
-                self._attach(s["name"], int(s["sid"]), point, int(s["created_ns"]))
+                self._attach(s["name"], int(s["sid"]), point, int(s["created_ns"]), mode, parent)
             except Exception as e:  # noqa: BLE001 - one broken session must not stop the daemon
                 log.error("session %s cannot be restored: %s", s.get("name"), e)
         self._save()
+
+    @property
+    def default_cache_parent(self) -> Path:
+        return self.write_dir
+
+    def close(self) -> None:
+        """Daemon stop: sandboxes end (their caches removed), instant caches are committed."""
+        for s in list(self.sessions.values()):
+            if s.mode == "sandbox":
+                self.unpublish(s.name, force=True)
+            else:
+                self._close_caches(s)
+
+    @staticmethod
+    def _close_caches(s: Session) -> None:
+        for c in s.caches:
+            try:
+                c.close()
+            except Exception as e:  # noqa: BLE001 - close the others; the error is logged
+                log.error("session %s: closing the write cache %s failed: %s", s.name, c.path, e)
 
     def _save(self) -> None:
         state = {
@@ -266,16 +322,33 @@ class Datastore:
             "secret": self.secret.hex(),
             "next_sid": self.next_sid,
             "sessions": [
-                {"name": s.name, "sid": s.sid, "point": s.point.id, "created_ns": s.created_ns}
+                {"name": s.name, "sid": s.sid, "point": s.point.id, "created_ns": s.created_ns,
+                 "mode": s.mode, "cache_parent": str(s.cache_parent)}
                 for s in sorted(self.sessions.values(), key=lambda s: s.sid)
             ],
         }
         _write_atomic(self.state_path, (json.dumps(state, indent=2) + "\n").encode())
 
-    def _attach(self, name: str, sid: int, point: RestorePoint, created_ns: int) -> Session:
+    def cache_path(self, s: Session, disk: int) -> Path:
+        """Where an instant session's write cache of ``disk`` lives."""
+        return s.cache_parent / f"{s.name}.{s.sid}" / f"disk{disk}"
+
+    def _attach(self, name: str, sid: int, point: RestorePoint, created_ns: int, mode: str, parent: Path) -> Session:
         disks = [point.open_disk(i) for i in range(len(point.disks))]
         d = self.sessions_dir / name
-        s = Session(name, sid, point, created_ns, d, disks)
+        s = Session(name, sid, point, created_ns, d, disks, mode, parent)
+        try:
+            for i, disk in enumerate(disks):
+                tag = hashlib.blake2b(f"{point.id}/{disk.name}".encode(), digest_size=32).digest()
+                if mode == "sandbox":
+                    c = WriteCache.temporary(disk, parent, base_tag=tag, verifier=self.write_verf)
+                else:
+                    c = WriteCache.open_or_create(self.cache_path(s, i), disk, base_tag=tag, verifier=self.write_verf)
+                s.caches.append(c)
+        except BaseException:
+            self._close_caches(s)
+            raise
+        s.mtimes = [created_ns] * len(disks)
         d.mkdir(exist_ok=True)
         self.sessions[name] = s
         self.by_sid[sid] = s
@@ -284,7 +357,12 @@ class Datastore:
 
     # -- publishing ------------------------------------------------------------------------
 
-    def publish(self, point_ident: str, name: str | None = None) -> Session:
+    def publish(self, point_ident: str, name: str | None = None, *, mode: str = "instant",
+                cache_dir: str | os.PathLike | None = None, reserve: int | None = None, force: bool = False) -> Session:
+        """Publish a restore point; the write caches go to ``cache_dir`` (default the
+        daemon's), whose volume must have ``reserve`` bytes free unless ``force``."""
+        if mode not in MODES:
+            raise SessionError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
         point = self.repo.point(point_ident)
         if name is None:
             base = re.sub(r"[^A-Za-z0-9._-]", "_", point.vm)[:100] or "vm"
@@ -297,12 +375,30 @@ class Datastore:
             raise SessionError(f"session name {name!r} is not allowed: use 1-128 letters, digits, '.', '_' or '-'")
         if name in self.sessions:
             raise SessionError(f"a session named {name!r} is already published (unpublish it or pick another --name)")
+        parent = Path(os.path.abspath(os.path.expanduser(cache_dir))) if cache_dir else self.default_cache_parent
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+            v = os.statvfs(parent)
+        except OSError as e:
+            raise SessionError(f"cannot use the cache directory {parent}: {e.strerror}") from e
+        free = v.f_bavail * v.f_frsize
+        if reserve is None:
+            reserve = self.reserve
+        if free < reserve and not force:
+            raise SessionError(
+                f"the cache volume of {parent} has {free / GiB:.1f} GiB free, less than the {reserve / GiB:g} GiB reserve: "
+                "free space, pick another --cache-dir, lower the reserve, or publish with --force"
+            )
         d = self.sessions_dir / name
         if d.exists():
             shutil.rmtree(d)  # left behind by an unpublish that crashed half way
         sid = self.next_sid
         self.next_sid += 1
-        s = self._attach(name, sid, point, time.time_ns())
+        self._save()  # the sid is taken even if attaching fails: ids are never reused
+        try:
+            s = self._attach(name, sid, point, time.time_ns(), mode, parent)
+        except InstantNFSError as e:
+            raise SessionError(f"cannot publish {point.id}: {e}") from e
         (d / f"{point.vm}.vmx").write_text(vmx_text(point))
         for info in point.disks:
             cid = int.from_bytes(hashlib.blake2b(f"{point.id}/{info.name}".encode(), digest_size=4).digest(), "big")
@@ -310,17 +406,23 @@ class Datastore:
         self._rescan(s)
         self._save()
         self._root_changed()
-        log.info("published restore point %s (VM %s) as session %s", point.id, point.vm, name)
+        log.info("published restore point %s (VM %s) as session %s (%s, cache in %s)", point.id, point.vm, name, mode, parent)
         return s
 
-    def unpublish(self, name: str) -> None:
+    def unpublish(self, name: str, force: bool = False) -> None:
+        """End a session: its files and its write caches are removed (export or commit first)."""
         s = self.sessions.get(name)
         if s is None:
             raise SessionError(f"no published session {name!r}")
+        if s.jobs and not force:
+            raise SessionError(f"session {name!r} has an export or commit running; wait for it to finish")
         del self.sessions[name]
         del self.by_sid[s.sid]
         self._fh_cache.clear()
         self._save()
+        self._close_caches(s)  # a sandbox's temporary directories go here
+        if s.mode == "instant":
+            shutil.rmtree(s.cache_parent / f"{s.name}.{s.sid}", ignore_errors=True)
         shutil.rmtree(s.dir, ignore_errors=True)
         self._root_changed()
         log.info("unpublished session %s", name)
@@ -415,7 +517,7 @@ class Datastore:
         s = node.session
         assert s is not None
         disk = s.disks[node.ino // 2]
-        t = s.created_ns
+        t = s.mtimes[node.ino // 2]
         return Attr(stat.S_IFREG | 0o644, 1, 0, 0, disk.size, disk.size, 0, self.fileid(node), t, t, t)
 
     def fileid(self, node: Node) -> int:
@@ -427,10 +529,13 @@ class Datastore:
         return VIRTUAL_FILEID | node.session.sid << 20 | node.ino
 
     def setattr(self, node: Node, sa: SetAttr) -> None:
+        if node.kind == VDISK:
+            self._setattr_disk(node, sa)
+            return
         if node.kind != REAL:
             if sa == SetAttr():
                 return
-            raise _err(errno.EROFS if node.kind == VDISK else errno.EACCES)
+            raise _err(errno.EACCES)
         p = node.path
         is_link = stat.S_ISLNK(os.lstat(p).st_mode)
         if sa.size is not None:
@@ -452,12 +557,29 @@ class Datastore:
             m = st.st_mtime_ns if sa.mtime_ns is None else now if sa.mtime_ns == NOW else int(sa.mtime_ns)
             os.utime(p, ns=(a, m), follow_symlinks=False)
 
+    def _setattr_disk(self, node: Node, sa: SetAttr) -> None:
+        """A disk file: its size is fixed (EINVAL for another size, the error a block
+        device gives), its owner and mode are the daemon's (EPERM), times may be set."""
+        s = node.session
+        assert s is not None
+        i = node.ino // 2
+        if sa.size is not None and sa.size != s.disks[i].size:
+            raise _err(errno.EINVAL, f"the disk's size is fixed at {s.disks[i].size} bytes")
+        if (sa.mode is not None and sa.mode & 0o7777 != 0o644) or sa.uid not in (None, 0) or sa.gid not in (None, 0):
+            raise _err(errno.EPERM, "a disk file's owner and mode cannot change")
+        if sa.mtime_ns is not None:
+            m = time.time_ns() if sa.mtime_ns == NOW else int(sa.mtime_ns)
+            s.mtimes[i] = m
+
+    def _touch(self, s: Session, i: int) -> None:
+        s.mtimes[i] = max(time.time_ns(), s.mtimes[i] + 1)
+
     def access(self, node: Node) -> tuple[bool, bool, bool]:
         """(readable, writable, lookup/executable) for any client allowed in."""
         if node.kind == ROOT:
             return True, False, True
         if node.kind == VDISK:
-            return True, False, False
+            return True, True, False
         st = os.lstat(node.path)
         return True, True, stat.S_ISDIR(st.st_mode) or bool(st.st_mode & 0o111)
 
@@ -673,7 +795,7 @@ class Datastore:
         if node.kind == VDISK:
             s = node.session
             assert s is not None
-            disk = s.disks[node.ino // 2]
+            disk = s.caches[node.ino // 2]
             bufs = await disk.aread(offset, count)
             n = sum(len(b) for b in bufs)
             s.read_ops += 1
@@ -696,9 +818,19 @@ class Datastore:
         node.session.read_bytes += len(data)
         return [data], len(data), offset + len(data) >= st.st_size
 
-    async def write(self, node: Node, offset: int, data: Any, sync: bool) -> int:
+    async def write(self, node: Node, offset: int, data: Any, stable: int) -> tuple[int, int]:
+        """Write; ``stable`` is the stable_how value asked (0 UNSTABLE, 1 DATA_SYNC,
+        2 FILE_SYNC). Returns (bytes written, the stable_how the data reached)."""
         if node.kind == VDISK:
-            raise _err(errno.EROFS, "backup disk files are read-only")
+            s = node.session
+            assert s is not None
+            i = node.ino // 2
+            await s.caches[i].awrite(offset, data, stable != 0)
+            self._touch(s, i)
+            s.write_ops += 1
+            s.write_bytes += len(data)
+            # a stable write commits data, then the bitmap (the cache's metadata): FILE_SYNC
+            return len(data), 0 if stable == 0 else 2
         if node.kind == ROOT:
             raise _err(errno.EISDIR)
         st = os.lstat(node.path)
@@ -709,16 +841,20 @@ class Datastore:
         fd = os.open(node.path, os.O_WRONLY | os.O_NOFOLLOW)
         try:
             n = os.pwrite(fd, data, offset)
-            if sync:
-                await asyncio.get_running_loop().run_in_executor(None, os.fdatasync, fd)
+            if stable:
+                await asyncio.get_running_loop().run_in_executor(None, os.fsync if stable == 2 else os.fdatasync, fd)
         finally:
             os.close(fd)
         assert node.session is not None
         node.session.write_ops += 1
         node.session.write_bytes += n
-        return n
+        return n, stable
 
     async def commit(self, node: Node) -> None:
+        if node.kind == VDISK:
+            assert node.session is not None
+            await node.session.caches[node.ino // 2].acommit()
+            return
         if node.kind != REAL:
             return
         if not stat.S_ISREG(os.lstat(node.path).st_mode):
@@ -729,19 +865,33 @@ class Datastore:
         finally:
             os.close(fd)
 
-    def fsstat(self) -> os.statvfs_result:
+    def fsstat(self, node: Node) -> os.statvfs_result:
+        """The volume a node's writes go to: its session's write caches, else the cache dir."""
+        if node.session is not None:
+            return os.statvfs(node.session.cache_parent)
         return os.statvfs(self.cache_dir)
 
     # -- reporting -------------------------------------------------------------------------
 
     def session_json(self, s: Session) -> dict:
+        stats = [c.stats() for c in s.caches]
         return {
             "name": s.name,
             "sid": s.sid,
             "point": s.point.id,
             "vm": s.point.vm,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(s.created_ns / 1e9)),
-            "cache_dir": str(s.dir),
-            "disks": [{"name": d.name, "size": d.size} for d in s.disks],
+            "mode": s.mode,
+            "files_dir": str(s.dir),
+            "cache_dir": str(s.cache_parent),
+            "cache": {
+                "allocated_bytes": sum(st.allocated_bytes for st in stats),
+                "dirty_bytes": sum(st.dirty_bytes for st in stats),
+            },
+            "disks": [
+                {"name": d.name, "size": d.size, "cache_path": str(c.path), "granule": st.granule,
+                 "allocated_bytes": st.allocated_bytes, "dirty_bytes": st.dirty_bytes, "commits": st.commits}
+                for d, c, st in zip(s.disks, s.caches, stats)
+            ],
             "io": {"read_ops": s.read_ops, "read_bytes": s.read_bytes, "write_ops": s.write_ops, "write_bytes": s.write_bytes},
         }

@@ -2,8 +2,17 @@
 
 Endpoints (all under ``/api/v1``; the OpenAPI document at ``/api/v1/openapi.json``):
 ``GET status``, ``GET points``, ``GET sessions``, ``POST sessions`` (publish),
-``GET sessions/{name}``, ``DELETE sessions/{name}`` (unpublish). Errors are
-``{"error": "<one line>"}`` with 400 (bad request), 404 (no such thing), 409 (name taken).
+``GET sessions/{name}``, ``DELETE sessions/{name}`` (unpublish), ``POST
+sessions/{name}/export`` and ``POST sessions/{name}/commit`` (start a job), ``GET
+jobs`` and ``GET jobs/{id}`` (a job's state and progress). Errors are ``{"error": "<one
+line>"}`` with 400 (bad request), 404 (no such thing), 409 (name taken, session busy).
+
+Jobs (export, commit) run in a small thread pool of their own, never on the loop: an
+export copies the merged disk while the client keeps writing (``engine.export``), a
+commit stores the merged disks as a new restore point through
+``engine.repo.ingest.backup_disks`` (parent: the session's point; changed extents: the
+dirty runs of each write cache), under the repository's writer lock. A session with a
+running job cannot be unpublished. Jobs are kept in memory until the daemon stops.
 
 Access: on a loopback address anyone local may call it; on any other address every
 request needs ``Authorization: Bearer <control.token>`` (the daemon refuses to start
@@ -15,18 +24,29 @@ size.
 """
 from __future__ import annotations
 
+import asyncio
 import hmac
 import ipaddress
+import itertools
+import logging
 import os
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
 
-from engine.datastore import Datastore, Session
+from engine.blockmap import bits_runs
+from engine.datastore import MODES, Datastore, GiB, Session
 from engine.errors import InstantNFSError, NotFound, SessionError
+from engine.export import FORMATS, export_disk
 from engine.nfs.server import NFSServices
+from engine.repo.ingest import BackupSettings, backup_disks
+from engine.writecache import WriteCache
+
+log = logging.getLogger("instantnfs.api")
 
 API = "/api/v1"
 
@@ -49,6 +69,39 @@ def advertised_host(bind: str) -> str:
         return "127.0.0.1"
 
 
+@dataclass
+class Job:
+    """An export or commit running in the job pool; progress fields are set by its thread."""
+
+    id: str
+    kind: str  # "export" | "commit"
+    session: str
+    state: str = "running"  # running | done | failed
+    phase: str = ""
+    done: int = 0
+    total: int = 0
+    started: float = field(default_factory=time.time)
+    finished: float | None = None
+    result: dict | None = None
+    error: str | None = None
+
+    def view(self) -> dict:
+        return {
+            "id": self.id, "kind": self.kind, "session": self.session, "state": self.state, "phase": self.phase,
+            "done": self.done, "total": self.total, "started": self.started, "finished": self.finished,
+            "result": self.result, "error": self.error,
+        }
+
+
+def dirty_extents(cache: WriteCache) -> list[tuple[int, int]]:
+    """The cache's dirty granule runs as sorted, disjoint (offset, length) extents of the disk."""
+    g = cache.granule
+    n = -(-cache.size // g)
+    return [(a * g, min((a + c) * g, cache.size) - a * g) for a, c, dirty in bits_runs(cache.dirty_bitmap(), 0, n).tolist() if dirty]
+
+
+_JOB_SCHEMA = {"type": "object", "description": "a job: state running|done|failed, phase, done/total, result or error"}
+
 OPENAPI: dict[str, Any] = {
     "openapi": "3.0.3",
     "info": {"title": "instantnfs control API", "version": "1"},
@@ -69,6 +122,10 @@ OPENAPI: dict[str, Any] = {
                                 "properties": {
                                     "point": {"type": "string", "description": "id, unique id prefix, 'latest' or 'VM@latest'"},
                                     "name": {"type": "string", "description": "session name (directory in the export)"},
+                                    "mode": {"type": "string", "enum": list(MODES), "description": "instant (default): the write cache survives restarts; sandbox: a temporary cache removed at unpublish or daemon stop"},
+                                    "cache_dir": {"type": "string", "description": "directory for this session's write caches (default: the daemon's)"},
+                                    "reserve_gib": {"type": "number", "description": "free space the cache volume must have (default cache.reserve_gib)"},
+                                    "force": {"type": "boolean", "description": "publish even when the cache volume has less free space than the reserve"},
                                 },
                             }
                         }
@@ -80,7 +137,37 @@ OPENAPI: dict[str, Any] = {
         f"{API}/sessions/{{name}}": {
             "parameters": [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
             "get": {"summary": "One session", "responses": {"200": {"description": "the session"}, "404": {"description": "no such session"}}},
-            "delete": {"summary": "Unpublish a session", "responses": {"200": {"description": "unpublished"}, "404": {"description": "no such session"}}},
+            "delete": {"summary": "Unpublish a session (its write caches are removed)", "responses": {"200": {"description": "unpublished"}, "404": {"description": "no such session"}, "409": {"description": "a job is running on it"}}},
+        },
+        f"{API}/sessions/{{name}}/export": {
+            "parameters": [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "post": {
+                "summary": "Start exporting one disk (backup + write cache) to a file on the daemon's host, while clients keep writing",
+                "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                    "type": "object", "required": ["disk", "output"],
+                    "properties": {
+                        "disk": {"type": "string", "description": "disk name or index"},
+                        "output": {"type": "string", "description": "absolute path of the file to write"},
+                        "format": {"type": "string", "enum": list(FORMATS), "default": "raw"},
+                    },
+                }}}},
+                "responses": {"202": {"description": "the job", "content": {"application/json": {"schema": _JOB_SCHEMA}}},
+                              "400": {"description": "bad request"}, "404": {"description": "no such session or disk"}},
+            },
+        },
+        f"{API}/sessions/{{name}}/commit": {
+            "parameters": [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "post": {
+                "summary": "Start storing the session's merged disks as a new restore point of its VM",
+                "responses": {"202": {"description": "the job; its result is the new point's manifest summary", "content": {"application/json": {"schema": _JOB_SCHEMA}}},
+                              "404": {"description": "no such session"}},
+            },
+        },
+        f"{API}/jobs": {"get": {"summary": "Export and commit jobs of this daemon", "responses": {"200": {"description": "jobs"}}}},
+        f"{API}/jobs/{{id}}": {
+            "parameters": [{"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "get": {"summary": "One job: state, phase, progress (done/total), result or error",
+                    "responses": {"200": {"description": "the job", "content": {"application/json": {"schema": _JOB_SCHEMA}}}, "404": {"description": "no such job"}}},
         },
     },
 }
@@ -96,6 +183,10 @@ class ControlAPI:
         self._runner: web.AppRunner | None = None
         self.token = cfg["control"]["token"]
         self.host = advertised_host(cfg["server"]["bind"])
+        self.jobs: dict[str, Job] = {}
+        self._job_ids = itertools.count(1)
+        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="job")
+        self._tasks: set[asyncio.Task] = set()
 
     # -- views -------------------------------------------------------------------------------
 
@@ -184,8 +275,21 @@ class ControlAPI:
         name = body.get("name")
         if name is not None and not isinstance(name, str):
             return self._error(400, "'name' must be a string")
+        mode = body.get("mode", "instant")
+        cache_dir = body.get("cache_dir")
+        reserve = body.get("reserve_gib")
+        force = body.get("force", False)
+        if mode not in MODES:
+            return self._error(400, f"'mode' must be one of {', '.join(MODES)}")
+        if cache_dir is not None and (not isinstance(cache_dir, str) or not os.path.isabs(cache_dir)):
+            return self._error(400, "'cache_dir' must be an absolute path")
+        if reserve is not None and (isinstance(reserve, bool) or not isinstance(reserve, (int, float)) or reserve < 0):
+            return self._error(400, "'reserve_gib' must be a number of GiB, 0 or more")
+        if not isinstance(force, bool):
+            return self._error(400, "'force' must be true or false")
         try:
-            s = self.ds.publish(body["point"], name)
+            s = self.ds.publish(body["point"], name, mode=mode, cache_dir=cache_dir,
+                                reserve=None if reserve is None else int(reserve * GiB), force=force)
         except NotFound as e:
             return self._error(404, str(e))
         except SessionError as e:
@@ -198,8 +302,132 @@ class ControlAPI:
         name = req.match_info["name"]
         if name not in self.ds.sessions:
             return self._error(404, f"no published session {name!r}")
-        self.ds.unpublish(name)
+        try:
+            self.ds.unpublish(name)
+        except SessionError as e:
+            return self._error(409, str(e))
         return web.json_response({"unpublished": name})
+
+    # -- jobs --------------------------------------------------------------------------------
+
+    def _start_job(self, kind: str, s: Session, fn: Any) -> Job:
+        """Run ``fn(job)`` in the job pool; the session counts it until it ends."""
+        job = Job(f"{kind}-{next(self._job_ids)}", kind, s.name)
+        self.jobs[job.id] = job
+        s.jobs += 1
+
+        async def run() -> None:
+            try:
+                job.result = await asyncio.get_running_loop().run_in_executor(self._pool, fn, job)
+                job.state = "done"
+                log.info("job %s on session %s done: %s", job.id, s.name, job.result)
+            except InstantNFSError as e:
+                job.state, job.error = "failed", str(e)
+                log.error("job %s on session %s failed: %s", job.id, s.name, e)
+            except Exception as e:  # noqa: BLE001 - a bug: logged with its traceback, reported
+                job.state, job.error = "failed", f"internal error: {e!r}"
+                log.exception("job %s on session %s failed", job.id, s.name)
+            finally:
+                job.finished = time.time()
+                s.jobs -= 1
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return job
+
+    def _job_session(self, req: web.Request) -> Session:
+        s = self.ds.sessions.get(req.match_info["name"])
+        if s is None:
+            raise NotFound(f"no published session {req.match_info['name']!r}")
+        return s
+
+    async def h_export(self, req: web.Request) -> web.Response:
+        try:
+            s = self._job_session(req)
+        except NotFound as e:
+            return self._error(404, str(e))
+        try:
+            body = await req.json()
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            return self._error(400, "the request body must be JSON: {\"disk\": NAME, \"output\": PATH, \"format\": \"raw\"}")
+        fmt = body.get("format", "raw")
+        out = body.get("output")
+        if fmt not in FORMATS:
+            return self._error(400, f"'format' must be one of {', '.join(FORMATS)}")
+        if not isinstance(out, str) or not os.path.isabs(out):
+            return self._error(400, "'output' must be an absolute path on the daemon's host")
+        if not os.path.isdir(os.path.dirname(out)):
+            return self._error(400, f"the directory of {out} does not exist")
+        which = str(body.get("disk", ""))
+        names = [d.name for d in s.disks]
+        if which in names:
+            i = names.index(which)
+        elif which.isdigit() and int(which) < len(names):
+            i = int(which)
+        else:
+            return self._error(404, f"session {s.name!r} has no disk {which!r} (disks: {', '.join(names)})")
+        cache = s.caches[i]
+
+        def work(job: Job) -> dict:
+            def progress(phase: str, done: int, total: int) -> None:
+                job.phase, job.done, job.total = phase, done, total
+
+            r = export_disk(cache, out, fmt, progress)
+            return {"path": r.path, "format": r.format, "size": r.size, "data_bytes": r.data_bytes,
+                    "passes": r.passes, "recopied_bytes": r.recopied_bytes, "seconds": round(r.seconds, 3)}
+
+        job = self._start_job("export", s, work)
+        return web.json_response(job.view(), status=202)
+
+    async def h_commit(self, req: web.Request) -> web.Response:
+        try:
+            s = self._job_session(req)
+        except NotFound as e:
+            return self._error(404, str(e))
+        repo, point = self.ds.repo, s.point
+        m = point.manifest
+        settings = BackupSettings(vm=point.vm, cpus=m.get("cpus") or 1, memory_mib=m.get("memory_mib") or 1024,
+                                  firmware=m.get("firmware") or "bios", guest_os=m.get("guest_os") or "other-64")
+        caches = list(s.caches)
+
+        def work(job: Job) -> dict:
+            job.phase = "store"
+            trackers = [c.track() for c in caches]  # what clients write while the commit reads
+            try:
+                changed = [dirty_extents(c) for c in caches]
+
+                def start(total: int) -> Any:
+                    job.total = total
+
+                    def advance(n: int) -> None:
+                        job.done += n
+                    return advance
+
+                manifest = backup_disks(repo, settings, caches, parent=point, changed=changed, progress_start=start)
+                written = sum(int(t.take().any()) for t in trackers)
+            finally:
+                for t in trackers:
+                    t.close()
+            return {
+                "point": manifest["id"], "vm": manifest["vm"], "parent": manifest["parent"],
+                "changed_bytes": sum(n for ext in changed for _o, n in ext),
+                "disks_written_during_commit": written,
+            }
+
+        job = self._start_job("commit", s, work)
+        return web.json_response(job.view(), status=202)
+
+    async def h_jobs(self, req: web.Request) -> web.Response:
+        return web.json_response([j.view() for j in self.jobs.values()])
+
+    async def h_job(self, req: web.Request) -> web.Response:
+        j = self.jobs.get(req.match_info["id"])
+        if j is None:
+            return self._error(404, f"no job {req.match_info['id']!r}")
+        return web.json_response(j.view())
 
     async def h_openapi(self, req: web.Request) -> web.Response:
         return web.json_response(OPENAPI)
@@ -223,6 +451,10 @@ class ControlAPI:
                 web.post(f"{API}/sessions", self.h_publish),
                 web.get(f"{API}/sessions/{{name}}", self.h_session),
                 web.delete(f"{API}/sessions/{{name}}", self.h_unpublish),
+                web.post(f"{API}/sessions/{{name}}/export", self.h_export),
+                web.post(f"{API}/sessions/{{name}}/commit", self.h_commit),
+                web.get(f"{API}/jobs", self.h_jobs),
+                web.get(f"{API}/jobs/{{id}}", self.h_job),
                 web.get(f"{API}/openapi.json", self.h_openapi),
             ]
         )
@@ -242,3 +474,6 @@ class ControlAPI:
     async def stop(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
+        for t in list(self._tasks):  # jobs finish before their caches close
+            await asyncio.shield(t)
+        self._pool.shutdown(wait=True)

@@ -1,4 +1,5 @@
-"""Command-line commands for the daemon: serve, publish, unpublish, sessions, status.
+"""Command-line commands for the daemon: serve, publish, unpublish, sessions, status,
+export, commit.
 
 ``add_commands(subparsers)`` adds them to the main ``instantnfs`` parser; each sets
 ``func`` to a callable taking the parsed args and returning the exit code. Run alone,
@@ -7,6 +8,8 @@
 ``serve`` runs in the foreground on uvloop (logs to stderr, stops cleanly on SIGTERM /
 SIGINT). The other commands talk to a running daemon's control API, found from
 ``--server URL``, else ``$INSTANTNFS_SERVER``, else the config's control address.
+``export`` and ``commit`` start a job in the daemon (which owns the write caches) and
+poll it, showing its progress on a terminal, until it ends.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import logging
 import os
 import signal
 import sys
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -47,6 +51,8 @@ def _serve_config(args: argparse.Namespace) -> dict[str, Any]:
     if args.read_only:
         cfg["server"]["read_only"] = True
     o(cfg, "cache", "dir", args.cache_dir)
+    o(cfg, "cache", "write_dir", args.write_dir)
+    o(cfg, "cache", "reserve_gib", args.reserve_gib)
     o(cfg, "control", "bind", args.control_bind)
     o(cfg, "control", "port", args.control_port)
     configmod.validate(cfg)
@@ -64,7 +70,7 @@ async def run_daemon(cfg: dict[str, Any], ready: asyncio.Future | None = None) -
 
     repo = Repository.open(cfg["repo"]["path"], cache_bytes=cfg["cache"]["chunk_cache_mib"] << 20)
     try:
-        ds = Datastore(repo, cfg["cache"]["dir"])
+        ds = Datastore(repo, cfg["cache"]["dir"], cfg["cache"]["write_dir"] or None, int(cfg["cache"]["reserve_gib"] * (1 << 30)))
         ds.load()
         services = NFSServices(ds, cfg["server"])
         ports = await services.start()
@@ -91,6 +97,7 @@ async def run_daemon(cfg: dict[str, Any], ready: asyncio.Future | None = None) -
         log.info("stopping")
         await api.stop()
         await services.stop()
+        ds.close()
     finally:
         repo.close()
     log.info("stopped")
@@ -186,7 +193,8 @@ async def _demo_main(cfg: dict[str, Any]) -> int:
     if daemon in done:
         return daemon.result()
     ports, control_port, api = ready.result()
-    s = api.ds.sessions.get(DEMO_SESSION) or api.ds.publish(f"{DEMO_VM}@latest", DEMO_SESSION)
+    # the demo disk is 256 MiB: no 100 GiB reserve for it
+    s = api.ds.sessions.get(DEMO_SESSION) or api.ds.publish(f"{DEMO_VM}@latest", DEMO_SESSION, reserve=1 << 30)
     view = api.session_view(s)
     host = api.host
     d = view["disks"][0]
@@ -259,10 +267,16 @@ def _client(fn: Any) -> Any:
     return run
 
 
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB"
+
+
 def _print_session(s: dict) -> None:
     print(f"{s['name']}  VM {s['vm']}  point {s['point'][:12]}  {s['path']}")
+    c = s["cache"]
+    print(f"  mode {s['mode']}, write cache {s['cache_dir']}: {_mib(c['allocated_bytes'])} used, {_mib(c['dirty_bytes'])} dirty")
     for d in s["disks"]:
-        print(f"  {d['name']}  {d['size']} bytes")
+        print(f"  {d['name']}  {d['size']} bytes, {_mib(d['dirty_bytes'])} dirty, cache {_mib(d['allocated_bytes'])}")
         print(f"    QEMU:       {d['url']}")
         print(f"    libnfs:     {d['url_libnfs']}")
         print(f"    ESXi:       {d['files']['vmdk']}")
@@ -270,9 +284,13 @@ def _print_session(s: dict) -> None:
 
 @_client
 def cmd_publish(args: argparse.Namespace) -> int:
-    body: dict[str, Any] = {"point": args.point}
+    body: dict[str, Any] = {"point": args.point, "mode": args.mode, "force": args.force}
     if args.name:
         body["name"] = args.name
+    if args.cache_dir:
+        body["cache_dir"] = os.path.abspath(args.cache_dir)
+    if args.reserve_gib is not None:
+        body["reserve_gib"] = args.reserve_gib
     s = api_call(args, "POST", "/sessions", body)
     if args.json:
         print(json.dumps(s, indent=2))
@@ -298,6 +316,60 @@ def cmd_sessions(args: argparse.Namespace) -> int:
     else:
         for s in sessions:
             _print_session(s)
+    return 0
+
+
+def wait_job(args: argparse.Namespace, job: dict, desc: str) -> dict:
+    """Poll a job until it ends, with a progress bar on a terminal; its final state."""
+    from engine.control.progress import Progress
+
+    quiet = getattr(args, "quiet", False) or getattr(args, "json", False)
+    advance: Any = None
+    phase, shown = "", 0
+    with Progress(desc, enabled=False if quiet else None) as prog:
+        while job["state"] == "running":
+            time.sleep(0.2)
+            job = api_call(args, "GET", f"/jobs/{urllib.parse.quote(job['id'], safe='')}")
+            if job["phase"] != phase and job["total"]:  # a new phase: a new bar
+                prog.close()
+                phase, shown = job["phase"], 0
+                prog.desc = f"{desc}: {phase}"
+                advance = prog.start(job["total"])
+            if advance is not None and job["done"] > shown:
+                advance(job["done"] - shown)
+                shown = job["done"]
+    if job["state"] == "failed":
+        raise InstantNFSError(job["error"] or f"job {job['id']} failed")
+    return job
+
+
+@_client
+def cmd_export(args: argparse.Namespace) -> int:
+    out = os.path.abspath(args.output)
+    if os.path.exists(out) and not args.force:
+        raise UsageError(f"{out} exists: remove it or give --force")
+    body = {"disk": args.disk, "output": out, "format": args.format}
+    job = api_call(args, "POST", f"/sessions/{urllib.parse.quote(args.session, safe='')}/export", body)
+    job = wait_job(args, job, f"export {args.session}/{args.disk}")
+    r = job["result"]
+    if args.json:
+        print(json.dumps(r, indent=2))
+    else:
+        print(f"exported {args.session}/{args.disk} to {r['path']} ({r['format']}, {r['size']} bytes, "
+              f"{r['passes']} passes, {_mib(r['recopied_bytes'])} copied again, {r['seconds']} s)")
+    return 0
+
+
+@_client
+def cmd_commit(args: argparse.Namespace) -> int:
+    job = api_call(args, "POST", f"/sessions/{urllib.parse.quote(args.session, safe='')}/commit", {})
+    job = wait_job(args, job, f"commit {args.session}")
+    r = job["result"]
+    if args.json:
+        print(json.dumps(r, indent=2))
+    else:
+        print(f"committed session {args.session} as restore point {r['point']} of VM {r['vm']} "
+              f"(parent {r['parent']}, {_mib(r['changed_bytes'])} changed)")
     return 0
 
 
@@ -334,6 +406,8 @@ def _serve_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow", action="append", metavar="CIDR", help="allowed client network (repeatable)")
     p.add_argument("--read-only", action="store_true", default=None, help="refuse every change (NFS3ERR_ROFS)")
     p.add_argument("--cache-dir", help="session state and client files (default ~/.cache/instantnfs)")
+    p.add_argument("--write-dir", help="default directory of the write caches (default <cache-dir>/writecache)")
+    p.add_argument("--reserve-gib", type=int, help="free space a publish needs on the write-cache volume (default 100)")
     p.add_argument("--control-bind", help="control API address (default 127.0.0.1)")
     p.add_argument("--control-port", type=int, help="control API port (default 6161)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -355,6 +429,11 @@ def add_commands(subparsers: Any) -> None:
     p = subparsers.add_parser("publish", help="publish a restore point in the running daemon's export")
     p.add_argument("point", help="restore point id, unique prefix, 'latest' or 'VM@latest'")
     p.add_argument("--name", help="session name (directory in the export)")
+    p.add_argument("--mode", choices=("instant", "sandbox"), default="instant",
+                   help="instant (default): the write cache survives daemon restarts; sandbox: a temporary cache removed at unpublish or stop")
+    p.add_argument("--cache-dir", help="directory for this session's write caches (default: the daemon's)")
+    p.add_argument("--reserve-gib", type=float, help="free space the cache volume must have (default: the daemon's, 100)")
+    p.add_argument("--force", action="store_true", help="publish even when the cache volume has less free space than the reserve")
     p.add_argument("--json", action="store_true", help="print the session as JSON")
     _client_opts(p)
     p.set_defaults(func=cmd_publish)
@@ -368,6 +447,24 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument("--json", action="store_true")
     _client_opts(p)
     p.set_defaults(func=cmd_sessions)
+
+    p = subparsers.add_parser("export", help="write a published disk (backup + write cache) to a raw or qcow2 file, while the VM runs")
+    p.add_argument("session")
+    p.add_argument("disk", help="disk name or index (0 = first)")
+    p.add_argument("-o", "--output", required=True, metavar="FILE", help="file to write (on the daemon's host)")
+    p.add_argument("--format", choices=("raw", "qcow2"), default="raw")
+    p.add_argument("--force", action="store_true", help="overwrite an existing file")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _client_opts(p)
+    p.set_defaults(func=cmd_export)
+
+    p = subparsers.add_parser("commit", help="store a session's disks (backup + write cache) as a new restore point")
+    p.add_argument("session")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _client_opts(p)
+    p.set_defaults(func=cmd_commit)
 
     p = subparsers.add_parser("status", help="the running daemon's ports and counters")
     p.add_argument("--json", action="store_true")

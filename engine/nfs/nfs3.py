@@ -28,10 +28,12 @@ from engine.errors import (
     BadCookie,
     BadHandle,
     BadType,
+    FileTooLarge,
     IntegrityError,
     NoSpace,
     StaleHandle,
     TooSmall,
+    WriteCacheError,
 )
 from engine.nfs.rpc import (
     CAN_BE_DUP,
@@ -156,8 +158,11 @@ def status_of(e: BaseException) -> nfsstat3 | None:
     if isinstance(e, BadType):
         return nfsstat3.NFS3ERR_BADTYPE
     if isinstance(e, NoSpace):
+        log.warning("write refused, no space: %s", e)
         return nfsstat3.NFS3ERR_NOSPC
-    if isinstance(e, IntegrityError):
+    if isinstance(e, FileTooLarge):
+        return nfsstat3.NFS3ERR_FBIG
+    if isinstance(e, (IntegrityError, WriteCacheError)):
         log.error("I/O error sent to the client: %s", e)
         return nfsstat3.NFS3ERR_IO
     if isinstance(e, OSError):
@@ -228,7 +233,7 @@ class NFS3:
     def __init__(self, ds: Datastore, read_only: bool = False) -> None:
         self.ds = ds
         self.read_only = read_only
-        self._vattrs: dict[tuple[int, int], Any] = {}
+        self._vattrs: dict[tuple[int, int, int], Any] = {}
         self.procs = self._table()
 
     # -- helpers -------------------------------------------------------------------------------
@@ -245,9 +250,10 @@ class NFS3:
     def post_op(self, node: Node | None) -> Any:
         if node is None:
             return None
-        if node.kind == VDISK:  # immutable attributes: built once per disk file
-            assert node.session is not None
-            key = (node.session.sid, node.ino)
+        if node.kind == VDISK:  # attributes change only with mtime: built once per version
+            s = node.session
+            assert s is not None
+            key = (s.sid, node.ino, s.mtimes[node.ino // 2])
             a = self._vattrs.get(key)
             if a is None:
                 if len(self._vattrs) > 4096:
@@ -311,8 +317,8 @@ class NFS3:
             granted |= ACCESS3_READ
         if lookup:
             granted |= ACCESS3_LOOKUP if is_dir else ACCESS3_EXECUTE
-        if writable:
-            granted |= ACCESS3_MODIFY | ACCESS3_EXTEND | (ACCESS3_DELETE if is_dir else 0)
+        if writable:  # a disk file's size is fixed: modify, never extend
+            granted |= ACCESS3_MODIFY | (ACCESS3_EXTEND if node.kind != VDISK else 0) | (ACCESS3_DELETE if is_dir else 0)
         return ACCESS3resok(self.post_op(node), args.access & granted)
 
     def nfs3_readlink(self, args: Any, ctx: CallContext) -> Any:
@@ -330,9 +336,8 @@ class NFS3:
         if count > len(data):
             raise ProcError(nfsstat3.NFS3ERR_INVAL)
         before = self.pre_op(node)
-        sync = stable != stable_how.UNSTABLE
-        n = await self.ds.write(node, offset, data[:count], sync)
-        return WRITE3resok(self.wcc(before, node), n, stable_how.FILE_SYNC if sync else stable_how.UNSTABLE, self.ds.write_verf)
+        n, committed = await self.ds.write(node, offset, data[:count], int(stable))
+        return WRITE3resok(self.wcc(before, node), n, stable_how(committed), self.ds.write_verf)
 
     def _created(self, d: Node, before: Any, node: Node) -> Any:
         return CREATE3resok(self.fh(node), self.post_op(node), self.wcc(before, d))
@@ -442,7 +447,7 @@ class NFS3:
 
     def nfs3_fsstat(self, args: Any, ctx: CallContext) -> Any:
         node = self.node(args.fsroot)
-        v = self.ds.fsstat()
+        v = self.ds.fsstat(node)
         return FSSTAT3resok(
             self.post_op(node), v.f_blocks * v.f_frsize, v.f_bfree * v.f_frsize, v.f_bavail * v.f_frsize,
             v.f_files, v.f_ffree, v.f_favail, 0,

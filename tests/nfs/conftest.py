@@ -1,10 +1,12 @@
 """Fixtures for the NFS server tests: a repository of generated images, and daemons.
 
 Every daemon runs as a subprocess (``python -m engine.control.server_cli serve``) on a
-loopback address of its own from 127.0.0.2-127.0.0.40, with its portmapper on port 111
+loopback address of its own from 127.0.0.61-127.0.0.84 (the range kept for these tests;
+127.0.0.85-90 belong to the guest test), with its portmapper on port 111
 of that address (QEMU's libnfs always asks port 111 of the URL's host), MOUNT, NFS and
 the control API on their default ports there (they move on if taken; the fixture reads
-the ports in use from ``/api/v1/status``). Teardown stops each daemon by its PID.
+the ports in use from ``/api/v1/status``). Teardown stops each daemon by its PID. Test
+daemons publish with no free-space reserve (``--reserve-gib 0``) unless a test gives one.
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[2]
 BLOCK = 1 << 20
 
 _pool_lock = threading.Lock()
-_free = [f"127.0.0.{i}" for i in range(2, 41)]
+_free = [f"127.0.0.{i}" for i in range(61, 85)]
 
 
 def take_address() -> str:
@@ -66,7 +68,7 @@ class Daemon:
             sys.executable, "-m", "engine.control.server_cli", "serve",
             "--repo", str(self.repo), "--cache-dir", str(self.cache_dir),
             "--bind", self.addr, "--control-bind", self.addr,
-            "--portmap-port", str(self.portmap_port), *self.extra,
+            "--portmap-port", str(self.portmap_port), "--reserve-gib", "0", *self.extra,
         ]
         start_at = self.log.stat().st_size if self.log.exists() else 0
         logf = open(self.log, "ab")

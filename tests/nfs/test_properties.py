@@ -194,7 +194,7 @@ def test_record_over_the_cap_closes_the_connection(size: int, cuts: list[int]) -
 @pytest.fixture(scope="module")
 def dispatcher(images: dict, tmp_path_factory: pytest.TempPathFactory):
     repo = Repository.open(images["repo"])
-    ds = Datastore(repo, tmp_path_factory.mktemp("fuzzcache"))
+    ds = Datastore(repo, tmp_path_factory.mktemp("fuzzcache"), reserve=0)
     ds.load()
     ds.publish(images["point"], "fuzz")
     rpc = RpcServer()

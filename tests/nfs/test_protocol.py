@@ -13,6 +13,7 @@ import pytest
 from engine.nfs.client import AUTH_NONE, NFSClient, RpcClient, auth_sys, build_call, frame
 from engine.nfs.xdr import (
     ACCESS3_EXECUTE,
+    ACCESS3_EXTEND,
     ACCESS3_LOOKUP,
     ACCESS3_MODIFY,
     ACCESS3_READ,
@@ -187,9 +188,9 @@ def test_getattr_lookup_access_and_names(served, images):
         r = await c.call(NFSPROC3.LOOKUP, LOOKUP3args(dirop(sess, "missing")), check=False)
         assert r.tag == nfsstat3.NFS3ERR_NOENT and r.body is not None and r.body.type == ftype3.NF3DIR
         assert await status(c, NFSPROC3.LOOKUP, LOOKUP3args(dirop(img, "x"))) == nfsstat3.NFS3ERR_NOTDIR
-        # ACCESS: the backup disk is readable, not modifiable; the session dir is both
+        # ACCESS: the disk is readable and modifiable (write cache), never extended
         acc = (await c.call(NFSPROC3.ACCESS, ACCESS3args(fh3(img), 0x3F))).body.access
-        assert acc & ACCESS3_READ and not acc & ACCESS3_MODIFY
+        assert acc & ACCESS3_READ and acc & ACCESS3_MODIFY and not acc & ACCESS3_EXTEND
         acc = (await c.call(NFSPROC3.ACCESS, ACCESS3args(fh3(sess), 0x3F))).body.access
         assert acc & ACCESS3_LOOKUP and acc & ACCESS3_MODIFY and not acc & ACCESS3_EXECUTE
 
@@ -215,25 +216,75 @@ def test_read_backup_disk(served, images):
     client_for(served, fn)
 
 
-def test_backup_disk_files_are_read_only(served, images):
+def test_disk_files_write_commit_setattr(served, images):
+    """WRITE/COMMIT/SETATTR on a disk file of a session of its own: committed levels, the
+    server's verifier, newest data on read, the fixed size, names that stay protected."""
     d = images["disks"][0]
+    data = images["data"][0]
+    served.api("POST", "/sessions", {"point": images["point"], "name": "wproto"})
 
-    async def fn(c: NFSClient, sess: bytes) -> None:
-        name = f"{d['name']}-flat.vmdk"
-        fh = await c.lookup(sess, name)
-        r = await c.call(NFSPROC3.WRITE, _write_args(fh, 0, b"abc"), check=False)
-        assert r.tag == nfsstat3.NFS3ERR_ROFS and r.body.after is not None
-        sa = sattr3(None, None, None, 0, DONT_CHANGE_TIME, DONT_CHANGE_TIME)
-        assert await status(c, NFSPROC3.SETATTR, SETATTR3args(fh3(fh), sa, None)) == nfsstat3.NFS3ERR_ROFS
-        assert await status(c, NFSPROC3.REMOVE, REMOVE3args(dirop(sess, name))) == nfsstat3.NFS3ERR_ROFS
-        r = await c.create(sess, name, createmode3.GUARDED, check=False)
-        assert r.tag == nfsstat3.NFS3ERR_EXIST
-        await c.create(sess, "victim.txt")
-        rn = RENAME3args(dirop(sess, "victim.txt"), dirop(sess, name))
-        assert await status(c, NFSPROC3.RENAME, rn) == nfsstat3.NFS3ERR_ROFS
-        assert (await c.getattr(fh)).size == d["size"]
+    async def main() -> None:
+        c = await NFSClient.connect(served.addr, served.mount_port, served.nfs_port)
+        try:
+            sess = await c.mount("/instantnfs/wproto")
+            name = f"{d['name']}-flat.vmdk"
+            fh = await c.lookup(sess, name)
+            img = await c.lookup(sess, f"{d['name']}.img")
+            verfs = set()
+            for stable, off, payload in ((0, 100, b"unstable"), (1, 5000, b"datasync" * 700), (2, (1 << 20) - 3, b"filesync")):
+                r = await c.call(NFSPROC3.WRITE, _write_args(fh, off, payload, stable))
+                assert r.tag == nfsstat3.NFS3_OK and r.body.count == len(payload)
+                assert r.body.committed == (0 if stable == 0 else 2)  # a stable write is data + bitmap: FILE_SYNC
+                assert r.body.file_wcc.after.size == d["size"]
+                verfs.add(r.body.verf)
+            cm = (await c.call(NFSPROC3.COMMIT, COMMIT3args(fh3(fh), 0, 0))).body
+            verfs.add(cm.verf)
+            assert len(verfs) == 1  # one verifier for the daemon's life
+            want = bytearray(data[: 2 << 20])
+            want[100:108] = b"unstable"
+            want[5000 : 5000 + 5600] = b"datasync" * 700
+            want[(1 << 20) - 3 : (1 << 20) + 5] = b"filesync"
+            # both names of the disk are one disk; a read across dirty and clean granules is merged
+            assert (await c.read(img, 0, 1 << 20))[0] == bytes(want[: 1 << 20])
+            assert (await c.read(fh, 1 << 20, 1 << 20))[0] == bytes(want[1 << 20 :])
+            # the size is fixed: another size is INVAL, a write past the end FBIG; the same size is fine
+            for size in (0, d["size"] + 4096):
+                sa = sattr3(None, None, None, size, DONT_CHANGE_TIME, DONT_CHANGE_TIME)
+                assert await status(c, NFSPROC3.SETATTR, SETATTR3args(fh3(fh), sa, None)) == nfsstat3.NFS3ERR_INVAL
+            sa = sattr3(None, None, None, d["size"], DONT_CHANGE_TIME, DONT_CHANGE_TIME)
+            assert await status(c, NFSPROC3.SETATTR, SETATTR3args(fh3(fh), sa, None)) == nfsstat3.NFS3_OK
+            sa = sattr3(0o600, None, None, None, DONT_CHANGE_TIME, DONT_CHANGE_TIME)
+            assert await status(c, NFSPROC3.SETATTR, SETATTR3args(fh3(fh), sa, None)) == nfsstat3.NFS3ERR_PERM
+            r = await c.call(NFSPROC3.WRITE, _write_args(fh, d["size"] - 2, b"abcd"), check=False)
+            assert r.tag == nfsstat3.NFS3ERR_FBIG and r.body.after is not None
+            assert (await c.getattr(fh)).size == d["size"]
+            # the disk's names stay: no remove, no rename over, no exclusive create
+            assert await status(c, NFSPROC3.REMOVE, REMOVE3args(dirop(sess, name))) == nfsstat3.NFS3ERR_ROFS
+            assert (await c.create(sess, name, createmode3.GUARDED, check=False)).tag == nfsstat3.NFS3ERR_EXIST
+            await c.create(sess, "victim.txt")
+            rn = RENAME3args(dirop(sess, "victim.txt"), dirop(sess, name))
+            assert await status(c, NFSPROC3.RENAME, rn) == nfsstat3.NFS3ERR_ROFS
+            assert (await c.read(fh, 100, 8))[0] == b"unstable"
+        finally:
+            await c.close()
 
-    client_for(served, fn)
+    try:
+        run(main())
+        s = served.api("GET", "/sessions/wproto")
+        assert s["mode"] == "instant" and s["disks"][0]["dirty_bytes"] == 5 * 4096  # granules 0, 1-2, 255-256
+    finally:
+        served.api("DELETE", "/sessions/wproto")
+    # the shared session still reads the backup
+    assert run(_read_disk(served, "sess", d["name"], 0, 1 << 20)) == data[: 1 << 20]
+
+
+async def _read_disk(served: Any, session: str, disk: str, off: int, n: int) -> bytes:
+    c = await NFSClient.connect(served.addr, served.mount_port, served.nfs_port)
+    try:
+        s = await c.mount(f"/instantnfs/{session}")
+        return (await c.read(await c.lookup(s, f"{disk}.img"), off, n))[0]
+    finally:
+        await c.close()
 
 
 def _write_args(fh: bytes, off: int, data: bytes, stable: int = 2) -> Any:
