@@ -70,6 +70,7 @@ from concurrent.futures import Executor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 
@@ -136,10 +137,11 @@ class DirtyTracker:
         self.close()
 
 
-def _nospace(e: OSError, what: str) -> Exception:
+def _reraise(e: OSError, what: str) -> NoReturn:
+    """A full volume (ENOSPC, EDQUOT) as NoSpace; any other OSError as itself."""
     if e.errno in _NOSPACE:
-        return NoSpace(f"the write cache volume is full: {what} failed ({e.strerror})")
-    return e
+        raise NoSpace(f"the write cache volume is full: {what} failed ({e.strerror})") from e
+    raise e
 
 
 def _pwrite_all(fd: int, data: memoryview | bytes | bytearray, offset: int) -> None:
@@ -257,7 +259,7 @@ class WriteCache:
             for fd in (data_fd, bitmap_fd):
                 if fd >= 0:
                     os.close(fd)
-            raise _nospace(e, f"creating the write cache in {p}") from e
+            _reraise(e, f"creating the write cache in {p}")
         bits = np.zeros(nbytes, dtype=np.uint8)
         return cls(base, p, data_fd, bitmap_fd, granule, bits, temporary=_temporary, verifier=verifier, executor=executor)
 
@@ -500,7 +502,7 @@ class WriteCache:
                         lo, hi = max(offset, start << sh), min(end, (start + count) << sh)
                         _pwrite_all(self._data_fd, view[lo - offset : hi - offset], lo)
             except OSError as e:
-                raise _nospace(e, f"a write of {len(view)} bytes at {offset}") from e
+                _reraise(e, f"a write of {len(view)} bytes at {offset}")
             pages = range((g0 >> 3) // PAGE, (g1 >> 3) // PAGE + 1)
             with self._meta:
                 for start, count in clean:
@@ -579,7 +581,7 @@ class WriteCache:
             except OSError as e:
                 with self._meta:
                     self._unpersisted.update(pages)
-                raise _nospace(e, "committing the write cache") from e
+                _reraise(e, "committing the write cache")
             self._durable_gen = gen
             self.commits += 1
 
