@@ -144,6 +144,8 @@ class Session:
     caches: list[WriteCache] = field(default_factory=list)  # one per disk, over disks[i]
     mtimes: list[int] = field(default_factory=list)  # per disk: last write or time set
     jobs: int = 0  # export/commit jobs running on this session (unpublish waits for none)
+    inflight: int = 0  # disk reads/writes/commits in the executor: caches close after the last
+    ended: bool = False  # unpublished; the caches close when inflight drops to 0
     inodes: dict[int, str] = field(default_factory=dict)  # inode -> path relative to dir
     read_ops: int = 0
     read_bytes: int = 0
@@ -420,12 +422,32 @@ class Datastore:
         del self.by_sid[s.sid]
         self._fh_cache.clear()
         self._save()
-        self._close_caches(s)  # a sandbox's temporary directories go here
+        self._root_changed()
+        s.ended = True
+        if s.inflight == 0:  # else the last disk operation in progress ends it
+            self._end(s)
+        log.info("unpublished session %s", name)
+
+    def _end(self, s: Session) -> None:
+        """Close an unpublished session's caches (a sandbox's directories go with them),
+        then remove its directories. Never while a cache call runs in a thread: its file
+        descriptors would be closed under it."""
+        self._close_caches(s)
         if s.mode == "instant":
             shutil.rmtree(s.cache_parent / f"{s.name}.{s.sid}", ignore_errors=True)
         shutil.rmtree(s.dir, ignore_errors=True)
-        self._root_changed()
-        log.info("unpublished session %s", name)
+
+    def _op_done(self, s: Session) -> None:
+        s.inflight -= 1
+        if s.ended and s.inflight == 0:
+            self._end(s)
+
+    async def aclose(self, timeout: float = 30.0) -> None:
+        """``close`` once the disk operations in progress have finished (or ``timeout``)."""
+        deadline = time.monotonic() + timeout
+        while any(s.inflight for s in self.sessions.values()) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        self.close()
 
     def _root_changed(self) -> None:
         self.root_mtime_ns = max(time.time_ns(), self.root_mtime_ns + 1)
@@ -796,7 +818,11 @@ class Datastore:
             s = node.session
             assert s is not None
             disk = s.caches[node.ino // 2]
-            bufs = await disk.aread(offset, count)
+            s.inflight += 1
+            try:
+                bufs = await disk.aread(offset, count)
+            finally:
+                self._op_done(s)
             n = sum(len(b) for b in bufs)
             s.read_ops += 1
             s.read_bytes += n
@@ -825,7 +851,11 @@ class Datastore:
             s = node.session
             assert s is not None
             i = node.ino // 2
-            await s.caches[i].awrite(offset, data, stable != 0)
+            s.inflight += 1
+            try:
+                await s.caches[i].awrite(offset, data, stable != 0)
+            finally:
+                self._op_done(s)
             self._touch(s, i)
             s.write_ops += 1
             s.write_bytes += len(data)
@@ -852,8 +882,13 @@ class Datastore:
 
     async def commit(self, node: Node) -> None:
         if node.kind == VDISK:
-            assert node.session is not None
-            await node.session.caches[node.ino // 2].acommit()
+            s = node.session
+            assert s is not None
+            s.inflight += 1
+            try:
+                await s.caches[node.ino // 2].acommit()
+            finally:
+                self._op_done(s)
             return
         if node.kind != REAL:
             return

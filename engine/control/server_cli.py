@@ -97,7 +97,7 @@ async def run_daemon(cfg: dict[str, Any], ready: asyncio.Future | None = None) -
         log.info("stopping")
         await api.stop()
         await services.stop()
-        ds.close()
+        await ds.aclose()
     finally:
         repo.close()
     log.info("stopped")

@@ -1,14 +1,16 @@
 """The guest boots straight out of the repository over our own NFS server.
 
-The daemon runs as a subprocess on a loopback address of its own (127.0.0.50-60, the
+The daemon runs as a subprocess on a loopback address of its own (127.0.0.85-90, the
 range kept for these tests; QEMU's libnfs asks the portmapper on port 111 of the URL's
-host), the guest's restore point is published, and QEMU boots ``nfs://ADDR/...img``.
-The published disk files are read-only until the write cache is wired in, so QEMU
-sends the guest's writes to a throw-away overlay (``snapshot=on``); the guest's own
-data check (sha256 of its files, read through NFS) and its markers are the proof.
+host), the guest's restore point is published (instant mode), and QEMU boots
+``nfs://ADDR/...img`` read-write: every write of the guest lands in the session's write
+cache. The proof: the guest's markers and its own data check (sha256 of its files, read
+through NFS), then the disk exported through the daemon holds the heartbeat value the
+guest wrote, and no file of the repository changed.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -25,10 +27,10 @@ from engine.repo.ingest import BackupSettings, backup
 from engine.repo.repository import Repository
 from tests.conftest import require, require_tool
 from tests.guest import make_guest_disk as mgd
-from tests.guest.boot import boot_guest
+from tests.guest.boot import boot_guest, read_guest_file
 
 ROOT = Path(__file__).resolve().parents[2]
-ADDRESSES = [f"127.0.0.{i}" for i in range(50, 61)]
+ADDRESSES = [f"127.0.0.{i}" for i in range(85, 91)]
 
 
 def _free_address() -> str:
@@ -39,7 +41,7 @@ def _free_address() -> str:
             except OSError:
                 continue
             return addr
-    raise RuntimeError("no free loopback address in 127.0.0.50-60 (port 111 taken on all)")
+    raise RuntimeError("no free loopback address in 127.0.0.85-90 (port 111 taken on all)")
 
 
 def _serve(repo: Path, work: Path, addr: str) -> tuple[subprocess.Popen, str, Path]:
@@ -47,7 +49,7 @@ def _serve(repo: Path, work: Path, addr: str) -> tuple[subprocess.Popen, str, Pa
     with open(log, "wb") as logf:
         proc = subprocess.Popen(
             [sys.executable, "-m", "engine.control.server_cli", "serve", "--repo", str(repo),
-             "--cache-dir", str(work / "cache"), "--bind", addr, "--control-bind", addr, "--portmap-port", "111"],
+             "--cache-dir", str(work / "cache"), "--reserve-gib", "0", "--bind", addr, "--control-bind", addr, "--portmap-port", "111"],
             cwd=ROOT, stdout=logf, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -86,20 +88,41 @@ def test_guest_boots_over_instantnfs(tmp_path):
     with Repository.open(repo) as r:
         backup(r, BackupSettings(vm="guest"), [str(src)])
 
+    before = _hashes(repo)
+
     proc, control, log = _serve(repo, tmp_path, _free_address())
+    exported = tmp_path / "exported.img"
     try:
         out = subprocess.run(
             [sys.executable, "-m", "engine.control.server_cli", "publish", "latest", "--name", "boot",
              "--server", control, "--json"], cwd=ROOT, capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stderr
-        url = json.loads(out.stdout)["disks"][0]["url"]
+        session = json.loads(out.stdout)
+        assert session["mode"] == "instant"
+        disk = session["disks"][0]
+        url = disk["url"]
         assert url.startswith("nfs://") and url.endswith(".img")
-        result = boot_guest(url, "over-nfs", timeout=600, log_dir=tmp_path / "logs", snapshot=True)
+        value = f"nfs-{os.getpid()}-{int(time.time())}"
+        result = boot_guest(url, value, timeout=600, log_dir=tmp_path / "logs")
         assert f"GUEST-HEARTBEAT ok {result.run_id}" in result.console_log
         assert "GUEST-DONE" in result.console_log
         assert result.datacheck_ok, result.console_log[-2000:]
         assert proc.poll() is None, log.read_text()[-2000:]
+        out = subprocess.run(
+            [sys.executable, "-m", "engine.control.server_cli", "export", "boot", disk["name"], "-o", str(exported),
+             "--server", control, "--json"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+        sessions = json.loads(subprocess.run(
+            [sys.executable, "-m", "engine.control.server_cli", "sessions", "--server", control, "--json"],
+            cwd=ROOT, capture_output=True, text=True, timeout=60, check=True).stdout)
+        assert sessions[0]["disks"][0]["dirty_bytes"] > 0  # the guest wrote into the cache
     finally:
         _stop(proc)
-    # the guest's writes stayed in QEMU's overlay: the source and repository are intact
+    # the guest's write is in the exported disk; the source and the repository are intact
+    assert read_guest_file(exported, "/var/heartbeat.txt").decode().strip() == value
     assert src.read_bytes() == art.disk.read_bytes()
+    assert _hashes(repo) == before
+
+
+def _hashes(repo: Path) -> dict[str, str]:
+    return {str(p.relative_to(repo)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(repo.rglob("*")) if p.is_file()}
