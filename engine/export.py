@@ -44,6 +44,7 @@ import numpy as np
 from engine.blockmap import bits_runs
 from engine.disk import Disk
 from engine.errors import NoSpace, SourceError, UsageError
+from engine.fsutil import fsync_dir, pwrite_all
 from engine.writecache import WriteCache
 
 FORMATS = ("raw", "qcow2")
@@ -95,7 +96,7 @@ def export_disk(
             copier.close()
         if fmt == "raw":
             os.rename(raw_path, out)
-            _fsync_dir(out.parent)
+            fsync_dir(out.parent)
         else:
             _convert_qcow2(raw_path, out, progress)
     except OSError as e:
@@ -187,15 +188,15 @@ class _Copier:
             if n % ZERO_GRAIN == 0 and n >= ZERO_GRAIN:
                 nonzero = arr.view(np.uint64).reshape(-1, ZERO_GRAIN // 8).any(axis=1)
                 if nonzero.all():
-                    _pwrite_all(self.fd, part, pos)
+                    pwrite_all(self.fd, part, pos)
                     written += n
                 elif nonzero.any():
                     edges = np.flatnonzero(np.diff(np.concatenate(([0], nonzero.view(np.int8), [0]))))
                     for a, b in zip(edges[0::2].tolist(), edges[1::2].tolist(), strict=True):
-                        _pwrite_all(self.fd, part[a * ZERO_GRAIN : b * ZERO_GRAIN], pos + a * ZERO_GRAIN)
+                        pwrite_all(self.fd, part[a * ZERO_GRAIN : b * ZERO_GRAIN], pos + a * ZERO_GRAIN)
                         written += (b - a) * ZERO_GRAIN
             elif arr.any():
-                _pwrite_all(self.fd, part, pos)
+                pwrite_all(self.fd, part, pos)
                 written += n
             pos += n
         return length, written
@@ -225,7 +226,7 @@ class _Copier:
                 b = min((min(start + count, s + batch)) * g, cache.size)
                 pos = a
                 for part in cache.readv(a, b - a):
-                    _pwrite_all(self.fd, part, pos)
+                    pwrite_all(self.fd, part, pos)
                     pos += len(part)
                 done += b - a
                 self._report(phase, done, total)
@@ -270,20 +271,5 @@ def _convert_qcow2(raw: Path, out: Path, progress: Progress | None) -> None:
     finally:
         os.close(fd)
     os.rename(part, out)
-    _fsync_dir(out.parent)
+    fsync_dir(out.parent)
 
-
-def _pwrite_all(fd: int, data, offset: int) -> None:
-    view = memoryview(data)
-    while len(view):
-        n = os.pwrite(fd, view, offset)
-        view = view[n:]
-        offset += n
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

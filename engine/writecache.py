@@ -77,6 +77,7 @@ import numpy as np
 from engine.blockmap import bits_count, bits_runs, bits_set
 from engine.disk import Disk
 from engine.errors import FileTooLarge, NoSpace, WriteCacheError
+from engine.fsutil import fsync_dir, pwrite_all
 
 MAGIC = b"INFS-WC\x00"
 VERSION = 1
@@ -144,12 +145,6 @@ def _reraise(e: OSError, what: str) -> NoReturn:
     raise e
 
 
-def _pwrite_all(fd: int, data: memoryview | bytes | bytearray, offset: int) -> None:
-    view = memoryview(data)
-    while len(view):
-        n = os.pwrite(fd, view, offset)
-        view = view[n:]
-        offset += n
 
 
 def _pread_exact(fd: int, length: int, offset: int) -> bytearray:
@@ -247,12 +242,12 @@ class WriteCache:
                 head = HEADER.pack(MAGIC, VERSION, granule, size, ngran, base_tag.ljust(32, b"\0"))
                 head += struct.pack("<I", zlib.crc32(head))
                 os.posix_fallocate(bfd, 0, HEADER_SIZE + nbytes)
-                _pwrite_all(bfd, head.ljust(HEADER_SIZE, b"\0") + bytes(nbytes), 0)
+                pwrite_all(bfd, head.ljust(HEADER_SIZE, b"\0") + bytes(nbytes), 0)
                 os.fsync(bfd)
             finally:
                 os.close(bfd)
             os.rename(tmp, p / BITMAP_FILE)
-            _fsync_dir(p)
+            fsync_dir(p)
             bitmap_fd = os.open(p / BITMAP_FILE, os.O_RDWR | os.O_CLOEXEC)
             _lock_file(bitmap_fd, p)
         except OSError as e:
@@ -500,7 +495,7 @@ class WriteCache:
                 for start, count, v in runs:
                     if v:
                         lo, hi = max(offset, start << sh), min(end, (start + count) << sh)
-                        _pwrite_all(self._data_fd, view[lo - offset : hi - offset], lo)
+                        pwrite_all(self._data_fd, view[lo - offset : hi - offset], lo)
             except OSError as e:
                 _reraise(e, f"a write of {len(view)} bytes at {offset}")
             pages = range((g0 >> 3) // PAGE, (g1 >> 3) // PAGE + 1)
@@ -535,7 +530,7 @@ class WriteCache:
             self._copy_on_write(view, offset, last, b)
             mid_hi = last
         if mid_lo < mid_hi:
-            _pwrite_all(fd, view[mid_lo - offset : mid_hi - offset], mid_lo)
+            pwrite_all(fd, view[mid_lo - offset : mid_hi - offset], mid_lo)
 
     def _copy_on_write(self, view: memoryview, offset: int, a: int, b: int) -> None:
         """Write the granule [a, b): the base's bytes with the new ones laid over."""
@@ -546,7 +541,7 @@ class WriteCache:
             pos += len(part)
         lo, hi = max(offset, a), min(offset + len(view), b)
         buf[lo - a : hi - a] = view[lo - offset : hi - offset]
-        _pwrite_all(self._data_fd, buf, a)
+        pwrite_all(self._data_fd, buf, a)
 
     async def awrite(self, offset: int, data: bytes | bytearray | memoryview, stable: bool = False) -> None:
         """``write`` in the executor (copy on write and fsync never block the loop)."""
@@ -575,7 +570,7 @@ class WriteCache:
             try:
                 os.fdatasync(self._data_fd)
                 for p, raw in snap:
-                    _pwrite_all(self._bitmap_fd, raw, HEADER_SIZE + p * PAGE)
+                    pwrite_all(self._bitmap_fd, raw, HEADER_SIZE + p * PAGE)
                 if snap:
                     os.fdatasync(self._bitmap_fd)
             except OSError as e:
@@ -664,12 +659,6 @@ def remove_stale_temporaries(parent: str | os.PathLike | None = None) -> list[Pa
     return removed
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _lock_file(fd: int, path: Path) -> None:

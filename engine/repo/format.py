@@ -32,7 +32,6 @@ u64 record offset``; ``pack == 0xFFFFFFFF`` marks an all-zero block that is not 
 from __future__ import annotations
 
 import json
-import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +40,7 @@ import numpy as np
 
 from engine.blockmap import ENTRY_DTYPE, ZERO_PACK
 from engine.errors import RepositoryError
+from engine.fsutil import fsync_dir, write_file_atomic  # noqa: F401  (re-exported for engine.repo)
 
 REPO_MAGIC = "instantnfs-repository"
 REPO_VERSION = 1
@@ -76,25 +76,6 @@ def pack_name(pack: int) -> str:
 
 def idx_name(pack: int) -> str:
     return f"{pack:08x}.idx"
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_file_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file, fsync, rename, fsync the directory."""
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 # -- block maps -------------------------------------------------------------------------
