@@ -42,7 +42,10 @@ cache uses the datastore's write verifier, new at each start.
 Errors are ``OSError`` with the errno a local filesystem would give (EROFS, EEXIST,
 ENOTDIR, ...) or the ``engine.errors`` datastore errors; ``engine.nfs.nfs3`` maps both
 to ``nfsstat3`` in one function. Everything here runs on the event loop thread (so no
-lock is needed); only fsync and disk reads that miss the chunk cache run elsewhere.
+lock is needed); only fsync, disk reads that miss the chunk cache and write-cache work
+run elsewhere: write-cache writes and dirty reads in ``io_pool``, COMMITs in
+``sync_pool`` (``WriteCache`` is thread-safe). A session counts its disk operations in
+flight, and its caches are closed only when none is left.
 """
 from __future__ import annotations
 
@@ -59,6 +62,7 @@ import shutil
 import stat
 import struct
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,6 +88,9 @@ _SESSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 STATE_FORMAT = 1
 MODES = ("instant", "sandbox")
 GiB = 1 << 30
+IO_THREADS = 32
+INLINE_WRITE = 64 << 10  # UNSTABLE writes up to this size that need no copy on write run on the loop
+SYNC_THREADS = 4
 DEFAULT_RESERVE = 100 * GiB
 
 
@@ -260,6 +267,10 @@ class Datastore:
         self.fsid = 0
         self._fh_cache: dict[bytes, Node] = {}  # verified handles of disk files
         self.write_verf = secrets.token_bytes(8)  # changes every start: clients resend uncommitted writes
+        # Write-cache work off the loop: writes and dirty reads in one pool, COMMITs (fsync)
+        # in another, so a burst of slow fsyncs never leaves writes waiting for a thread.
+        self.io_pool = ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="wc-io")
+        self.sync_pool = ThreadPoolExecutor(max_workers=SYNC_THREADS, thread_name_prefix="wc-sync")
 
     # -- state -----------------------------------------------------------------------------
 
@@ -343,9 +354,10 @@ class Datastore:
             for i, disk in enumerate(disks):
                 tag = hashlib.blake2b(f"{point.id}/{disk.name}".encode(), digest_size=32).digest()
                 if mode == "sandbox":
-                    c = WriteCache.temporary(disk, parent, base_tag=tag, verifier=self.write_verf)
+                    c = WriteCache.temporary(disk, parent, base_tag=tag, verifier=self.write_verf, executor=self.io_pool)
                 else:
-                    c = WriteCache.open_or_create(self.cache_path(s, i), disk, base_tag=tag, verifier=self.write_verf)
+                    c = WriteCache.open_or_create(self.cache_path(s, i), disk, base_tag=tag, verifier=self.write_verf,
+                                                  executor=self.io_pool)
                 s.caches.append(c)
         except BaseException:
             self._close_caches(s)
@@ -388,7 +400,7 @@ class Datastore:
             reserve = self.reserve
         if free < reserve and not force:
             raise SessionError(
-                f"the cache volume of {parent} has {free / GiB:.1f} GiB free, less than the {reserve / GiB:g} GiB reserve: "
+                f"the cache volume of {parent} has {free / GiB:.1f} GiB free, less than the {reserve / GiB:.1f} GiB reserve: "
                 "free space, pick another --cache-dir, lower the reserve, or publish with --force"
             )
         d = self.sessions_dir / name
@@ -442,12 +454,24 @@ class Datastore:
         if s.ended and s.inflight == 0:
             self._end(s)
 
+    @staticmethod
+    def _no_copy_on_write(cache: WriteCache, offset: int, n: int) -> bool:
+        """Whether a write covers whole granules, or dirty ones at its unaligned edges
+        (dirty bits never clear, so the answer cannot go stale)."""
+        g = cache.granule
+        end = offset + n
+        if offset % g and not cache.is_dirty(offset, 1):
+            return False
+        return not (end % g and end < cache.size and not cache.is_dirty(end - 1, 1))
+
     async def aclose(self, timeout: float = 30.0) -> None:
         """``close`` once the disk operations in progress have finished (or ``timeout``)."""
         deadline = time.monotonic() + timeout
         while any(s.inflight for s in self.sessions.values()) and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         self.close()
+        self.io_pool.shutdown(wait=False)
+        self.sync_pool.shutdown(wait=False)
 
     def _root_changed(self) -> None:
         self.root_mtime_ns = max(time.time_ns(), self.root_mtime_ns + 1)
@@ -851,11 +875,18 @@ class Datastore:
             s = node.session
             assert s is not None
             i = node.ino // 2
-            s.inflight += 1
-            try:
-                await s.caches[i].awrite(offset, data, stable != 0)
-            finally:
-                self._op_done(s)
+            cache = s.caches[i]
+            if stable == 0 and len(data) <= INLINE_WRITE and not s.jobs and self._no_copy_on_write(cache, offset, len(data)):
+                # a small UNSTABLE write that reads nothing from the backup is one pwrite
+                # into the page cache: cheaper here than a thread hand-off (no export is
+                # running, so it can never wait for paused writes)
+                cache.write(offset, data)
+            else:
+                s.inflight += 1
+                try:
+                    await cache.awrite(offset, data, stable != 0)
+                finally:
+                    self._op_done(s)
             self._touch(s, i)
             s.write_ops += 1
             s.write_bytes += len(data)
@@ -886,7 +917,7 @@ class Datastore:
             assert s is not None
             s.inflight += 1
             try:
-                await s.caches[node.ino // 2].acommit()
+                await asyncio.get_running_loop().run_in_executor(self.sync_pool, s.caches[node.ino // 2].commit)
             finally:
                 self._op_done(s)
             return

@@ -111,6 +111,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         cfg = _serve_config(args)
         import uvloop
 
+        from engine.tuning import tune_malloc
+
+        tune_malloc()  # 1 MiB READ/WRITE buffers stay in the heap
         return uvloop.run(run_daemon(cfg))
     except InstantNFSError as e:
         print(f"instantnfs: {e}", file=sys.stderr)

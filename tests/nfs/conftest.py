@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -36,11 +37,25 @@ _pool_lock = threading.Lock()
 _free = [f"127.0.0.{i}" for i in range(61, 85)]
 
 
+def _port_free(addr: str, port: int = 111) -> bool:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((addr, port))
+        except OSError:
+            return False
+    return True
+
+
 def take_address() -> str:
+    """A loopback address of the pool whose port 111 is free (another test run in the same
+    tree may hold some: it is skipped)."""
     with _pool_lock:
-        if not _free:
-            raise RuntimeError("no loopback address left for another test daemon")
-        return _free.pop(0)
+        for addr in list(_free):
+            if _port_free(addr):
+                _free.remove(addr)
+                return addr
+        raise RuntimeError("no loopback address left for another test daemon (port 111 taken on all)")
 
 
 def give_address(addr: str) -> None:

@@ -13,6 +13,7 @@ def test_defaults_work_out_of_the_box():
     assert (s["portmap_port"], s["mount_port"], s["nfs_port"], s["export"]) == (111, 1058, 2049, "/instantnfs")
     assert cfg["control"] == {"bind": "127.0.0.1", "port": 6161, "token": ""}
     assert not cfg["cache"]["dir"].startswith("~")
+    assert cfg["cache"]["reserve_gib"] == 100 and cfg["cache"]["write_dir"] == ""
 
 
 def test_file_overrides_and_errors(tmp_path):
@@ -28,6 +29,7 @@ def test_file_overrides_and_errors(tmp_path):
         "[server]\nallowed_clients = [\"nonsense\"]\n": "not an address or network",
         "[server]\nexport = \"relative\"\n": "must be an absolute path",
         "[server\n": "not valid TOML",
+        "[cache]\nreserve_gib = -1\n": "reserve_gib must not be negative",
     }
     for text, msg in cases.items():
         f.write_text(text)

@@ -400,3 +400,93 @@ def test_commit_creates_a_point_with_the_merged_disks(images, tmp_path):
     after = repo_hashes(repo)
     # the commit only added files: every file that was there is unchanged (the lock file aside)
     assert {k: v for k, v in after.items() if k in before and k != "lock"} == {k: v for k, v in before.items() if k != "lock"}
+
+
+# -- the session's life around its caches ----------------------------------------------------------
+
+
+def test_unpublish_with_writes_in_flight(daemon_factory, images, tmp_path, untouched):
+    """Unpublish while WRITEs run in the thread pool: each gets OK or STALE, the caches
+    close after the last one, the directories go, the daemon keeps serving."""
+    dmn = daemon_factory()
+    view = dmn.api("POST", "/sessions", {"point": images["point"], "name": "busy"})
+    cache_dir = Path(view["disks"][0]["cache_path"]).parent
+    d = images["disks"][0]
+
+    async def main() -> list[int]:
+        c, sess = await connect(dmn, "busy")
+        try:
+            fh = await c.lookup(sess, f"{d['name']}.img")
+            data = os.urandom(200_000)  # > 64 KiB and unaligned: the thread pool, with copy on write
+            writes = [asyncio.ensure_future(c.call(NFSPROC3.WRITE, wargs(fh, 1000 + i * 300_001, data, i % 3), check=False))
+                      for i in range(60)]
+            await asyncio.sleep(0.005)
+            await asyncio.get_running_loop().run_in_executor(None, dmn.api, "DELETE", "/sessions/busy")
+            return [r.tag for r in await asyncio.gather(*writes)]
+        finally:
+            await c.close()
+
+    tags = run(main())
+    assert set(tags) <= {nfsstat3.NFS3_OK, nfsstat3.NFS3ERR_STALE}, tags
+    assert not cache_dir.exists()
+    assert dmn.api("GET", "/sessions") == []
+    dmn.api("POST", "/sessions", {"point": images["point"], "name": "again"})
+
+    async def read(c: NFSClient, sess: bytes) -> bytes:
+        return (await c.read(await c.lookup(sess, f"{d['name']}.img"), 0, 1 << 20))[0]
+
+    assert nfs_io(dmn, "again", read) == images["data"][0][: 1 << 20]
+
+
+def test_sandbox_left_by_a_killed_daemon_is_removed_at_start(daemon_factory, images, tmp_path, untouched):
+    cache = tmp_path / "killsb"
+    dmn = daemon_factory(cache_dir=cache)
+    view = dmn.api("POST", "/sessions", {"point": images["point"], "name": "sbk", "mode": "sandbox"})
+    inst = dmn.api("POST", "/sessions", {"point": images["point"], "name": "keep"})
+    sb_dir = Path(view["disks"][0]["cache_path"])
+    assert sb_dir.is_dir()
+    assert dmn.proc is not None
+    os.kill(dmn.proc.pid, signal.SIGKILL)
+    dmn.proc.wait(10)
+    dmn.proc = None
+    assert sb_dir.is_dir()  # nobody removed it
+    dmn2 = daemon_factory(cache_dir=cache, addr=dmn.addr)
+    assert not sb_dir.exists()
+    assert [s["name"] for s in dmn2.api("GET", "/sessions")] == ["keep"]
+    assert Path(inst["disks"][0]["cache_path"]).is_dir()
+
+
+def test_cli_publish_modes_reserve_and_job_errors(daemon_factory, images, tmp_path, untouched):
+    dmn = daemon_factory()
+    r = cli(dmn, "publish", images["point"], "--name", "big", "--reserve-gib", "1000000")
+    assert r.returncode != 0 and r.stderr.count("\n") == 1 and "less than the 1000000.0 GiB reserve" in r.stderr, r.stderr
+    r = cli(dmn, "publish", images["point"], "--name", "big", "--reserve-gib", "1000000", "--force", "--mode", "sandbox", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["mode"] == "sandbox"
+    r = cli(dmn, "export", "big", "nosuchdisk", "-o", str(tmp_path / "x.raw"))
+    assert r.returncode != 0 and "has no disk 'nosuchdisk'" in r.stderr
+    r = cli(dmn, "export", "big", "0", "-o", str(tmp_path / "missing-dir" / "x.raw"))
+    assert r.returncode != 0 and "does not exist" in r.stderr
+    r = cli(dmn, "commit", "nosession")
+    assert r.returncode != 0 and "no published session 'nosession'" in r.stderr
+
+
+def test_commit_while_the_repository_is_locked_fails_clearly(images, tmp_path):
+    from engine.repo.repository import Repository
+
+    repo = tmp_path / "repo"
+    shutil.copytree(images["repo"], repo)
+    addr = take_address()
+    dmn = Daemon(repo, tmp_path / "cache", addr)
+    try:
+        dmn.start()
+        dmn.api("POST", "/sessions", {"point": images["point"], "name": "lk"})
+        with Repository.open(repo) as r, r.lock("backup testvm"):
+            res = cli(dmn, "commit", "lk")
+        assert res.returncode != 0 and f"locked by PID {os.getpid()}" in res.stderr, res.stderr
+        jobs = dmn.api("GET", "/jobs")
+        assert jobs[-1]["kind"] == "commit" and jobs[-1]["state"] == "failed"
+        assert len(dmn.api("GET", "/points")) == 1
+    finally:
+        dmn.stop()
+        give_address(addr)
