@@ -89,6 +89,7 @@ STATE_FORMAT = 1
 MODES = ("instant", "sandbox")
 GiB = 1 << 30
 IO_THREADS = 32
+MTIME_STEP = 1_000_000  # ns: a disk file's mtime moves in whole milliseconds
 INLINE_WRITE = 64 << 10  # UNSTABLE writes up to this size that need no copy on write run on the loop
 SYNC_THREADS = 4
 DEFAULT_RESERVE = 100 * GiB
@@ -618,7 +619,11 @@ class Datastore:
             s.mtimes[i] = m
 
     def _touch(self, s: Session, i: int) -> None:
-        s.mtimes[i] = max(time.time_ns(), s.mtimes[i] + 1)
+        """A write changes the disk's mtime (and ctime), kept to whole milliseconds so that
+        a burst of writes shares one attribute version (built once, see NFS3.post_op)."""
+        now = time.time_ns()
+        if now - s.mtimes[i] >= MTIME_STEP:
+            s.mtimes[i] = now - now % MTIME_STEP
 
     def access(self, node: Node) -> tuple[bool, bool, bool]:
         """(readable, writable, lookup/executable) for any client allowed in."""

@@ -234,6 +234,7 @@ class NFS3:
         self.ds = ds
         self.read_only = read_only
         self._vattrs: dict[tuple[int, int, int], Any] = {}
+        self._vwcc: dict[tuple[int, int, int], Any] = {}
         self.procs = self._table()
 
     # -- helpers -------------------------------------------------------------------------------
@@ -272,6 +273,17 @@ class NFS3:
             return None
 
     def pre_op(self, node: Node) -> Any:
+        if node.kind == VDISK:  # like post_op: one wcc_attr per version of a disk file
+            s = node.session
+            assert s is not None
+            key = (s.sid, node.ino, s.mtimes[node.ino // 2])
+            w = self._vwcc.get(key)
+            if w is None:
+                if len(self._vwcc) > 4096:
+                    self._vwcc.clear()
+                a = self.ds.getattr(node)
+                w = self._vwcc[key] = wcc_attr(a.size, _time(a.mtime_ns), _time(a.ctime_ns))
+            return w
         try:
             a = self.ds.getattr(node)
         except OSError:
