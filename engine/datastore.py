@@ -266,6 +266,7 @@ class Datastore:
         self.root_mtime_ns = time.time_ns()
         self.root_gen = 1
         self.fsid = 0
+        self.unrestored: list[dict] = []  # state entries of sessions that could not be restored
         self._fh_cache: dict[bytes, Node] = {}  # verified handles of disk files
         self.write_verf = secrets.token_bytes(8)  # changes every start: clients resend uncommitted writes
         # Write-cache work off the loop: writes and dirty reads in one pool, COMMITs (fsync)
@@ -305,9 +306,11 @@ class Datastore:
                 continue
             try:
                 point = self.repo.point(s["point"])
-                self._attach(s["name"], int(s["sid"]), point, int(s["created_ns"]), mode, parent)
+                self._attach(s["name"], int(s["sid"]), point, int(s["created_ns"]), mode, parent, restore=True)
             except Exception as e:  # noqa: BLE001 - one broken session must not stop the daemon
-                log.error("session %s cannot be restored: %s", s.get("name"), e)
+                # kept in the state: its caches may come back (a volume not mounted yet)
+                log.error("session %s cannot be restored (kept for the next start): %s", s.get("name"), e)
+                self.unrestored.append(s)
         self._save()
 
     @property
@@ -339,7 +342,7 @@ class Datastore:
                 {"name": s.name, "sid": s.sid, "point": s.point.id, "created_ns": s.created_ns,
                  "mode": s.mode, "cache_parent": str(s.cache_parent)}
                 for s in sorted(self.sessions.values(), key=lambda s: s.sid)
-            ],
+            ] + [u for u in self.unrestored if u.get("name") not in self.sessions],
         }
         _write_atomic(self.state_path, (json.dumps(state, indent=2) + "\n").encode())
 
@@ -347,7 +350,10 @@ class Datastore:
         """Where an instant session's write cache of ``disk`` lives."""
         return s.cache_parent / f"{s.name}.{s.sid}" / f"disk{disk}"
 
-    def _attach(self, name: str, sid: int, point: RestorePoint, created_ns: int, mode: str, parent: Path) -> Session:
+    def _attach(self, name: str, sid: int, point: RestorePoint, created_ns: int, mode: str, parent: Path,
+                restore: bool = False) -> Session:
+        """Open a session's disks and caches; ``restore``: its instant caches must exist
+        (never start an empty cache in place of one that is missing)."""
         disks = [point.open_disk(i) for i in range(len(point.disks))]
         d = self.sessions_dir / name
         s = Session(name, sid, point, created_ns, d, disks, mode, parent)
@@ -357,8 +363,11 @@ class Datastore:
                 if mode == "sandbox":
                     c = WriteCache.temporary(disk, parent, base_tag=tag, verifier=self.write_verf, executor=self.io_pool)
                 else:
-                    c = WriteCache.open_or_create(self.cache_path(s, i), disk, base_tag=tag, verifier=self.write_verf,
-                                                  executor=self.io_pool)
+                    path = self.cache_path(s, i)
+                    if restore:
+                        c = WriteCache.open(path, disk, base_tag=tag, verifier=self.write_verf, executor=self.io_pool)
+                    else:
+                        c = WriteCache.create(path, disk, base_tag=tag, verifier=self.write_verf, executor=self.io_pool)
                 s.caches.append(c)
         except BaseException:
             self._close_caches(s)
@@ -390,6 +399,8 @@ class Datastore:
             raise SessionError(f"session name {name!r} is not allowed: use 1-128 letters, digits, '.', '_' or '-'")
         if name in self.sessions:
             raise SessionError(f"a session named {name!r} is already published (unpublish it or pick another --name)")
+        if any(u.get("name") == name for u in self.unrestored):
+            raise SessionError(f"session {name!r} could not be restored at start (see the daemon's log); pick another --name")
         parent = Path(os.path.abspath(os.path.expanduser(cache_dir))) if cache_dir else self.default_cache_parent
         try:
             parent.mkdir(parents=True, exist_ok=True)

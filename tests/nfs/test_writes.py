@@ -490,3 +490,31 @@ def test_commit_while_the_repository_is_locked_fails_clearly(images, tmp_path):
     finally:
         dmn.stop()
         give_address(addr)
+
+
+def test_instant_session_whose_cache_is_missing_is_kept_not_emptied(daemon_factory, images, tmp_path, untouched):
+    """A restart that cannot find a session's cache (a volume not mounted) must not start
+    an empty one in its place: the session stays out, kept in the state for a later start."""
+    cache, wdir = tmp_path / "state", tmp_path / "vol"
+    dmn = daemon_factory(cache_dir=cache)
+    dmn.api("POST", "/sessions", {"point": images["point"], "name": "vm", "cache_dir": str(wdir)})
+
+    async def write(c: NFSClient, sess: bytes) -> None:
+        await c.call(NFSPROC3.WRITE, wargs(await c.lookup(sess, f"{images['disks'][0]['name']}.img"), 0, b"kept", 2))
+
+    nfs_io(dmn, "vm", write)
+    dmn.stop()
+    wdir.rename(tmp_path / "vol-away")
+    dmn2 = daemon_factory(cache_dir=cache, addr=dmn.addr)
+    assert dmn2.api("GET", "/sessions") == []
+    with pytest.raises(Exception) as e:
+        dmn2.api("POST", "/sessions", {"point": images["point"], "name": "vm"})
+    assert "could not be restored" in e.value.read().decode()  # type: ignore[attr-defined]
+    dmn2.stop()
+    (tmp_path / "vol-away").rename(wdir)
+    dmn3 = daemon_factory(cache_dir=cache, addr=dmn.addr)
+
+    async def read(c: NFSClient, sess: bytes) -> bytes:
+        return (await c.read(await c.lookup(sess, f"{images['disks'][0]['name']}.img"), 0, 4))[0]
+
+    assert nfs_io(dmn3, "vm", read) == b"kept"
