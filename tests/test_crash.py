@@ -74,17 +74,27 @@ def test_gc_refused_while_backup_runs_and_readers_unaffected_by_gc(tmp_path):
     ok("backup", "--repo", repo, "--vm", "keep", "-q", keep_src)
     old = ok("backup", "--repo", repo, "--vm", "old", "--json", old_src).json()["id"]
 
-    p = backup_proc(repo, "big", big_src)
-    try:
+    # freeze the backup while it holds the lock (SIGSTOP), so the test never races it
+    for _attempt in range(5):
+        p = backup_proc(repo, "big", big_src)
         deadline = time.monotonic() + 20
-        while (repo / "lock").read_text().split(" ")[:1] != [str(p.pid)]:
-            assert p.poll() is None and time.monotonic() < deadline, "backup never took the lock"
-            time.sleep(0.01)
+        while (repo / "lock").read_text().split(" ")[:1] != [str(p.pid)] and p.poll() is None:
+            assert time.monotonic() < deadline, "backup never took the lock"
+            time.sleep(0.002)
+        p.send_signal(signal.SIGSTOP)
+        if (repo / "lock").read_text().split(" ")[:1] == [str(p.pid)]:
+            break
+        p.send_signal(signal.SIGCONT)  # it finished in between: try again
+        p.wait()
+    else:
+        pytest.fail("could not catch a backup while it held the lock")
+    try:
         r = run("repo", "gc", "--repo", repo)
         assert r.rc != 0 and f"locked by PID {p.pid}" in r.err
         r = run("points", "delete", "--repo", repo, old)
         assert r.rc != 0 and "locked" in r.err
     finally:
+        p.send_signal(signal.SIGCONT)
         p.wait()
     assert p.returncode == 0, p.stderr
 
