@@ -94,7 +94,8 @@ def test_disk_against_a_model_with_restarts_and_crashes(images, tmp_path):
             off = data.draw(st.integers(0, size - 1))
             n = data.draw(st.integers(1, 3 * BLOCK))
             got, _ = self._run(self.client.read(self.fh, off, n))
-            assert got == self.current[off : off + n].tobytes()
+            assert len(got) == min(n, BLOCK, size - off)  # rtmax is 1 MiB: a longer READ is cut
+            assert got == self.current[off : off + len(got)].tobytes()
 
         @rule()
         def restart(self) -> None:
