@@ -144,7 +144,7 @@ class Proc:
 def start_ours(work: Path, m: dict) -> tuple[Proc, int]:
     cfg = work / "instantnfs.toml"
     cache_mib = max(1024, int(m["bytes"] * 1.25) >> 20)
-    cfg.write_text(f"[cache]\nchunk_cache_mib = {cache_mib}\n")
+    cfg.write_text(f"[cache]\nchunk_cache_mib = {cache_mib}\nreserve_gib = 0\n")  # a benchmark, not a VM: no free-space reserve
     shutil.rmtree(work / "cache", ignore_errors=True)  # no sessions left from an earlier run
     p = Proc([PY, "-m", "engine.control.server_cli", "serve", "--repo", m["repo"], "--cache-dir", str(work / "cache"),
               "--bind", OURS, "--control-bind", OURS, "--config", str(cfg)], work / "instantnfs.log", "instantnfs serving")
