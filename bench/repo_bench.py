@@ -34,7 +34,6 @@ import argparse
 import hashlib
 import json
 import os
-import platform
 import shutil
 import signal
 import subprocess
@@ -51,6 +50,7 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 import gen_disk  # noqa: E402
+from benchlib import machine  # noqa: E402
 
 from engine import blockmap as blockmap_mod  # noqa: E402
 from engine.repo.ingest import BackupSettings, backup  # noqa: E402
@@ -93,23 +93,6 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def machine() -> dict:
-    cpu = ""
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cpus": os.cpu_count(),
-        "python": platform.python_version(),
-        "kernel": platform.release(),
-        # other work on the machine skews every figure: say how busy it was
-        "loadavg_1_5_15": [round(x, 2) for x in os.getloadavg()],
-    }
 
 
 # ------------------------------------------------------------------------ ours

@@ -35,10 +35,8 @@ machine, load average at start and end). Figures are never asserted anywhere.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -51,28 +49,21 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from benchlib import machine  # noqa: E402
 
 from engine.blockmap import IMPLEMENTATION  # noqa: E402
 from engine.export import export_disk  # noqa: E402
 from engine.repo.ingest import BackupSettings, backup  # noqa: E402
 from engine.repo.repository import Repository  # noqa: E402
+from engine.tuning import tune_malloc  # noqa: E402
 from engine.writecache import WriteCache  # noqa: E402
 
 MIB = 1 << 20
 
 
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 
-
-def tune_malloc() -> bool:
-    """Stop glibc from trimming the heap (brk) and mmapping each freed 1 MiB buffer:
-    with its default dynamic thresholds every 1 MiB read buffer freed shrinks the heap,
-    and the TLB flushes that follow made each copy of a 1 MiB buffer ~10x slower here."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    return bool(libc.mallopt(M_TRIM_THRESHOLD, 256 << 20)) and bool(libc.mallopt(M_MMAP_THRESHOLD, 32 << 20))
 
 
 def parse_size(text: str) -> int:
@@ -81,22 +72,6 @@ def parse_size(text: str) -> int:
     return int(float(t[:-1]) * units[t[-1]]) if t[-1:] in units else int(t)
 
 
-def machine() -> dict:
-    cpu = ""
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cpus": os.cpu_count(),
-        "python": platform.python_version(),
-        "kernel": platform.release(),
-        "loadavg_1_5_15": [round(x, 2) for x in os.getloadavg()],
-    }
 
 
 def fs_type(path: Path) -> str:
