@@ -20,17 +20,11 @@ from engine.repo.repository import Repository
 from tests.conftest import require, require_tool
 from tests.guest import make_guest_disk as mgd
 from tests.guest.boot import boot_guest, read_guest_file
+from tests.images import sha256_tree
 
 MIB = 1 << 20
 
 
-def _tree_sha256(root: Path) -> dict[str, str]:
-    out = {}
-    for dirpath, _dirs, files in os.walk(root):
-        for f in files:
-            p = Path(dirpath) / f
-            out[str(p.relative_to(root))] = hashlib.sha256(p.read_bytes()).hexdigest()
-    return out
 
 
 def _restore(repo_dir: Path, out: Path) -> str:
@@ -65,7 +59,7 @@ def test_backup_restore_boot(tmp_path):
         manifest = backup(repo, BackupSettings(vm="guest"), [str(src)])
     assert manifest["disks"][0]["size"] == src.stat().st_size
     assert manifest["stats"]["zero_blocks"] > 0  # the empty tail of the disk is not stored
-    before = _tree_sha256(repo_dir)
+    before = sha256_tree(repo_dir)
 
     restored = tmp_path / "restored.img"
     assert _restore(repo_dir, restored) == src_sha
@@ -79,7 +73,7 @@ def test_backup_restore_boot(tmp_path):
     assert read_guest_file(restored, "/var/bootcount").decode().strip() == "1"
     # the boot wrote to the restored copy only
     assert hashlib.sha256(restored.read_bytes()).hexdigest() != src_sha
-    assert _tree_sha256(repo_dir) == before
+    assert sha256_tree(repo_dir) == before
 
 
 @pytest.mark.slow

@@ -4,7 +4,6 @@ write test and must not change."""
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import os
 import random
@@ -29,26 +28,20 @@ from engine.nfs.xdr import (
     nfsstat3,
 )
 from tests.conftest import require, require_tool
+from tests.images import sha256_tree
 from tests.nfs.conftest import ROOT, Daemon, give_address, run, take_address
 
 GRANULE = 4096
 
 
-def repo_hashes(repo: Path) -> dict[str, str]:
-    """sha256 of every file in the repository (the lock file included)."""
-    out = {}
-    for p in sorted(repo.rglob("*")):
-        if p.is_file():
-            out[str(p.relative_to(repo))] = hashlib.sha256(p.read_bytes()).hexdigest()
-    return out
 
 
 @pytest.fixture
 def untouched(images):
     """Asserts at teardown that no repository file changed during the test."""
-    before = repo_hashes(images["repo"])
+    before = sha256_tree(images["repo"])
     yield
-    assert repo_hashes(images["repo"]) == before
+    assert sha256_tree(images["repo"]) == before
 
 
 def cli(dmn: Daemon, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -359,7 +352,7 @@ def test_export_while_a_writer_runs_equals_the_disk_at_the_end(daemon_factory, i
 def test_commit_creates_a_point_with_the_merged_disks(images, tmp_path):
     repo = tmp_path / "repo"
     shutil.copytree(images["repo"], repo)
-    before = repo_hashes(repo)
+    before = sha256_tree(repo)
     addr = take_address()
     dmn = Daemon(repo, tmp_path / "cache", addr)
     try:
@@ -397,7 +390,7 @@ def test_commit_creates_a_point_with_the_merged_disks(images, tmp_path):
     finally:
         dmn.stop()
         give_address(addr)
-    after = repo_hashes(repo)
+    after = sha256_tree(repo)
     # the commit only added files: every file that was there is unchanged (the lock file aside)
     assert {k: v for k, v in after.items() if k in before and k != "lock"} == {k: v for k, v in before.items() if k != "lock"}
 

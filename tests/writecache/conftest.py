@@ -2,8 +2,6 @@
 hashes checked at the end (the backup must never be written)."""
 from __future__ import annotations
 
-import hashlib
-import os
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +9,7 @@ import pytest
 
 from engine.repo.ingest import BackupSettings, backup
 from engine.repo.repository import Repository
+from tests.images import sha256_tree
 
 DISK_SIZE = 16 << 20
 BLOCK = 256 << 10
@@ -33,13 +32,6 @@ def make_image(path: Path, size: int, seed: int) -> bytes:
     return data
 
 
-def repo_hashes(root: Path) -> dict[str, str]:
-    out = {}
-    for dirpath, _dirs, files in os.walk(root):
-        for f in files:
-            p = Path(dirpath) / f
-            out[str(p.relative_to(root))] = hashlib.sha256(p.read_bytes()).hexdigest()
-    return out
 
 
 class Backup:
@@ -64,9 +56,9 @@ def backup_repo(tmp_path_factory):
     Repository.init(repo_dir, BLOCK)
     with Repository.open(repo_dir) as repo:
         backup(repo, BackupSettings(vm="wc"), [str(img_path)])
-    before = repo_hashes(repo_dir)
+    before = sha256_tree(repo_dir)
     repo = Repository.open(repo_dir, cache_bytes=64 << 20)
     yield Backup(repo_dir, image, repo)
     repo.close()
-    after = repo_hashes(repo_dir)
+    after = sha256_tree(repo_dir)
     assert after == before, "the repository changed under the write cache tests"

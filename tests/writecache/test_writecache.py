@@ -13,7 +13,7 @@ import pytest
 from engine.errors import FileTooLarge, WriteCacheError
 from engine.export import export_disk
 from engine.writecache import HEADER_SIZE, WriteCache, remove_stale_temporaries
-from tests.writecache.conftest import repo_hashes
+from tests.images import sha256_tree
 from tests.writecache.model import pattern
 
 
@@ -217,7 +217,7 @@ def test_open_or_create_keeps_a_persistent_session(backup_repo, tmp_path):
 
 
 def test_backup_files_untouched_by_writes_commits_and_export(backup_repo, tmp_path):
-    before = repo_hashes(backup_repo.root)
+    before = sha256_tree(backup_repo.root)
     base = backup_repo.disk()
     with WriteCache.create(tmp_path / "c", base, granule=512) as wc:
         rng = np.random.default_rng(3)
@@ -226,7 +226,7 @@ def test_backup_files_untouched_by_writes_commits_and_export(backup_repo, tmp_pa
             wc.write(off, pattern(i, int(rng.integers(1, 70000))), stable=i % 10 == 0)
         wc.commit()
         export_disk(wc, tmp_path / "e.raw")
-    assert repo_hashes(backup_repo.root) == before
+    assert sha256_tree(backup_repo.root) == before
     assert base.read(0, base.size) == backup_repo.image
     assert os.path.getsize(tmp_path / "e.raw") == base.size
 
