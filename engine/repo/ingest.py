@@ -330,7 +330,7 @@ def _ingest(
     )
     all_entries = []
     pool = repo.executor
-    depth = window or 4 * (pool._max_workers)  # type: ignore[attr-defined]
+    depth = window or 4 * max(2, os.cpu_count() or 2)  # blocks in flight: enough to keep every worker busy
     for i, src in enumerate(sources):
         nblocks = -(-src.size // bs)
         parent = parent_maps[i]
