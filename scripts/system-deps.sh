@@ -7,24 +7,46 @@ set -euo pipefail
 what=${1:-build}
 pkgs=(gcc libc6-dev python3-dev)
 if [ "$what" = test ]; then
-  pkgs+=(qemu-utils qemu-block-extra qemu-system-x86 libnfs-utils
+  pkgs+=(qemu-utils qemu-block-extra qemu-system-x86 libnfs-utils libtirpc3
          linux-image-amd64 busybox-static e2fsprogs fdisk dosfstools mtools cpio kmod)
 fi
+here=$(cd "$(dirname "$0")/.." && pwd)
+as_root() {
+  if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else
+    echo "instantnfs: need root (or sudo) for: $*" >&2; return 1; fi
+}
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
 done
-[ ${#missing[@]} -eq 0 ] && exit 0
+# rpcinfo (a libtirpc portmapper client the tests use) comes only with Debian's rpcbind
+# package, whose service would take port 111 from our own portmapper: take the binary
+# out of the package into .tools/bin instead of installing the service.
+fetch_rpcinfo() {
+  [ "$what" = test ] || return 0
+  command -v rpcinfo >/dev/null || [ -x "$here/.tools/bin/rpcinfo" ] && return 0
+  local tmp
+  tmp=$(mktemp -d)
+  if ! (cd "$tmp" && apt-get download -q rpcbind >/dev/null 2>&1); then
+    as_root apt-get update -q >/dev/null  # no package lists yet
+    (cd "$tmp" && apt-get download -q rpcbind >/dev/null 2>&1) \
+      || { rm -rf "$tmp"; echo "instantnfs: could not fetch rpcinfo (Debian package rpcbind)" >&2; return 1; }
+  fi
+  (cd "$tmp" && dpkg-deb -x rpcbind_*.deb x)
+  mkdir -p "$here/.tools/bin"
+  cp "$tmp/x/usr/sbin/rpcinfo" "$here/.tools/bin/rpcinfo"
+  rm -rf "$tmp"
+}
+if [ ${#missing[@]} -eq 0 ]; then
+  fetch_rpcinfo
+  exit 0
+fi
 if ! command -v apt-get >/dev/null; then
   echo "instantnfs: missing system packages (${missing[*]}) and no apt-get here; install them by hand" >&2
   exit 1
 fi
-sudo=()
-if [ "$(id -u)" != 0 ]; then
-  command -v sudo >/dev/null || { echo "instantnfs: need root (or sudo) to install: ${missing[*]}" >&2; exit 1; }
-  sudo=(sudo)
-fi
 echo "instantnfs: installing system packages: ${missing[*]}" >&2
 export DEBIAN_FRONTEND=noninteractive
-"${sudo[@]}" apt-get update -q >/dev/null
-"${sudo[@]}" apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
+as_root apt-get update -q >/dev/null
+as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
+fetch_rpcinfo

@@ -5,7 +5,7 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 cd "$here"
 bash scripts/setup.sh test
-export PATH="$here/.venv/bin:$PATH"
+export PATH="$here/.venv/bin:$here/.tools/bin:$PATH"
 echo "== fast tests" >&2
 python -m pytest -m "not slow" -q "$@"
 echo "== slow tests (end to end, crash trials)" >&2

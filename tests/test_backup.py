@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -202,12 +203,27 @@ def test_unreadable_source(tmp_path, repo):
     src.chmod(0o600)
     for p in (tmp_path, repo, *repo.rglob("*")):
         p.chmod(0o777 if p.is_dir() else 0o666)
-    p = subprocess.run(
-        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-         os.sys.executable, "-m", "engine.control.cli", "backup", "--repo", str(repo), "--vm", "vm", str(src)],
-        capture_output=True, text=True, cwd=Path(__file__).parent.parent,
-    )
+    project = Path(__file__).resolve().parent.parent
+    # the unprivileged user must reach the interpreter, the project and the repository
+    # (a clone under /root is not): let it traverse their parents for this test only
+    changed = []
+    for path in (Path(sys.executable), project, tmp_path):
+        for d in path.resolve().parents:
+            mode = d.stat().st_mode
+            if not mode & 0o001:
+                d.chmod(mode | 0o001)
+                changed.append((d, mode))
+    try:
+        p = subprocess.run(
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+             sys.executable, "-m", "engine.control.cli", "backup", "--repo", str(repo), "--vm", "vm", str(src)],
+            capture_output=True, text=True, cwd=project,
+        )
+    finally:
+        for d, mode in reversed(changed):
+            d.chmod(mode)
     assert p.returncode != 0 and "Permission denied" in p.stderr and p.stderr.count("\n") == 1, p.stderr
+    assert "secret.img" in p.stderr
 
 
 def test_unknown_repository_version_and_missing_repo(tmp_path, repo):
