@@ -7,7 +7,7 @@ set -euo pipefail
 what=${1:-build}
 pkgs=(gcc libc6-dev python3-dev)
 if [ "$what" = test ]; then
-  pkgs+=(qemu-utils qemu-block-extra qemu-system-x86 libnfs-utils libtirpc3
+  pkgs+=(qemu-utils qemu-block-extra qemu-system-x86 libnfs-utils libtirpc3 netbase
          linux-image-amd64 busybox-static e2fsprogs fdisk dosfstools mtools cpio kmod)
 fi
 here=$(cd "$(dirname "$0")/.." && pwd)

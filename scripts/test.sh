@@ -6,7 +6,10 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 cd "$here"
 bash scripts/setup.sh test
 export PATH="$here/.venv/bin:$here/.tools/bin:$PATH"
+# both groups always run, so one run shows every failure; the exit status is the worse
+status=0
 echo "== fast tests" >&2
-python -m pytest -m "not slow" -q "$@"
+python -m pytest -m "not slow" -q "$@" || status=$?
 echo "== slow tests (end to end, crash trials)" >&2
-python -m pytest -m slow -q "$@"
+python -m pytest -m slow -q "$@" || { s=$?; [ "$status" -ne 0 ] || status=$s; }
+exit "$status"
