@@ -867,13 +867,7 @@ class Datastore:
             s.read_ops += 1
             s.read_bytes += n
             return bufs, n, offset + n >= disk.size
-        if node.kind == ROOT:
-            raise _err(errno.EISDIR)
-        st = os.lstat(node.path)
-        if stat.S_ISDIR(st.st_mode):
-            raise _err(errno.EISDIR)
-        if not stat.S_ISREG(st.st_mode):
-            raise _err(errno.EINVAL)
+        st = self._client_file(node)
         fd = os.open(node.path, os.O_RDONLY | os.O_NOFOLLOW)
         try:
             data = os.pread(fd, count, offset)
@@ -883,6 +877,18 @@ class Datastore:
         node.session.read_ops += 1
         node.session.read_bytes += len(data)
         return [data], len(data), offset + len(data) >= st.st_size
+
+    @staticmethod
+    def _client_file(node: Node) -> os.stat_result:
+        """The stat of a client-created regular file; EISDIR / EINVAL for anything else."""
+        if node.kind == ROOT:
+            raise _err(errno.EISDIR)
+        st = os.lstat(node.path)
+        if stat.S_ISDIR(st.st_mode):
+            raise _err(errno.EISDIR)
+        if not stat.S_ISREG(st.st_mode):
+            raise _err(errno.EINVAL)
+        return st
 
     async def write(self, node: Node, offset: int, data: Any, stable: int) -> tuple[int, int]:
         """Write; ``stable`` is the stable_how value asked (0 UNSTABLE, 1 DATA_SYNC,
@@ -908,13 +914,7 @@ class Datastore:
             s.write_bytes += len(data)
             # a stable write commits data, then the bitmap (the cache's metadata): FILE_SYNC
             return len(data), 0 if stable == 0 else 2
-        if node.kind == ROOT:
-            raise _err(errno.EISDIR)
-        st = os.lstat(node.path)
-        if stat.S_ISDIR(st.st_mode):
-            raise _err(errno.EISDIR)
-        if not stat.S_ISREG(st.st_mode):
-            raise _err(errno.EINVAL)
+        self._client_file(node)
         fd = os.open(node.path, os.O_WRONLY | os.O_NOFOLLOW)
         try:
             n = os.pwrite(fd, data, offset)
