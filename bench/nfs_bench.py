@@ -152,9 +152,12 @@ def start_ours(work: Path, m: dict) -> tuple[Proc, int]:
 
 
 def api(method: str, path: str, body: dict | None = None) -> dict:
+    from engine.control.auth import index_path, read_token
+
+    token = read_token(index_path(OURS, 6161)) or ""  # the daemon writes it for its user at start
     req = urllib.request.Request(f"http://{OURS}:6161/api/v1{path}", method=method,
                                  data=json.dumps(body).encode() if body is not None else None,
-                                 headers={"Content-Type": "application/json"})
+                                 headers={"Content-Type": "application/json", "Authorization": f"Bearer {token}"})
     with urllib.request.urlopen(req, timeout=60) as r:
         return json.loads(r.read())
 

@@ -51,8 +51,13 @@ path = ""
 [control]
 bind = "127.0.0.1"
 port = 6161
-# Required as "Authorization: Bearer <token>" when bind is not a loopback address.
+# Every request needs "Authorization: Bearer <token>", from loopback too. Empty: a
+# random token is made at each start. Either way the daemon writes it (mode 0600) to
+# token_file and to ~/.local/state/instantnfs/tokens/<bind>_<port>, where the CLI of
+# the same user finds it.
 token = ""
+# Default <cache.dir>/control.token.
+token_file = ""
 """
 
 DEFAULTS: dict[str, Any] = tomllib.loads(DEFAULTS_TOML)
@@ -111,6 +116,8 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
     cfg["cache"]["dir"] = str(Path(os.path.expanduser(cfg["cache"]["dir"])))
     if cfg["cache"]["reserve_gib"] < 0:
         raise UsageError("cache.reserve_gib must not be negative")
+    if cfg["control"]["token_file"]:
+        cfg["control"]["token_file"] = str(Path(os.path.expanduser(cfg["control"]["token_file"])).absolute())
     if cfg["cache"]["write_dir"]:
         cfg["cache"]["write_dir"] = str(Path(os.path.expanduser(cfg["cache"]["write_dir"])).absolute())
     return cfg

@@ -14,9 +14,11 @@ commit stores the merged disks as a new restore point through
 dirty runs of each write cache), under the repository's writer lock. A session with a
 running job cannot be unpublished. Jobs are kept in memory until the daemon stops.
 
-Access: on a loopback address anyone local may call it; on any other address every
-request needs ``Authorization: Bearer <control.token>`` (the daemon refuses to start
-on a non-loopback address without a token).
+Access: every request but ``GET openapi.json`` needs ``Authorization: Bearer <token>``,
+from loopback too (``engine.control.auth`` says where the token comes from and where
+the daemon writes it for the CLI); a missing or wrong token is 401. Request bodies are
+checked field by field: an unknown field is a 400 naming it, so a typo is never
+silently ignored.
 
 Handlers run on the loop thread, like the NFS handlers, so they see the datastore in a
 consistent state without locks. Publishing opens block maps with mmap: O(1) in the disk
@@ -25,8 +27,8 @@ size.
 from __future__ import annotations
 
 import asyncio
+import errno
 import hmac
-import ipaddress
 import itertools
 import logging
 import os
@@ -39,8 +41,9 @@ from typing import Any
 from aiohttp import web
 
 from engine.blockmap import bits_runs
+from engine.control import auth as authmod
 from engine.datastore import MODES, Datastore, GiB, Session
-from engine.errors import InstantNFSError, NotFound, SessionError
+from engine.errors import InstantNFSError, NoSpace, NotFound, SessionError
 from engine.export import FORMATS, export_disk
 from engine.nfs.server import NFSServices
 from engine.repo.ingest import BackupSettings, backup_disks
@@ -49,13 +52,6 @@ from engine.writecache import WriteCache
 log = logging.getLogger("instantnfs.api")
 
 API = "/api/v1"
-
-
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
 
 
 def advertised_host(bind: str) -> str:
@@ -99,6 +95,14 @@ def dirty_extents(cache: WriteCache) -> list[tuple[int, int]]:
     n = -(-cache.size // g)
     return [(a * g, min((a + c) * g, cache.size) - a * g) for a, c, dirty in bits_runs(cache.dirty_bitmap(), 0, n).tolist() if dirty]
 
+
+class BadRequest(Exception):
+    """A request body the API cannot take (answered 400 with this message)."""
+
+
+_PUBLISH_FIELDS: dict[str, tuple[type, ...]] = {
+    "point": (str,), "name": (str,), "mode": (str,), "cache_dir": (str,), "reserve_gib": (int, float), "force": (bool,),
+}
 
 _JOB_SCHEMA = {"type": "object", "description": "a job: state running|done|failed, phase, done/total, result or error"}
 
@@ -181,7 +185,8 @@ class ControlAPI:
         self.started = time.time()
         self.port = 0
         self._runner: web.AppRunner | None = None
-        self.token = cfg["control"]["token"]
+        self.token: str = cfg["control"]["token"] or authmod.new_token()
+        self._token_files: list = []
         self.host = advertised_host(cfg["server"]["bind"])
         self.jobs: dict[str, Job] = {}
         self._job_ids = itertools.count(1)
@@ -265,37 +270,59 @@ class ControlAPI:
             return self._error(404, f"no published session {req.match_info['name']!r}")
         return web.json_response(self.session_view(s))
 
+    async def _body(self, req: web.Request, fields: dict[str, tuple[type, ...]], required: tuple[str, ...], usage: str) -> dict:
+        """The request's JSON object, each field of an allowed type; raises BadRequest."""
+        try:
+            body = await req.json() if req.can_read_body else {}
+        except ValueError:
+            raise BadRequest(f"the request body must be JSON: {usage}") from None
+        if not isinstance(body, dict):
+            raise BadRequest(f"the request body must be a JSON object: {usage}")
+        for k, v in body.items():
+            if k not in fields:
+                raise BadRequest(f"unknown field {k!r} (allowed: {', '.join(fields)})")
+            types = fields[k]
+            if v is not None and (not isinstance(v, types) or (isinstance(v, bool) and bool not in types)):
+                raise BadRequest(f"field {k!r} must be {' or '.join(t.__name__ for t in types)}, not {type(v).__name__}")
+        for k in required:
+            if body.get(k) is None:
+                raise BadRequest(f"field {k!r} is required: {usage}")
+        return body
+
     async def h_publish(self, req: web.Request) -> web.Response:
         try:
-            body = await req.json()
-        except ValueError:
-            return self._error(400, "the request body must be JSON: {\"point\": ID, \"name\": NAME}")
-        if not isinstance(body, dict) or not isinstance(body.get("point"), str):
-            return self._error(400, "'point' (a restore point id, prefix or 'latest') is required")
+            body = await self._body(req, _PUBLISH_FIELDS, ("point",), '{"point": ID, "name": NAME}')
+        except BadRequest as e:
+            return self._error(400, str(e))
         name = body.get("name")
-        if name is not None and not isinstance(name, str):
-            return self._error(400, "'name' must be a string")
-        mode = body.get("mode", "instant")
+        mode = body.get("mode") or "instant"
         cache_dir = body.get("cache_dir")
         reserve = body.get("reserve_gib")
-        force = body.get("force", False)
+        force = bool(body.get("force", False))
         if mode not in MODES:
             return self._error(400, f"'mode' must be one of {', '.join(MODES)}")
-        if cache_dir is not None and (not isinstance(cache_dir, str) or not os.path.isabs(cache_dir)):
+        if cache_dir is not None and not os.path.isabs(cache_dir):
             return self._error(400, "'cache_dir' must be an absolute path")
-        if reserve is not None and (isinstance(reserve, bool) or not isinstance(reserve, (int, float)) or reserve < 0):
+        if reserve is not None and reserve < 0:
             return self._error(400, "'reserve_gib' must be a number of GiB, 0 or more")
-        if not isinstance(force, bool):
-            return self._error(400, "'force' must be true or false")
         try:
             s = self.ds.publish(body["point"], name, mode=mode, cache_dir=cache_dir,
                                 reserve=None if reserve is None else int(reserve * GiB), force=force)
         except NotFound as e:
             return self._error(404, str(e))
+        except NoSpace as e:
+            return self._error(507, str(e))
         except SessionError as e:
+            if isinstance(e.__cause__, NoSpace):
+                return self._error(507, str(e))
             return self._error(409 if "already published" in str(e) else 400, str(e))
         except InstantNFSError as e:
             return self._error(400, str(e))
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                return self._error(507, f"cannot publish {body['point']}: no space left on the cache volume ({e.filename or ''})")
+            log.warning("publish of %s failed: %s", body["point"], e)
+            return self._error(400, f"cannot publish {body['point']}: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""))
         return web.json_response(self.session_view(s), status=201)
 
     async def h_unpublish(self, req: web.Request) -> web.Response:
@@ -434,12 +461,18 @@ class ControlAPI:
 
     @web.middleware
     async def auth(self, req: web.Request, handler: Any) -> web.StreamResponse:
-        if self.token:
+        if req.path != f"{API}/openapi.json":
             got = req.headers.get("Authorization", "")
-            peer = req.remote or ""
-            if not _is_loopback(peer) and not hmac.compare_digest(got.encode(), f"Bearer {self.token}".encode()):
-                return self._error(401, "a bearer token is required (control.token)")
-        return await handler(req)
+            if not hmac.compare_digest(got.encode(errors="replace"), f"Bearer {self.token}".encode()):
+                return self._error(401, "a valid bearer token is required: the CLI reads it from the file the daemon "
+                                        "writes (see 'instantnfs serve --help'), or set $INSTANTNFS_TOKEN")
+        try:
+            return await handler(req)
+        except web.HTTPException:
+            raise
+        except Exception as e:  # noqa: BLE001 - a bug: one line to the caller, the traceback to the log
+            log.exception("control API %s %s failed", req.method, req.path)
+            return self._error(500, f"internal error: {e!r} (see the daemon's log)")
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self.auth])  # type: ignore[list-item]
@@ -461,19 +494,27 @@ class ControlAPI:
         return app
 
     async def start(self, bind: str, port: int) -> int:
-        if not _is_loopback(bind) and not self.token:
-            raise SessionError(f"the control API on {bind} (not loopback) needs control.token set")
         self._runner = web.AppRunner(self.app(), access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, bind, port, reuse_address=True)
         await site.start()
         server = site._server  # noqa: SLF001 - the only way to learn an ephemeral port
         self.port = server.sockets[0].getsockname()[1] if server and server.sockets else port  # type: ignore[attr-defined]
+        hosts = ["127.0.0.1", "localhost", "::1"] if bind in ("0.0.0.0", "::", "") else [bind]
+        self._token_files = [authmod.default_token_file(self.cfg)] + [authmod.index_path(h, self.port) for h in hosts]
+        try:
+            for path in self._token_files:
+                await asyncio.get_running_loop().run_in_executor(None, authmod.write_token, path, self.token)
+        except OSError as e:
+            await self._runner.cleanup()
+            raise SessionError(f"cannot write the control token to {path}: {e.strerror}") from e
         return self.port
 
     async def stop(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
+        for path in self._token_files[1:]:  # the index entry; token_file stays for the next start
+            authmod.remove_token(path, self.token)
         for t in list(self._tasks):  # jobs finish before their caches close
             await asyncio.shield(t)
         self._pool.shutdown(wait=True)

@@ -230,20 +230,33 @@ async def _demo_main(cfg: dict[str, Any]) -> int:
 
 
 def server_url(args: argparse.Namespace) -> str:
-    if getattr(args, "server", None):
-        return args.server.rstrip("/")
-    env = os.environ.get("INSTANTNFS_SERVER")
-    if env:
-        return env.rstrip("/")
-    cfg = configmod.load(getattr(args, "config", None))
-    return f"http://{cfg['control']['bind']}:{cfg['control']['port']}"
+    """The daemon's base URL, from --server, $INSTANTNFS_SERVER or the config; a URL
+    given with the API's ``/api/v1`` suffix (as the docs print it) is taken too."""
+    url = getattr(args, "server", None) or os.environ.get("INSTANTNFS_SERVER")
+    if not url:
+        cfg = configmod.load(getattr(args, "config", None))
+        bind = cfg["control"]["bind"]
+        host = "127.0.0.1" if bind in ("0.0.0.0", "") else "::1" if bind == "::" else bind
+        url = f"http://{'[' + host + ']' if ':' in host else host}:{cfg['control']['port']}"
+    url = url.rstrip("/")
+    if url.endswith("/api/v1"):
+        url = url[: -len("/api/v1")]
+    if "://" not in url:
+        url = "http://" + url
+    return url
 
 
 def api_call(args: argparse.Namespace, method: str, path: str, body: Any = None) -> Any:
-    url = server_url(args) + "/api/v1" + path
+    """One request to the daemon's control API: its JSON answer, or InstantNFSError with
+    the daemon's one-line message."""
+    from engine.control.auth import find_token
+
+    base = server_url(args)
+    url = base + "/api/v1" + path
     data = json.dumps(body).encode() if body is not None else None
     req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
-    token = os.environ.get("INSTANTNFS_TOKEN")
+    cfg = configmod.validate(configmod.load(getattr(args, "config", None)))
+    token = find_token(base, cfg, getattr(args, "token_file", None))
     if token:
         req.add_header("Authorization", f"Bearer {token}")
     try:
@@ -251,10 +264,13 @@ def api_call(args: argparse.Namespace, method: str, path: str, body: Any = None)
             return json.loads(r.read() or b"null")
     except urllib.error.HTTPError as e:
         try:
-            msg = json.loads(e.read()).get("error", str(e))
+            answer = json.loads(e.read())
         except ValueError:
-            msg = str(e)
-        raise InstantNFSError(msg) from None
+            answer = None
+        if isinstance(answer, dict) and isinstance(answer.get("error"), str):
+            raise InstantNFSError(answer["error"]) from None
+        raise InstantNFSError(f"{base} answered HTTP {e.code} ({e.reason}) to {method} /api/v1{path}: "
+                              "is it an instantnfs daemon? (--server takes e.g. http://127.0.0.1:6161)") from None
     except (urllib.error.URLError, OSError) as e:
         reason = getattr(e, "reason", e)
         raise InstantNFSError(f"no instantnfs daemon at {server_url(args)} ({reason}); start one with 'instantnfs serve'") from None
@@ -394,8 +410,11 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def _client_opts(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--server", help="control API URL (default: $INSTANTNFS_SERVER, else the config's control address)")
+    p.add_argument("--server", help="control API URL, e.g. http://127.0.0.1:6161 (default: $INSTANTNFS_SERVER, else the config's control address)")
     p.add_argument("--config", help="TOML configuration file")
+    p.add_argument("--token-file", help="file holding the control API token (default: the one the daemon wrote for this "
+                                        "server under ~/.local/state/instantnfs/tokens/, else control.token_file; "
+                                        "or set $INSTANTNFS_TOKEN)")
 
 
 def _serve_opts(p: argparse.ArgumentParser) -> None:
@@ -417,7 +436,13 @@ def _serve_opts(p: argparse.ArgumentParser) -> None:
 
 
 def add_commands(subparsers: Any) -> None:
-    p = subparsers.add_parser("serve", help="run the NFS daemon in the foreground")
+    p = subparsers.add_parser(
+        "serve", help="run the NFS daemon in the foreground",
+        description="Run the NFS daemon in the foreground (SIGTERM or Ctrl-C stops it).",
+        epilog="The control API needs a bearer token on every request, from loopback too: control.token "
+               "from the config, else a random one made at each start. The daemon writes it (mode 0600) to "
+               "control.token_file (default <cache-dir>/control.token) and to "
+               "~/.local/state/instantnfs/tokens/<control-bind>_<port>, where the CLI of the same user finds it.")
     p.add_argument("--repo", help="repository to serve")
     _serve_opts(p)
     p.set_defaults(func=cmd_serve)

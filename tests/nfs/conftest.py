@@ -73,6 +73,7 @@ class Daemon:
         self.proc: subprocess.Popen | None = None
         self.log = cache_dir.parent / f"daemon-{addr}-{cache_dir.name}.log"
         self.status: dict[str, Any] = {}
+        self.token = ""
 
     @property
     def url(self) -> str:
@@ -102,17 +103,20 @@ class Daemon:
             raise RuntimeError(f"daemon did not start: {self.log.read_text()[-2000:]}")
         line = [ln for ln in text.splitlines() if "instantnfs serving" in ln][-1]
         port = int(line.split("control http://")[1].split("/")[0].rsplit(":", 1)[1])
+        self.token = (self.cache_dir / "control.token").read_text().strip()  # written before "serving"
         self.status = self.get_at(f"http://{self.addr}:{port}", "/status")
         return self
 
     def get_at(self, base: str, path: str) -> Any:
-        with urllib.request.urlopen(base + "/api/v1" + path, timeout=10) as r:
+        req = urllib.request.Request(base + "/api/v1" + path, headers={"Authorization": f"Bearer {self.token}"})
+        with urllib.request.urlopen(req, timeout=10) as r:
             return json.loads(r.read())
 
     def api(self, method: str, path: str, body: Any = None) -> Any:
+        """A control API call with the daemon's token (the CLI finds it by itself)."""
         data = json.dumps(body).encode() if body is not None else None
         req = urllib.request.Request(self.url + "/api/v1" + path, data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
+                                     headers={"Content-Type": "application/json", "Authorization": f"Bearer {self.token}"})
         with urllib.request.urlopen(req, timeout=30) as r:
             return json.loads(r.read())
 

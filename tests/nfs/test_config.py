@@ -11,7 +11,7 @@ def test_defaults_work_out_of_the_box():
     cfg = config.validate(config.load())
     s = cfg["server"]
     assert (s["portmap_port"], s["mount_port"], s["nfs_port"], s["export"]) == (111, 1058, 2049, "/instantnfs")
-    assert cfg["control"] == {"bind": "127.0.0.1", "port": 6161, "token": ""}
+    assert cfg["control"] == {"bind": "127.0.0.1", "port": 6161, "token": "", "token_file": ""}
     assert not cfg["cache"]["dir"].startswith("~")
     assert cfg["cache"]["reserve_gib"] == 100 and cfg["cache"]["write_dir"] == ""
 
