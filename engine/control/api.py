@@ -502,12 +502,19 @@ class ControlAPI:
         self.port = server.sockets[0].getsockname()[1] if server and server.sockets else port  # type: ignore[attr-defined]
         hosts = ["127.0.0.1", "localhost", "::1"] if bind in ("0.0.0.0", "::", "") else [bind]
         self._token_files = [authmod.default_token_file(self.cfg)] + [authmod.index_path(h, self.port) for h in hosts]
-        try:
-            for path in self._token_files:
+        written = 0
+        for path in self._token_files:
+            try:
                 await asyncio.get_running_loop().run_in_executor(None, authmod.write_token, path, self.token)
-        except OSError as e:
-            await self._runner.cleanup()
-            raise SessionError(f"cannot write the control token to {path}: {e.strerror}") from e
+                written += 1
+            except OSError as e:  # e.g. a full cache volume: serve anyway (the index entry may still be there)
+                log.warning("cannot write the control token to %s: %s", path, e.strerror or e)
+            except InstantNFSError:
+                await self._runner.cleanup()
+                raise
+        if not written:
+            log.warning("the control token was written nowhere: give it to the CLI by hand ($INSTANTNFS_TOKEN) "
+                        "or set control.token in the configuration")
         return self.port
 
     async def stop(self) -> None:
