@@ -26,6 +26,7 @@ from typing import Any
 
 import pytest
 
+from engine.control.auth import index_path
 from engine.repo.ingest import BackupSettings, backup
 from engine.repo.repository import Repository
 from tests.images import make_image
@@ -103,7 +104,9 @@ class Daemon:
             raise RuntimeError(f"daemon did not start: {self.log.read_text()[-2000:]}")
         line = [ln for ln in text.splitlines() if "instantnfs serving" in ln][-1]
         port = int(line.split("control http://")[1].split("/")[0].rsplit(":", 1)[1])
-        self.token = (self.cache_dir / "control.token").read_text().strip()  # written before "serving"
+        # written before "serving", to <cache_dir>/control.token and to the per-user index entry,
+        # which stays writable when a test fills the cache volume
+        self.token = index_path(self.addr, port).read_text().strip()
         self.status = self.get_at(f"http://{self.addr}:{port}", "/status")
         return self
 
