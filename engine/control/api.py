@@ -288,8 +288,8 @@ class ControlAPI:
         if not isinstance(force, bool):
             return self._error(400, "'force' must be true or false")
         try:
-            s = self.ds.publish(body["point"], name, mode=mode, cache_dir=cache_dir,
-                                reserve=None if reserve is None else int(reserve * GiB), force=force)
+            s = await self.ds.apublish(body["point"], name, mode=mode, cache_dir=cache_dir,
+                                       reserve=None if reserve is None else int(reserve * GiB), force=force)
         except NotFound as e:
             return self._error(404, str(e))
         except SessionError as e:
@@ -303,7 +303,7 @@ class ControlAPI:
         if name not in self.ds.sessions:
             return self._error(404, f"no published session {name!r}")
         try:
-            self.ds.unpublish(name)
+            await self.ds.aunpublish(name)
         except SessionError as e:
             return self._error(409, str(e))
         return web.json_response({"unpublished": name})
