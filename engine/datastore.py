@@ -18,13 +18,22 @@ the same cache). Reads return the newest bytes; writes land in the cache, never 
 repository; the disk's size is fixed (SETATTR to another size is EINVAL, a write past
 the end EFBIG). Real files are
 never opened through a symbolic link (``O_NOFOLLOW``, ``lstat``): a client may create
-symlinks, and they stay names, never paths the daemon follows.
+symlinks, and they stay names, never paths the daemon follows. Nor is anything but a
+regular file ever opened: opens are ``O_NONBLOCK`` and checked with ``fstat`` (a FIFO
+would block the thread, a device act), and MKNOD is refused (ENOTSUP, BadType for
+devices): ESXi and QEMU never make special files.
 
-File handles are 32 bytes: version, kind, session id, inode (or disk file index), then a
-16-byte keyed BLAKE2b MAC under a secret persisted in ``<cache_dir>/state.json``. The
-same file has the same handle after a restart; a forged or altered handle is
-``BadHandle``; a handle of an unpublished session or a deleted file is ``StaleHandle``.
-Session ids are never reused, so a republished name gets new handles.
+File handles carry a 16-byte keyed BLAKE2b MAC under a secret persisted in
+``<cache_dir>/state.json``. The root, the disk files and the session directories have
+32-byte handles (version 1: kind, session id, disk file index or the session
+directory's inode), as before generations existed, so they survive an upgrade. A
+client file's handle is 40 bytes (version 2: session id, inode, generation; ESXi
+refuses handles over 56): its generation comes from the session's ``HandleTable``, so a
+handle of a removed file whose inode the filesystem reused is STALE, and resolving a
+handle never walks a directory. The same file has the same handle after a restart; a
+forged or altered handle is ``BadHandle``; a handle of an unpublished session or a
+deleted file is ``StaleHandle``. Session ids are never reused, so a republished name
+gets new handles.
 
 Write-cache modes (``Session.mode``):
 
@@ -39,13 +48,35 @@ The cache parent is the publish's ``cache_dir`` or ``<cache_dir>/writecache``. P
 refuses when its volume has less free space than the reserve (unless forced). Every
 cache uses the datastore's write verifier, new at each start.
 
+A published point is pinned in the repository (``engine.repo.pins``) under this
+daemon's id (derived from the secret, so stable across restarts): the pin is written
+before the session becomes visible (a point deleted meanwhile fails the publish with
+NotFound) and removed after its caches are gone; at start, restored instant sessions
+are pinned again (a point force-deleted meanwhile leaves its session unrestored, with
+a log line) and this daemon's pins of sessions it no longer has are removed.
+
+state.json is rewritten only when it changes (publish, unpublish, a new secret, a
+sandbox a killed daemon left), never merely because the daemon starts. If it cannot be
+written at start because the volume is full (ENOSPC, EDQUOT), the daemon starts anyway
+with a warning and serves every session's acknowledged data; WRITEs that need new
+space answer NFS3ERR_NOSPC (``NoSpace`` from the write cache) until space is freed.
+
 Errors are ``OSError`` with the errno a local filesystem would give (EROFS, EEXIST,
 ENOTDIR, ...) or the ``engine.errors`` datastore errors; ``engine.nfs.nfs3`` maps both
-to ``nfsstat3`` in one function. Everything here runs on the event loop thread (so no
-lock is needed); only fsync, disk reads that miss the chunk cache and write-cache work
-run elsewhere: write-cache writes and dirty reads in ``io_pool``, COMMITs in
-``sync_pool`` (``WriteCache`` is thread-safe). A session counts its disk operations in
-flight, and its caches are closed only when none is left.
+to ``nfsstat3`` in one function. The namespace (sessions, handle tables) changes on the
+event loop thread only, so it needs no lock; nothing there blocks: metadata calls
+(lstat, mkdir, rename, an append to a handle table) run on the loop, everything that
+can wait for a disk runs in a pool of its kind, so that no task waits for work queued
+behind itself: write-cache writes, dirty reads and client-file reads and unstable writes
+in ``io_pool``; COMMITs and stable writes (fsync) in ``sync_pool``; publish and
+unpublish work (state.json's fsync, cache creation with its fallocate, pins, rmtree of
+session directories and caches) in ``admin_pool``. ``apublish`` builds a session there
+and makes it visible on the loop once its pin, caches and files exist; ``aunpublish``
+hides it at once, then saves the state and cleans up there. state.json is written by
+any of those threads: ``_save`` snapshots the state under ``_state_lock`` and writes one
+snapshot at a time, so the newest state wins. ``publish``/``unpublish`` do the same
+blocking, for tests and tools. A session counts its disk operations in flight, and its
+caches are closed only when none is left (``aunpublish`` waits for them).
 """
 from __future__ import annotations
 
@@ -179,6 +210,7 @@ class Session:
     ended: bool = False  # unpublished; the caches close when inflight drops to 0
     idle: asyncio.Event | None = None  # set when inflight drops to 0 after an aunpublish
     handles: HandleTable | None = None  # generations of the client files (REAL nodes)
+    root_ino: int = 0  # of the session directory: live while published, so its handle needs no generation
     read_ops: int = 0
     read_bytes: int = 0
     write_ops: int = 0
@@ -705,6 +737,7 @@ class Datastore:
             d.mkdir(exist_ok=True)
             hp = self._handles_path(name)
             s.handles = HandleTable.load(hp, d) if restore else HandleTable.create(hp, d)
+            s.root_ino = os.lstat(d).st_ino
         except BaseException:
             self._close_caches(s)
             raise
@@ -846,15 +879,34 @@ class Datastore:
         """End a session: its files and its write caches are removed (export or commit
         first). Blocking: for tests, tools and the daemon's stop; the API calls ``aunpublish``."""
         s = self._hide(name, force)
-        self._save()
         if s.inflight == 0:  # else the last disk operation in progress ends it
-            self._end(s)
+            self._save_then(lambda: self._end(s))
+        else:
+            self._save_then(lambda: None)
+
+    def _save_then(self, end: Callable[[], None]) -> None:
+        """Save the state, then ``end`` (blocking). On a full volume, ``end`` first (it
+        frees the session's space) and the save again: a session is never left listed
+        in state.json because the volume was full."""
+        try:
+            self._save()
+        except OSError as e:
+            if e.errno not in _NOSPACE:
+                end()
+                raise
+            end()
+            try:
+                self._save()
+            except OSError as e2:
+                log.error("%s cannot be written (%s): an unpublished session may be listed at the next start",
+                          self.state_path, e2.strerror)
+            return
+        end()
 
     async def aunpublish(self, name: str, force: bool = False) -> None:
         """``unpublish``: hidden at once; the state write and the clean-up run off the loop."""
         s = self._hide(name, force)
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self.admin_pool, self._save)
         if s.inflight:  # the operations in progress finish first (they get their replies)
             s.idle = asyncio.Event()
             try:
@@ -863,8 +915,9 @@ class Datastore:
                 s.idle = None
                 log.warning("session %s: disk operations still running after %d s; the last one ends the session",
                             s.name, UNPUBLISH_WAIT)
+                await loop.run_in_executor(self.admin_pool, self._save_then, lambda: None)
                 return
-        await loop.run_in_executor(self.admin_pool, self._end, s)
+        await loop.run_in_executor(self.admin_pool, self._save_then, lambda: self._end(s))
 
     def _end(self, s: Session, unpin: bool = True, remove: bool = True) -> None:
         """Close an unpublished session's caches (a sandbox's directories go with them),
@@ -924,7 +977,7 @@ class Datastore:
 
     def handle(self, node: Node) -> bytes:
         sid = node.session.sid if node.session else 0
-        if node.kind == REAL:
+        if node.kind == REAL and not (node.session is not None and node.ino == node.session.root_ino):
             head = _REAL_HEAD.pack(REAL_HANDLE_VERSION, REAL, 0, sid, node.ino, node.gen)
         else:
             head = _HEAD.pack(HANDLE_VERSION, node.kind, 0, sid, node.ino)
@@ -963,11 +1016,13 @@ class Datastore:
             raise BadHandle()
         if kind == ROOT:
             return Node(ROOT)
-        if kind == REAL:
-            raise StaleHandle()  # a client file's handle of an older daemon: LOOKUP it again
+        s = self.by_sid.get(sid)
+        if kind == REAL:  # a session directory (the same handle as before generations)
+            if s is None or ino != s.root_ino or s.handles is None:
+                raise StaleHandle()  # or a client file's handle of an older daemon: LOOKUP it again
+            return Node(REAL, s, ino, str(s.dir), s.handles.entries[ino].gen)
         if kind != VDISK:
             raise BadHandle()
-        s = self.by_sid.get(sid)
         if s is None:
             raise StaleHandle()
         if ino >= 2 * len(s.disks):

@@ -111,6 +111,12 @@ def test_reused_inode_is_stale_in_the_datastore(tmp_path, images, monkeypatch):
             for fake in (Node(REAL, s, 987654321, a.path, 1), Node(REAL, s, a.ino, a.path, 1 << 40)):
                 with pytest.raises(StaleHandle):
                     ds.resolve(ds.handle(fake))
+            # the session directory and the disks keep the handles of daemons before generations
+            import struct
+            assert len(ds.handle(sdir)) == 32 and ds.resolve(ds.handle(sdir)).path == str(s.dir)
+            old_style = struct.pack(">BBHIQ", 1, REAL, 0, s.sid, reused.ino)
+            with pytest.raises(StaleHandle):  # a client file's handle without a generation
+                ds.resolve(old_style + ds._mac(old_style))
         finally:
             ds.close()
 
