@@ -653,10 +653,10 @@ class Datastore:
 
     def _drop_foreign_pins(self) -> None:
         """Remove this daemon's pins of sessions it does not have (sandboxes of a killed daemon)."""
-        keep = set(self._persist)
+        keep = {(e.get("name"), e.get("point")) for e in self._persist.values()}
         try:
             for p in list_pins(self.repo):
-                if p.daemon == self.daemon_id and p.session not in keep:
+                if p.daemon == self.daemon_id and (p.session, p.point) not in keep:
                     remove_pin(self.repo, p.point, p.daemon, p.session)
                     log.info("removed the pin of restore point %s held by session %s, which is gone", p.point, p.session)
         except (OSError, RepositoryError) as e:
