@@ -18,13 +18,22 @@ the same cache). Reads return the newest bytes; writes land in the cache, never 
 repository; the disk's size is fixed (SETATTR to another size is EINVAL, a write past
 the end EFBIG). Real files are
 never opened through a symbolic link (``O_NOFOLLOW``, ``lstat``): a client may create
-symlinks, and they stay names, never paths the daemon follows.
+symlinks, and they stay names, never paths the daemon follows. Nor is anything but a
+regular file ever opened: opens are ``O_NONBLOCK`` and checked with ``fstat`` (a FIFO
+would block the thread, a device act), and MKNOD is refused (ENOTSUP, BadType for
+devices): ESXi and QEMU never make special files.
 
-File handles are 32 bytes: version, kind, session id, inode (or disk file index), then a
-16-byte keyed BLAKE2b MAC under a secret persisted in ``<cache_dir>/state.json``. The
-same file has the same handle after a restart; a forged or altered handle is
-``BadHandle``; a handle of an unpublished session or a deleted file is ``StaleHandle``.
-Session ids are never reused, so a republished name gets new handles.
+File handles carry a 16-byte keyed BLAKE2b MAC under a secret persisted in
+``<cache_dir>/state.json``. The root, the disk files and the session directories have
+32-byte handles (version 1: kind, session id, disk file index or the session
+directory's inode), as before generations existed, so they survive an upgrade. A
+client file's handle is 40 bytes (version 2: session id, inode, generation; ESXi
+refuses handles over 56): its generation comes from the session's ``HandleTable``, so a
+handle of a removed file whose inode the filesystem reused is STALE, and resolving a
+handle never walks a directory. The same file has the same handle after a restart; a
+forged or altered handle is ``BadHandle``; a handle of an unpublished session or a
+deleted file is ``StaleHandle``. Session ids are never reused, so a republished name
+gets new handles.
 
 Write-cache modes (``Session.mode``):
 
@@ -39,13 +48,35 @@ The cache parent is the publish's ``cache_dir`` or ``<cache_dir>/writecache``. P
 refuses when its volume has less free space than the reserve (unless forced). Every
 cache uses the datastore's write verifier, new at each start.
 
+A published point is pinned in the repository (``engine.repo.pins``) under this
+daemon's id (derived from the secret, so stable across restarts): the pin is written
+before the session becomes visible (a point deleted meanwhile fails the publish with
+NotFound) and removed after its caches are gone; at start, restored instant sessions
+are pinned again (a point force-deleted meanwhile leaves its session unrestored, with
+a log line) and this daemon's pins of sessions it no longer has are removed.
+
+state.json is rewritten only when it changes (publish, unpublish, a new secret, a
+sandbox a killed daemon left), never merely because the daemon starts. If it cannot be
+written at start because the volume is full (ENOSPC, EDQUOT), the daemon starts anyway
+with a warning and serves every session's acknowledged data; WRITEs that need new
+space answer NFS3ERR_NOSPC (``NoSpace`` from the write cache) until space is freed.
+
 Errors are ``OSError`` with the errno a local filesystem would give (EROFS, EEXIST,
 ENOTDIR, ...) or the ``engine.errors`` datastore errors; ``engine.nfs.nfs3`` maps both
-to ``nfsstat3`` in one function. Everything here runs on the event loop thread (so no
-lock is needed); only fsync, disk reads that miss the chunk cache and write-cache work
-run elsewhere: write-cache writes and dirty reads in ``io_pool``, COMMITs in
-``sync_pool`` (``WriteCache`` is thread-safe). A session counts its disk operations in
-flight, and its caches are closed only when none is left.
+to ``nfsstat3`` in one function. The namespace (sessions, handle tables) changes on the
+event loop thread only, so it needs no lock; nothing there blocks: metadata calls
+(lstat, mkdir, rename, an append to a handle table) run on the loop, everything that
+can wait for a disk runs in a pool of its kind, so that no task waits for work queued
+behind itself: write-cache writes, dirty reads and client-file reads and unstable writes
+in ``io_pool``; COMMITs and stable writes (fsync) in ``sync_pool``; publish and
+unpublish work (state.json's fsync, cache creation with its fallocate, pins, rmtree of
+session directories and caches) in ``admin_pool``. ``apublish`` builds a session there
+and makes it visible on the loop once its pin, caches and files exist; ``aunpublish``
+hides it at once, then saves the state and cleans up there. state.json is written by
+any of those threads: ``_save`` snapshots the state under ``_state_lock`` and writes one
+snapshot at a time, so the newest state wins. ``publish``/``unpublish`` do the same
+blocking, for tests and tools. A session counts its disk operations in flight, and its
+caches are closed only when none is left (``aunpublish`` waits for them).
 """
 from __future__ import annotations
 
@@ -59,26 +90,48 @@ import os
 import re
 import secrets
 import shutil
+import socket
 import stat
 import struct
+import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from engine.disk import BackupDisk
-from engine.errors import BadCookie, BadHandle, BadType, InstantNFSError, SessionError, StaleHandle
+from engine.errors import (
+    BadCookie,
+    BadHandle,
+    BadType,
+    InstantNFSError,
+    NotFound,
+    RepositoryError,
+    SessionError,
+    StaleHandle,
+)
+from engine.fsutil import fsync_dir, pwrite_all
+from engine.repo.pins import Pin, add_pin, list_pins, remove_pin
 from engine.repo.repository import Repository, RestorePoint
 from engine.writecache import WriteCache, remove_stale_temporaries
 
 log = logging.getLogger("instantnfs.datastore")
 
 ROOT, REAL, VDISK = 1, 2, 3
-HANDLE_VERSION = 1
+HANDLE_VERSION = 1  # the root and disk files: version, kind, 0, session id, disk file index
 _HEAD = struct.Struct(">BBHIQ")
+REAL_HANDLE_VERSION = 2  # client files: version, kind, 0, session id, inode, generation
+_REAL_HEAD = struct.Struct(">BBHIQQ")
 MAC_SIZE = 16
-HANDLE_SIZE = _HEAD.size + MAC_SIZE
+HANDLE_SIZE = _HEAD.size + MAC_SIZE  # 32
+REAL_HANDLE_SIZE = _REAL_HEAD.size + MAC_SIZE  # 40: ESXi refuses handles over 56 bytes
+GEN_EPOCH = 1 << 32  # each start of a session's table hands out generations from a new epoch
+MAX_DEPTH = 4096  # of a client-made directory tree (a handle table never walks further)
+_NOSPACE = (errno.ENOSPC, errno.EDQUOT)
+ADMIN_THREADS = 2
+UNPUBLISH_WAIT = 30  # s an unpublish waits for the disk operations in progress
 VIRTUAL_FILEID = 1 << 63
 NAME_MAX = 255
 # set-user/group-ID bits are dropped: clients act with the daemon's rights (root), and a
@@ -137,6 +190,7 @@ class Node:
     session: Session | None = None
     ino: int = 0  # REAL: inode number; VDISK: disk file index
     path: str = ""  # REAL: absolute path
+    gen: int = 0  # REAL: generation (see HandleTable)
 
 
 @dataclass
@@ -154,7 +208,9 @@ class Session:
     jobs: int = 0  # export/commit jobs running on this session (unpublish waits for none)
     inflight: int = 0  # disk reads/writes/commits in the executor: caches close after the last
     ended: bool = False  # unpublished; the caches close when inflight drops to 0
-    inodes: dict[int, str] = field(default_factory=dict)  # inode -> path relative to dir
+    idle: asyncio.Event | None = None  # set when inflight drops to 0 after an aunpublish
+    handles: HandleTable | None = None  # generations of the client files (REAL nodes)
+    root_ino: int = 0  # of the session directory: live while published, so its handle needs no generation
     read_ops: int = 0
     read_bytes: int = 0
     write_ops: int = 0
@@ -236,16 +292,258 @@ def check_name(name: bytes) -> str:
 
 def _write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        os.fsync(dfd)
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)  # a full volume: leave no half-written temporary behind
+        except OSError:
+            pass
+        raise
+    fsync_dir(path.parent)
+
+
+def _open_regular(path: str, flags: int, mode: int = 0o644) -> int:
+    """Open a client file that must be a regular file: never through a symbolic link, and
+    never waiting (a FIFO or a device is refused, not opened for good: O_NONBLOCK, then
+    fstat). EISDIR / EINVAL for anything but a regular file, ENXIO for an unread FIFO."""
+    fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, mode)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise _err(errno.EISDIR if stat.S_ISDIR(st.st_mode) else errno.EINVAL, "not a regular file")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _pread_file(path: str, count: int, offset: int) -> tuple[bytes, int]:
+    fd = _open_regular(path, os.O_RDONLY)
+    try:
+        return os.pread(fd, count, offset), os.fstat(fd).st_size
     finally:
-        os.close(dfd)
+        os.close(fd)
+
+
+def _pwrite_file(path: str, data: Any, offset: int, stable: int) -> None:
+    fd = _open_regular(path, os.O_WRONLY)
+    try:
+        pwrite_all(fd, data, offset)
+        if stable:
+            (os.fsync if stable == 2 else os.fdatasync)(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: str) -> None:
+    try:
+        fd = _open_regular(path, os.O_RDONLY)
+    except OSError:
+        return  # not a regular file (any more): nothing of it to commit
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass(slots=True)
+class _Entry:
+    gen: int
+    parent: int  # inode of the directory holding ``name``; 0 for the session directory
+    name: str
+
+
+class HandleTable:
+    """The generations of one session's client files: inode -> (generation, parent, name).
+
+    A client file's handle names (inode, generation); it resolves only while the table
+    gives that inode that generation and the file found at the entry's path (followed
+    through the parents' entries, never by walking a directory) has that inode. A file
+    gets its generation when the server creates it or first sees it (LOOKUP, READDIR);
+    REMOVE of its last link, RMDIR and a RENAME over it drop its entry, so an inode the
+    filesystem reuses gets a new generation: the old handles are STALE. A file met under
+    a name other than its entry's whose entry's name no longer reaches it (renamed or
+    replaced behind the daemon's back) is treated as new, too.
+
+    The table is persisted as an append-only log of JSON lines beside the session
+    directory, ``sessions/.<name>.handles`` (not in it: clients never see it), so
+    handles survive a restart: ``[ino, gen, parent, name]`` sets an entry, ``[ino, gen]``
+    drops one, ``["gen", n]`` says generations below ``n`` may be in use. Lines are
+    appended on the loop thread (a short write, no fsync); the log is compacted, fsynced,
+    at each start, which also starts a new epoch of ``GEN_EPOCH`` generations: a
+    generation handed out before a power loss that lost its line is never handed out
+    again. User xattrs would keep the generation with the inode, but tmpfs has them only
+    since Linux 6.6, symbolic links never: one mechanism for every filesystem.
+    """
+
+    def __init__(self, path: Path, root: Path) -> None:
+        self.path = path
+        self.root = root
+        self.entries: dict[int, _Entry] = {}
+        self.next_gen = 1
+        self._fd = -1
+        self._warned = False
+
+    @classmethod
+    def create(cls, path: Path, root: Path) -> HandleTable:
+        """A new table for a new session directory ``root`` (blocking: fsyncs)."""
+        t = cls(path, root)
+        t.entries[os.lstat(root).st_ino] = _Entry(t._take(), 0, "")
+        t._rewrite(t.next_gen)
+        return t
+
+    @classmethod
+    def load(cls, path: Path, root: Path) -> HandleTable:
+        """The table as persisted; entries that no longer reach their file are dropped;
+        compacted into a new log (blocking: fsyncs). On a full volume the old log stays."""
+        t = cls(path, root)
+        top = 0
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            raw = b""
+        for line in raw.splitlines():
+            try:
+                rec = json.loads(line)
+                if rec[0] == "gen":
+                    top = max(top, int(rec[1]))
+                elif len(rec) == 4:
+                    t.entries[int(rec[0])] = _Entry(int(rec[1]), int(rec[2]), str(rec[3]))
+                    top = max(top, int(rec[1]))
+                else:
+                    t.entries.pop(int(rec[0]), None)
+                    top = max(top, int(rec[1]))
+            except (ValueError, TypeError, IndexError, KeyError):
+                continue  # a line torn by a crash
+        root_ino = os.lstat(root).st_ino
+        for ino in list(t.entries):
+            p = t.path_of(ino)
+            try:
+                if p is None or os.lstat(p).st_ino != ino:
+                    del t.entries[ino]
+            except OSError:
+                del t.entries[ino]
+        t.next_gen = (top // GEN_EPOCH + 1) * GEN_EPOCH
+        if root_ino not in t.entries:
+            t.entries[root_ino] = _Entry(t._take(), 0, "")
+        try:
+            t._rewrite(t.next_gen)
+        except OSError as e:
+            if e.errno not in _NOSPACE:
+                raise
+            t._fallback_epoch(e)
+        return t
+
+    def _fallback_epoch(self, e: OSError) -> None:
+        """The new epoch cannot be made durable (a full volume): append it to the old log;
+        failing that, take a random epoch far above any counted one."""
+        try:
+            self._open()
+            self._append(["gen", self.next_gen])
+            os.fsync(self._fd)
+        except OSError:
+            self.next_gen = (1 << 62) + secrets.randbelow(1 << 29) * GEN_EPOCH
+            log.warning("%s cannot be written (%s): client-file handles will not survive the next restart", self.path, e.strerror)
+
+    def _take(self) -> int:
+        g = self.next_gen
+        self.next_gen += 1
+        return g
+
+    def _rewrite(self, start: int) -> None:
+        lines = [json.dumps(["gen", start])] + [json.dumps([ino, e.gen, e.parent, e.name]) for ino, e in self.entries.items()]
+        self.close()
+        _write_atomic(self.path, ("\n".join(lines) + "\n").encode())
+        self._open()
+
+    def _open(self) -> None:
+        if self._fd < 0:
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+
+    def _append(self, rec: list) -> None:
+        try:
+            self._open()
+            os.write(self._fd, (json.dumps(rec) + "\n").encode())
+        except OSError as e:
+            if not self._warned:
+                self._warned = True
+                log.warning("%s cannot be written (%s): handles of files created now are STALE after a restart",
+                            self.path, e.strerror)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def remove(self) -> None:
+        self.close()
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+    def path_of(self, ino: int) -> str | None:
+        """Where the entry of ``ino`` says the file is (through its parents' entries)."""
+        parts: list[str] = []
+        cur = ino
+        for _ in range(MAX_DEPTH):
+            e = self.entries.get(cur)
+            if e is None:
+                return None
+            if e.parent == 0:
+                return os.path.join(self.root, *reversed(parts)) if parts else str(self.root)
+            parts.append(e.name)
+            cur = e.parent
+        return None
+
+    def resolve(self, ino: int, gen: int) -> str | None:
+        """The path of the file (ino, gen) names, or None: that file is gone."""
+        e = self.entries.get(ino)
+        if e is None or e.gen != gen:
+            return None
+        p = self.path_of(ino)
+        if p is None:
+            return None
+        try:
+            return p if os.lstat(p).st_ino == ino else None
+        except OSError:
+            return None
+
+    def seen(self, ino: int, parent: int, name: str) -> int:
+        """The generation of the file ``ino`` found as ``name`` in directory ``parent``."""
+        e = self.entries.get(ino)
+        if e is not None:
+            if e.parent == parent and e.name == name:
+                return e.gen
+            if e.parent != 0 and self.resolve(ino, e.gen) is not None:
+                return e.gen  # another hard link of the same file
+        gen = self._take()
+        self.entries[ino] = _Entry(gen, parent, name)
+        self._append([ino, gen, parent, name])
+        return gen
+
+    def renamed(self, ino: int, parent: int, name: str, new_parent: int, new_name: str) -> None:
+        e = self.entries.get(ino)
+        if e is not None and e.parent == parent and e.name == name:
+            e.parent, e.name = new_parent, new_name
+            self._append([ino, e.gen, new_parent, new_name])
+
+    def dropped(self, ino: int) -> None:
+        e = self.entries.pop(ino, None)
+        if e is not None:
+            self._append([ino, e.gen])
+
+
+def _log_failure(what: str) -> Callable[[Any], None]:
+    def done(fut: Any) -> None:
+        if not fut.cancelled() and fut.exception() is not None:
+            log.error("%s failed: %s", what, fut.exception())
+    return done
 
 
 class Datastore:
@@ -263,26 +561,40 @@ class Datastore:
         self.by_sid: dict[int, Session] = {}
         self.next_sid = 1
         self.secret = b""
+        self.daemon_id = ""  # names this daemon's pins in the repository (from the secret: stable)
         self.root_mtime_ns = time.time_ns()
         self.root_gen = 1
         self.fsid = 0
         self.unrestored: list[dict] = []  # state entries of sessions that could not be restored
         self._fh_cache: dict[bytes, Node] = {}  # verified handles of disk files
+        self._publishing: set[str] = set()  # names of publishes in progress
+        # what state.json lists: name -> entry; changed on the loop, written by any thread
+        self._persist: dict[str, dict] = {}
+        self._state_lock = threading.Lock()  # guards _persist and next_sid for a snapshot
+        self._save_lock = threading.Lock()  # one state.json write at a time, each of the newest state
         self.write_verf = secrets.token_bytes(8)  # changes every start: clients resend uncommitted writes
-        # Write-cache work off the loop: writes and dirty reads in one pool, COMMITs (fsync)
-        # in another, so a burst of slow fsyncs never leaves writes waiting for a thread.
+        # Work off the loop, by kind, so that no task waits for work queued behind itself:
+        # write-cache writes, dirty reads and client-file I/O in one pool; COMMITs and
+        # stable writes (fsync) in another, so a burst of slow fsyncs never leaves writes
+        # waiting for a thread; publish/unpublish (state fsync, cache creation, pins,
+        # rmtree of session directories and caches) in a small one of their own.
         self.io_pool = ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="wc-io")
         self.sync_pool = ThreadPoolExecutor(max_workers=SYNC_THREADS, thread_name_prefix="wc-sync")
+        self.admin_pool = ThreadPoolExecutor(max_workers=ADMIN_THREADS, thread_name_prefix="ds-admin")
 
     # -- state -----------------------------------------------------------------------------
 
     def load(self) -> None:
-        """Create or read the cache directory's state; bring persisted sessions back."""
+        """Create or read the cache directory's state; bring persisted sessions back.
+
+        state.json is written only if something changed (a new secret, a sandbox a killed
+        daemon left); on a full volume the daemon starts anyway, with a warning."""
         try:
             self.sessions_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise SessionError(f"cannot create the cache directory {self.cache_dir}: {e.strerror}") from e
         state: dict[str, Any] = {}
+        changed = False
         if self.state_path.exists():
             try:
                 state = json.loads(self.state_path.read_text())
@@ -293,25 +605,66 @@ class Datastore:
                 raise SessionError(f"{self.state_path} is unreadable ({e}); move it away to start afresh") from e
         if not self.secret:
             self.secret = secrets.token_bytes(32)
+            changed = True
         self.fsid = int.from_bytes(hashlib.blake2b(self.secret, digest_size=8, person=b"fsid").digest(), "big") >> 1
+        self.daemon_id = hashlib.blake2b(self.secret, digest_size=8, person=b"daemon").hexdigest()
         self.next_sid = int(state.get("next_sid", 1))
         for s in state.get("sessions", []):
             mode = s.get("mode", "instant")
             parent = Path(s.get("cache_parent") or self.default_cache_parent)
             if mode == "sandbox":  # a daemon that was killed left it: throw it away
                 shutil.rmtree(self.sessions_dir / s["name"], ignore_errors=True)
+                self._handles_path(s["name"]).unlink(missing_ok=True)
                 for d in remove_stale_temporaries(parent):
                     log.info("removed the sandbox cache %s left by a stopped daemon", d)
                 log.info("sandbox session %s ended with the daemon that ran it", s.get("name"))
+                changed = True
                 continue
             try:
-                point = self.repo.point(s["point"])
-                self._attach(s["name"], int(s["sid"]), point, int(s["created_ns"]), mode, parent, restore=True)
+                try:
+                    point = self.repo.point(s["point"])
+                except NotFound:
+                    raise SessionError(f"its restore point {s['point']} was deleted from the repository") from None
+                ses = self._open_session(s["name"], int(s["sid"]), point, int(s["created_ns"]), mode, parent, restore=True)
+                try:
+                    add_pin(self.repo, self._pin(ses))
+                except NotFound:
+                    self._end(ses, unpin=False, remove=False)
+                    raise SessionError(f"its restore point {point.id} was deleted from the repository") from None
+                except BaseException:
+                    self._end(ses, unpin=False, remove=False)
+                    raise
+                self._register(ses)
             except Exception as e:  # noqa: BLE001 - one broken session must not stop the daemon
                 # kept in the state: its caches may come back (a volume not mounted yet)
-                log.error("session %s cannot be restored (kept for the next start): %s", s.get("name"), e)
+                log.error("session %s (restore point %s) cannot be restored (kept for the next start): %s",
+                          s.get("name"), s.get("point"), e)
                 self.unrestored.append(s)
-        self._save()
+                self._persist[s["name"]] = s
+        self._drop_foreign_pins()
+        if changed:
+            try:
+                self._save()
+            except OSError as e:
+                if e.errno not in _NOSPACE:
+                    raise SessionError(f"cannot write {self.state_path}: {e.strerror}") from e
+                log.warning("the cache volume of %s is full (%s): starting anyway, serving every session's data; "
+                            "WRITEs get NFS3ERR_NOSPC until space is freed", self.cache_dir, e.strerror)
+
+    def _drop_foreign_pins(self) -> None:
+        """Remove this daemon's pins of sessions it does not have (sandboxes of a killed daemon)."""
+        keep = {(e.get("name"), e.get("point")) for e in self._persist.values()}
+        try:
+            for p in list_pins(self.repo):
+                if p.daemon == self.daemon_id and (p.session, p.point) not in keep:
+                    remove_pin(self.repo, p.point, p.daemon, p.session)
+                    log.info("removed the pin of restore point %s held by session %s, which is gone", p.point, p.session)
+        except (OSError, RepositoryError) as e:
+            log.warning("the pins of this daemon (%s) could not be checked: %s", self.daemon_id, e)
+
+    def _pin(self, s: Session) -> Pin:
+        return Pin(s.point.id, s.name, s.sid, self.daemon_id, str(self.cache_dir), socket.gethostname(), os.getpid(),
+                   time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(s.created_ns / 1e9)))
 
     @property
     def default_cache_parent(self) -> Path:
@@ -324,6 +677,8 @@ class Datastore:
                 self.unpublish(s.name, force=True)
             else:
                 self._close_caches(s)
+                if s.handles is not None:
+                    s.handles.close()
 
     @staticmethod
     def _close_caches(s: Session) -> None:
@@ -333,27 +688,36 @@ class Datastore:
             except Exception as e:  # noqa: BLE001 - close the others; the error is logged
                 log.error("session %s: closing the write cache %s failed: %s", s.name, c.path, e)
 
+    @staticmethod
+    def _entry(s: Session) -> dict:
+        return {"name": s.name, "sid": s.sid, "point": s.point.id, "created_ns": s.created_ns,
+                "mode": s.mode, "cache_parent": str(s.cache_parent)}
+
     def _save(self) -> None:
-        state = {
-            "format": STATE_FORMAT,
-            "secret": self.secret.hex(),
-            "next_sid": self.next_sid,
-            "sessions": [
-                {"name": s.name, "sid": s.sid, "point": s.point.id, "created_ns": s.created_ns,
-                 "mode": s.mode, "cache_parent": str(s.cache_parent)}
-                for s in sorted(self.sessions.values(), key=lambda s: s.sid)
-            ] + [u for u in self.unrestored if u.get("name") not in self.sessions],
-        }
-        _write_atomic(self.state_path, (json.dumps(state, indent=2) + "\n").encode())
+        """Write state.json (blocking: fsync), from any thread: the newest state wins."""
+        with self._save_lock:
+            with self._state_lock:
+                state = {
+                    "format": STATE_FORMAT,
+                    "secret": self.secret.hex(),
+                    "next_sid": self.next_sid,
+                    "sessions": sorted(self._persist.values(), key=lambda e: int(e.get("sid", 0))),
+                }
+                data = (json.dumps(state, indent=2) + "\n").encode()
+            _write_atomic(self.state_path, data)
 
     def cache_path(self, s: Session, disk: int) -> Path:
         """Where an instant session's write cache of ``disk`` lives."""
         return s.cache_parent / f"{s.name}.{s.sid}" / f"disk{disk}"
 
-    def _attach(self, name: str, sid: int, point: RestorePoint, created_ns: int, mode: str, parent: Path,
-                restore: bool = False) -> Session:
-        """Open a session's disks and caches; ``restore``: its instant caches must exist
-        (never start an empty cache in place of one that is missing)."""
+    def _handles_path(self, name: str) -> Path:
+        return self.sessions_dir / f".{name}.handles"  # a session name never starts with '.'
+
+    def _open_session(self, name: str, sid: int, point: RestorePoint, created_ns: int, mode: str, parent: Path,
+                      restore: bool = False) -> Session:
+        """Open a session's disks, caches and handle table (blocking; touches no shared
+        state). ``restore``: its instant caches must exist (never start an empty cache in
+        place of one that is missing)."""
         disks = [point.open_disk(i) for i in range(len(point.disks))]
         d = self.sessions_dir / name
         s = Session(name, sid, point, created_ns, d, disks, mode, parent)
@@ -369,38 +733,54 @@ class Datastore:
                     else:
                         c = WriteCache.create(path, disk, base_tag=tag, verifier=self.write_verf, executor=self.io_pool)
                 s.caches.append(c)
+            s.mtimes = [created_ns] * len(disks)
+            d.mkdir(exist_ok=True)
+            hp = self._handles_path(name)
+            s.handles = HandleTable.load(hp, d) if restore else HandleTable.create(hp, d)
+            s.root_ino = os.lstat(d).st_ino
         except BaseException:
             self._close_caches(s)
             raise
-        s.mtimes = [created_ns] * len(disks)
-        d.mkdir(exist_ok=True)
-        self.sessions[name] = s
-        self.by_sid[sid] = s
-        self._rescan(s)
         return s
+
+    def _register(self, s: Session) -> None:
+        """Make a session visible (loop thread)."""
+        self.sessions[s.name] = s
+        self.by_sid[s.sid] = s
+        with self._state_lock:
+            self._persist[s.name] = self._entry(s)
 
     # -- publishing ------------------------------------------------------------------------
 
-    def publish(self, point_ident: str, name: str | None = None, *, mode: str = "instant",
-                cache_dir: str | os.PathLike | None = None, reserve: int | None = None, force: bool = False) -> Session:
-        """Publish a restore point; the write caches go to ``cache_dir`` (default the
-        daemon's), whose volume must have ``reserve`` bytes free unless ``force``."""
+    def _claim(self, point: RestorePoint, name: str | None, mode: str) -> tuple[str, int]:
+        """Check the name (or make one) and take a session id (loop thread)."""
         if mode not in MODES:
             raise SessionError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
-        point = self.repo.point(point_ident)
+        taken = set(self.sessions) | self._publishing
         if name is None:
             base = re.sub(r"[^A-Za-z0-9._-]", "_", point.vm)[:100] or "vm"
             name = f"{base}-{point.id[:8]}"
             n = 2
-            while name in self.sessions:
+            while name in taken:
                 name = f"{base}-{point.id[:8]}-{n}"
                 n += 1
         if not _SESSION_RE.match(name):
             raise SessionError(f"session name {name!r} is not allowed: use 1-128 letters, digits, '.', '_' or '-'")
-        if name in self.sessions:
+        if name in taken:
             raise SessionError(f"a session named {name!r} is already published (unpublish it or pick another --name)")
         if any(u.get("name") == name for u in self.unrestored):
             raise SessionError(f"session {name!r} could not be restored at start (see the daemon's log); pick another --name")
+        with self._state_lock:
+            sid = self.next_sid
+            self.next_sid += 1
+        self._publishing.add(name)
+        return name, sid
+
+    def _build(self, point: RestorePoint, name: str, sid: int, mode: str, cache_dir: str | os.PathLike | None,
+               reserve: int | None, force: bool) -> Session:
+        """Everything a publish does before the session is visible (blocking): the free
+        space check, the pin, the caches, the session directory and its files."""
+        self._save()  # the sid is taken even if the publish fails: ids are never reused
         parent = Path(os.path.abspath(os.path.expanduser(cache_dir))) if cache_dir else self.default_cache_parent
         try:
             parent.mkdir(parents=True, exist_ok=True)
@@ -418,25 +798,68 @@ class Datastore:
         d = self.sessions_dir / name
         if d.exists():
             shutil.rmtree(d)  # left behind by an unpublish that crashed half way
-        sid = self.next_sid
-        self.next_sid += 1
-        self._save()  # the sid is taken even if attaching fails: ids are never reused
+        created_ns = time.time_ns()
+        stub = Session(name, sid, point, created_ns, d, [], mode, parent)
+        add_pin(self.repo, self._pin(stub))  # NotFound: the point is gone or being deleted
+        s: Session | None = None
         try:
-            s = self._attach(name, sid, point, time.time_ns(), mode, parent)
-        except InstantNFSError as e:
-            raise SessionError(f"cannot publish {point.id}: {e}") from e
-        (d / f"{point.vm}.vmx").write_text(vmx_text(point))
-        for info in point.disks:
-            cid = int.from_bytes(hashlib.blake2b(f"{point.id}/{info.name}".encode(), digest_size=4).digest(), "big")
-            (d / f"{info.name}.vmdk").write_text(vmdk_descriptor(info.name, info.size, cid))
-        self._rescan(s)
-        self._save()
-        self._root_changed()
-        log.info("published restore point %s (VM %s) as session %s (%s, cache in %s)", point.id, point.vm, name, mode, parent)
+            s = self._open_session(name, sid, point, created_ns, mode, parent)
+            (d / f"{point.vm}.vmx").write_text(vmx_text(point))
+            for info in point.disks:
+                cid = int.from_bytes(hashlib.blake2b(f"{point.id}/{info.name}".encode(), digest_size=4).digest(), "big")
+                (d / f"{info.name}.vmdk").write_text(vmdk_descriptor(info.name, info.size, cid))
+            with self._state_lock:
+                self._persist[name] = self._entry(s)
+            self._save()
+        except BaseException as e:
+            with self._state_lock:
+                self._persist.pop(name, None)
+            self._end(s or stub)
+            if isinstance(e, OSError):
+                raise SessionError(f"cannot publish {point.id}: {e.strerror} ({e.filename or parent})") from e
+            if isinstance(e, InstantNFSError) and not isinstance(e, SessionError):
+                raise SessionError(f"cannot publish {point.id}: {e}") from e
+            raise
         return s
 
-    def unpublish(self, name: str, force: bool = False) -> None:
-        """End a session: its files and its write caches are removed (export or commit first)."""
+    def _published(self, s: Session) -> Session:
+        self._publishing.discard(s.name)
+        self._register(s)
+        self._root_changed()
+        log.info("published restore point %s (VM %s) as session %s (%s, cache in %s)", s.point.id, s.point.vm, s.name,
+                 s.mode, s.cache_parent)
+        return s
+
+    def publish(self, point_ident: str, name: str | None = None, *, mode: str = "instant",
+                cache_dir: str | os.PathLike | None = None, reserve: int | None = None, force: bool = False) -> Session:
+        """Publish a restore point; the write caches go to ``cache_dir`` (default the
+        daemon's), whose volume must have ``reserve`` bytes free unless ``force``.
+        Blocking: for tests and tools; the daemon calls ``apublish``."""
+        point = self.repo.point(point_ident)
+        name, sid = self._claim(point, name, mode)
+        try:
+            s = self._build(point, name, sid, mode, cache_dir, reserve, force)
+        except BaseException:
+            self._publishing.discard(name)
+            raise
+        return self._published(s)
+
+    async def apublish(self, point_ident: str, name: str | None = None, *, mode: str = "instant",
+                       cache_dir: str | os.PathLike | None = None, reserve: int | None = None, force: bool = False) -> Session:
+        """``publish`` with every blocking step off the loop; the session is visible once
+        its pin, caches and files exist."""
+        loop = asyncio.get_running_loop()
+        point = await loop.run_in_executor(self.admin_pool, self.repo.point, point_ident)
+        name, sid = self._claim(point, name, mode)
+        try:
+            s = await loop.run_in_executor(self.admin_pool, self._build, point, name, sid, mode, cache_dir, reserve, force)
+        except BaseException:
+            self._publishing.discard(name)
+            raise
+        return self._published(s)
+
+    def _hide(self, name: str, force: bool) -> Session:
+        """Take a session out of the namespace at once (loop thread)."""
         s = self.sessions.get(name)
         if s is None:
             raise SessionError(f"no published session {name!r}")
@@ -444,27 +867,84 @@ class Datastore:
             raise SessionError(f"session {name!r} has an export or commit running; wait for it to finish")
         del self.sessions[name]
         del self.by_sid[s.sid]
+        with self._state_lock:
+            self._persist.pop(name, None)
         self._fh_cache.clear()
-        self._save()
         self._root_changed()
         s.ended = True
-        if s.inflight == 0:  # else the last disk operation in progress ends it
-            self._end(s)
         log.info("unpublished session %s", name)
+        return s
 
-    def _end(self, s: Session) -> None:
+    def unpublish(self, name: str, force: bool = False) -> None:
+        """End a session: its files and its write caches are removed (export or commit
+        first). Blocking: for tests, tools and the daemon's stop; the API calls ``aunpublish``."""
+        s = self._hide(name, force)
+        if s.inflight == 0:  # else the last disk operation in progress ends it
+            self._save_then(lambda: self._end(s))
+        else:
+            self._save_then(lambda: None)
+
+    def _save_then(self, end: Callable[[], None]) -> None:
+        """Save the state, then ``end`` (blocking). On a full volume, ``end`` first (it
+        frees the session's space) and the save again: a session is never left listed
+        in state.json because the volume was full."""
+        try:
+            self._save()
+        except OSError as e:
+            if e.errno not in _NOSPACE:
+                end()
+                raise
+            end()
+            try:
+                self._save()
+            except OSError as e2:
+                log.error("%s cannot be written (%s): an unpublished session may be listed at the next start",
+                          self.state_path, e2.strerror)
+            return
+        end()
+
+    async def aunpublish(self, name: str, force: bool = False) -> None:
+        """``unpublish``: hidden at once; the state write and the clean-up run off the loop."""
+        s = self._hide(name, force)
+        loop = asyncio.get_running_loop()
+        if s.inflight:  # the operations in progress finish first (they get their replies)
+            s.idle = asyncio.Event()
+            try:
+                await asyncio.wait_for(s.idle.wait(), UNPUBLISH_WAIT)
+            except TimeoutError:
+                s.idle = None
+                log.warning("session %s: disk operations still running after %d s; the last one ends the session",
+                            s.name, UNPUBLISH_WAIT)
+                await loop.run_in_executor(self.admin_pool, self._save_then, lambda: None)
+                return
+        await loop.run_in_executor(self.admin_pool, self._save_then, lambda: self._end(s))
+
+    def _end(self, s: Session, unpin: bool = True, remove: bool = True) -> None:
         """Close an unpublished session's caches (a sandbox's directories go with them),
-        then remove its directories. Never while a cache call runs in a thread: its file
-        descriptors would be closed under it."""
+        then remove its directories and its pin (blocking). Never while a cache call runs
+        in a thread: its file descriptors would be closed under it."""
         self._close_caches(s)
-        if s.mode == "instant":
-            shutil.rmtree(s.cache_parent / f"{s.name}.{s.sid}", ignore_errors=True)
-        shutil.rmtree(s.dir, ignore_errors=True)
+        if s.handles is not None:
+            s.handles.close()
+        if remove:
+            if s.mode == "instant":
+                shutil.rmtree(s.cache_parent / f"{s.name}.{s.sid}", ignore_errors=True)
+            shutil.rmtree(s.dir, ignore_errors=True)
+            self._handles_path(s.name).unlink(missing_ok=True)
+        if unpin:
+            try:
+                remove_pin(self.repo, s.point.id, self.daemon_id, s.name)
+            except (OSError, RepositoryError) as e:
+                log.error("session %s: its pin of restore point %s cannot be removed: %s", s.name, s.point.id, e)
 
     def _op_done(self, s: Session) -> None:
         s.inflight -= 1
         if s.ended and s.inflight == 0:
-            self._end(s)
+            if s.idle is not None:  # aunpublish waits for this and ends the session
+                s.idle.set()
+                return
+            fut = asyncio.get_running_loop().run_in_executor(self.admin_pool, self._end, s)
+            fut.add_done_callback(_log_failure(f"ending session {s.name}"))
 
     @staticmethod
     def _no_copy_on_write(cache: WriteCache, offset: int, n: int) -> bool:
@@ -477,13 +957,14 @@ class Datastore:
         return not (end % g and end < cache.size and not cache.is_dirty(end - 1, 1))
 
     async def aclose(self, timeout: float = 30.0) -> None:
-        """``close`` once the disk operations in progress have finished (or ``timeout``)."""
+        """``close`` (off the loop) once the disk operations in progress have finished (or ``timeout``)."""
         deadline = time.monotonic() + timeout
         while any(s.inflight for s in self.sessions.values()) and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
-        self.close()
+        await asyncio.get_running_loop().run_in_executor(self.admin_pool, self.close)
         self.io_pool.shutdown(wait=False)
         self.sync_pool.shutdown(wait=False)
+        self.admin_pool.shutdown(wait=False)
 
     def _root_changed(self) -> None:
         self.root_mtime_ns = max(time.time_ns(), self.root_mtime_ns + 1)
@@ -496,71 +977,74 @@ class Datastore:
 
     def handle(self, node: Node) -> bytes:
         sid = node.session.sid if node.session else 0
-        head = _HEAD.pack(HANDLE_VERSION, node.kind, 0, sid, node.ino)
+        if node.kind == REAL and not (node.session is not None and node.ino == node.session.root_ino):
+            head = _REAL_HEAD.pack(REAL_HANDLE_VERSION, REAL, 0, sid, node.ino, node.gen)
+        else:
+            head = _HEAD.pack(HANDLE_VERSION, node.kind, 0, sid, node.ino)
         return head + self._mac(head)
 
     def root(self) -> Node:
         return Node(ROOT)
 
     def resolve(self, fh: bytes) -> Node:
+        """The node a handle names; BadHandle if forged, StaleHandle if its file is gone.
+        Never walks a directory: a client file is found through its session's table."""
         node = self._fh_cache.get(fh)
         if node is not None:
             return node
-        if len(fh) != HANDLE_SIZE:
+        if len(fh) == HANDLE_SIZE:
+            head, mac = fh[: _HEAD.size], fh[_HEAD.size :]
+        elif len(fh) == REAL_HANDLE_SIZE:
+            head, mac = fh[: _REAL_HEAD.size], fh[_REAL_HEAD.size :]
+        else:
             raise BadHandle()
-        head, mac = fh[: _HEAD.size], fh[_HEAD.size :]
         if not hmac.compare_digest(self._mac(head), mac):
             raise BadHandle()
+        if len(fh) == REAL_HANDLE_SIZE:
+            ver, kind, _pad, sid, ino, gen = _REAL_HEAD.unpack(head)
+            if ver != REAL_HANDLE_VERSION or kind != REAL:
+                raise BadHandle()
+            s = self.by_sid.get(sid)
+            if s is None or s.handles is None:
+                raise StaleHandle()
+            path = s.handles.resolve(ino, gen)
+            if path is None:
+                raise StaleHandle()
+            return Node(REAL, s, ino, path, gen)
         ver, kind, _pad, sid, ino = _HEAD.unpack(head)
         if ver != HANDLE_VERSION:
             raise BadHandle()
         if kind == ROOT:
             return Node(ROOT)
         s = self.by_sid.get(sid)
-        if s is not None and kind == VDISK and ino < 2 * len(s.disks):
-            node = Node(VDISK, s, ino)
-            if len(self._fh_cache) > 65536:
-                self._fh_cache.clear()
-            self._fh_cache[bytes(fh)] = node  # immutable while the session is published
-            return node
+        if kind == REAL:  # a session directory (the same handle as before generations)
+            if s is None or ino != s.root_ino or s.handles is None:
+                raise StaleHandle()  # or a client file's handle of an older daemon: LOOKUP it again
+            return Node(REAL, s, ino, str(s.dir), s.handles.entries[ino].gen)
+        if kind != VDISK:
+            raise BadHandle()
         if s is None:
             raise StaleHandle()
-        if kind == VDISK:
-            if ino >= 2 * len(s.disks):
-                raise BadHandle()
-            return Node(VDISK, s, ino)
-        if kind != REAL:
+        if ino >= 2 * len(s.disks):
             raise BadHandle()
-        rel = s.inodes.get(ino)
-        if rel is not None:
-            path = os.path.join(s.dir, rel) if rel else str(s.dir)
-            try:
-                if os.lstat(path).st_ino == ino:
-                    return Node(REAL, s, ino, path)
-            except OSError:
-                pass
-        self._rescan(s)
-        rel = s.inodes.get(ino)
-        if rel is None:
-            raise StaleHandle()
-        return Node(REAL, s, ino, os.path.join(s.dir, rel) if rel else str(s.dir))
+        node = Node(VDISK, s, ino)
+        if len(self._fh_cache) > 65536:
+            self._fh_cache.clear()
+        self._fh_cache[bytes(fh)] = node  # immutable while the session is published
+        return node
 
-    def _rescan(self, s: Session) -> None:
-        inodes = {os.lstat(s.dir).st_ino: ""}
-        for top, dirs, files in os.walk(s.dir):
-            rel = os.path.relpath(top, s.dir)
-            rel = "" if rel == "." else rel
-            for n in dirs + files:
-                try:
-                    inodes.setdefault(os.lstat(os.path.join(top, n)).st_ino, os.path.join(rel, n))
-                except OSError:
-                    continue
-        s.inodes = inodes
-
-    def _real(self, s: Session, path: str) -> Node:
-        st = os.lstat(path)
-        s.inodes[st.st_ino] = os.path.relpath(path, s.dir) if path != str(s.dir) else ""
-        return Node(REAL, s, st.st_ino, path)
+    def _real(self, s: Session, path: str, parent_ino: int | None = None, st: os.stat_result | None = None) -> Node:
+        """The node of a real file (lstat), with its generation (given or taken now)."""
+        if st is None:
+            st = os.lstat(path)
+        assert s.handles is not None
+        if path == str(s.dir):
+            gen = s.handles.seen(st.st_ino, 0, "")
+        else:
+            if parent_ino is None:
+                parent_ino = os.lstat(os.path.dirname(path)).st_ino
+            gen = s.handles.seen(st.st_ino, parent_ino, os.path.basename(path))
+        return Node(REAL, s, st.st_ino, path, gen)
 
     # -- attributes ------------------------------------------------------------------------
 
@@ -599,7 +1083,7 @@ class Datastore:
         if sa.size is not None:
             if is_link:
                 raise _err(errno.EINVAL)
-            fd = os.open(p, os.O_WRONLY | os.O_NOFOLLOW)
+            fd = _open_regular(p, os.O_WRONLY)
             try:
                 os.ftruncate(fd, sa.size)
             finally:
@@ -676,7 +1160,7 @@ class Datastore:
             i = s.vdisk_index(n)
             if i >= 0:
                 return Node(VDISK, s, i)
-        return self._real(s, os.path.join(dirnode.path, n))
+        return self._real(s, os.path.join(dirnode.path, n), dirnode.ino)
 
     def _target(self, dirnode: Node, name: bytes) -> tuple[Session, str, str]:
         """The session and path a create/remove names, refusing the root and disk files."""
@@ -706,19 +1190,27 @@ class Datastore:
         if mode == "exclusive":
             a, m = struct.unpack(">II", verf)
             try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
             except FileExistsError:
                 st = os.lstat(path)
                 if stat.S_ISREG(st.st_mode) and int(st.st_atime) == a and int(st.st_mtime) == m:
-                    return self._real(s, path)  # the same EXCLUSIVE create, replayed
+                    return self._real(s, path, dirnode.ino)  # the same EXCLUSIVE create, replayed
                 raise
             os.close(fd)
             os.utime(path, (a, m), follow_symlinks=False)
-            return self._real(s, path)
-        flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | (os.O_EXCL if mode == "guarded" else 0)
-        fd = os.open(path, flags, perm)
-        os.close(fd)
-        node = self._real(s, path)
+            return self._real(s, path, dirnode.ino)
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            pass
+        else:  # never opened unless a regular file (a FIFO would block, a device act)
+            if mode == "guarded":
+                raise _err(errno.EEXIST)
+            if not stat.S_ISREG(st.st_mode):
+                raise _err(errno.EISDIR if stat.S_ISDIR(st.st_mode) else errno.EINVAL, "not a regular file")
+        flags = os.O_WRONLY | os.O_CREAT | (os.O_EXCL if mode == "guarded" else 0)
+        os.close(_open_regular(path, flags, perm))
+        node = self._real(s, path, dirnode.ino)
         if sa is not None:
             self._apply_create_attrs(node, SetAttr(None, sa.uid, sa.gid, sa.size, sa.atime_ns, sa.mtime_ns))
         return node
@@ -726,7 +1218,7 @@ class Datastore:
     def mkdir(self, dirnode: Node, name: bytes, sa: SetAttr | None = None) -> Node:
         s, _n, path = self._target(dirnode, name)
         os.mkdir(path, (sa.mode if sa and sa.mode is not None else 0o755) & MODE_MASK)
-        node = self._real(s, path)
+        node = self._real(s, path, dirnode.ino)
         if sa is not None:
             self._apply_create_attrs(node, SetAttr(None, sa.uid, sa.gid, None, sa.atime_ns, sa.mtime_ns))
         return node
@@ -736,17 +1228,15 @@ class Datastore:
         if not target or b"\0" in target:
             raise _err(errno.EINVAL)
         os.symlink(os.fsdecode(target), path)
-        return self._real(s, path)
-
-    def mkfifo(self, dirnode: Node, name: bytes, sa: SetAttr | None = None) -> Node:
-        s, _n, path = self._target(dirnode, name)
-        os.mkfifo(path, (sa.mode if sa and sa.mode is not None else 0o644) & MODE_MASK)
-        return self._real(s, path)
+        return self._real(s, path, dirnode.ino)
 
     def mknod(self, dirnode: Node, name: bytes, kind: str, sa: SetAttr | None = None) -> Node:
-        if kind != "fifo":
-            raise BadType(f"cannot create a {kind} special file in the datastore")
-        return self.mkfifo(dirnode, name, sa)
+        """Refused: ESXi and QEMU never make special files, and one in a session directory
+        could only serve to block or trick the daemon (ENOTSUP; BadType for devices)."""
+        self._target(dirnode, name)
+        if kind in ("fifo", "socket"):
+            raise _err(errno.ENOTSUP, f"no {kind} special files in the datastore")
+        raise BadType(f"cannot create a {kind} special file in the datastore")
 
     def readlink(self, node: Node) -> bytes:
         if node.kind != REAL or not stat.S_ISLNK(os.lstat(node.path).st_mode):
@@ -755,9 +1245,13 @@ class Datastore:
 
     def remove(self, dirnode: Node, name: bytes) -> None:
         s, n, path = self._target_existing(dirnode, name)
-        if stat.S_ISDIR(os.lstat(path).st_mode):
+        st = os.lstat(path)
+        if stat.S_ISDIR(st.st_mode):
             raise _err(errno.EISDIR)
         os.unlink(path)
+        if st.st_nlink <= 1:  # its inode is free for reuse: its handles go STALE
+            assert s.handles is not None
+            s.handles.dropped(st.st_ino)
 
     def rmdir(self, dirnode: Node, name: bytes) -> None:
         if name == b".":
@@ -765,9 +1259,12 @@ class Datastore:
         if name == b"..":
             raise _err(errno.ENOTEMPTY)
         s, n, path = self._target_existing(dirnode, name)
-        if not stat.S_ISDIR(os.lstat(path).st_mode):
+        st = os.lstat(path)
+        if not stat.S_ISDIR(st.st_mode):
             raise _err(errno.ENOTDIR)
         os.rmdir(path)
+        assert s.handles is not None
+        s.handles.dropped(st.st_ino)
 
     def _target_existing(self, dirnode: Node, name: bytes) -> tuple[Session, str, str]:
         self._dir(dirnode)
@@ -785,7 +1282,7 @@ class Datastore:
         return s, n, os.path.join(dirnode.path, n)
 
     def rename(self, fromdir: Node, fromname: bytes, todir: Node, toname: bytes) -> None:
-        s1, _a, src = self._target_existing(fromdir, fromname)
+        s1, fname, src = self._target_existing(fromdir, fromname)
         self._dir(todir)
         if toname in (b".", b".."):
             raise _err(errno.EINVAL)
@@ -800,8 +1297,15 @@ class Datastore:
             raise _err(errno.EROFS, "a backup disk file")
         dst = os.path.join(todir.path, tn)
         st = os.lstat(src)
+        try:
+            over: os.stat_result | None = os.lstat(dst)
+        except FileNotFoundError:
+            over = None
         os.rename(src, dst)
-        s1.inodes[st.st_ino] = os.path.relpath(dst, s1.dir)
+        assert s1.handles is not None
+        if over is not None and over.st_ino != st.st_ino and (over.st_nlink <= 1 or stat.S_ISDIR(over.st_mode)):
+            s1.handles.dropped(over.st_ino)  # replaced: its inode is free for reuse
+        s1.handles.renamed(st.st_ino, fromdir.ino, fname, todir.ino, tn)
 
     def link(self, node: Node, todir: Node, name: bytes) -> None:
         if node.kind != REAL:
@@ -824,7 +1328,7 @@ class Datastore:
         if dirnode.kind == ROOT:
             for n in sorted(self.sessions):
                 s = self.sessions[n]
-                node = self._real(s, str(s.dir))
+                node = self._real(s, str(s.dir), st=os.lstat(s.dir))
                 out.append((n, node, node.ino))
             return out, struct.pack(">Q", self.root_gen)
         sess = dirnode.session
@@ -832,11 +1336,11 @@ class Datastore:
         s = sess
         st = os.lstat(dirnode.path)
         names: list[tuple[str, Node]] = []
+        assert s.handles is not None
         with os.scandir(dirnode.path) as it:
             for e in it:
                 ino = e.inode()
-                s.inodes[ino] = os.path.relpath(e.path, s.dir)
-                names.append((e.name, Node(REAL, s, ino, e.path)))
+                names.append((e.name, Node(REAL, s, ino, e.path, s.handles.seen(ino, dirnode.ino, e.name))))
         if dirnode.path == str(s.dir):
             names += [(n, Node(VDISK, s, i)) for i, n in enumerate(s.vdisk_names())]
         names.sort(key=lambda x: x[0])
@@ -867,16 +1371,12 @@ class Datastore:
             s.read_ops += 1
             s.read_bytes += n
             return bufs, n, offset + n >= disk.size
-        st = self._client_file(node)
-        fd = os.open(node.path, os.O_RDONLY | os.O_NOFOLLOW)
-        try:
-            data = os.pread(fd, count, offset)
-        finally:
-            os.close(fd)
+        self._client_file(node)
+        data, size = await asyncio.get_running_loop().run_in_executor(self.io_pool, _pread_file, node.path, count, offset)
         assert node.session is not None
         node.session.read_ops += 1
         node.session.read_bytes += len(data)
-        return [data], len(data), offset + len(data) >= st.st_size
+        return [data], len(data), offset + len(data) >= size
 
     @staticmethod
     def _client_file(node: Node) -> os.stat_result:
@@ -915,13 +1415,10 @@ class Datastore:
             # a stable write commits data, then the bitmap (the cache's metadata): FILE_SYNC
             return len(data), 0 if stable == 0 else 2
         self._client_file(node)
-        fd = os.open(node.path, os.O_WRONLY | os.O_NOFOLLOW)
-        try:
-            n = os.pwrite(fd, data, offset)
-            if stable:
-                await asyncio.get_running_loop().run_in_executor(None, os.fsync if stable == 2 else os.fdatasync, fd)
-        finally:
-            os.close(fd)
+        # open, pwrite (and fsync) in a thread: a .vswp write may wait for the disk
+        pool = self.sync_pool if stable else self.io_pool
+        await asyncio.get_running_loop().run_in_executor(pool, _pwrite_file, node.path, data, offset, stable)
+        n = len(data)
         assert node.session is not None
         node.session.write_ops += 1
         node.session.write_bytes += n
@@ -939,13 +1436,7 @@ class Datastore:
             return
         if node.kind != REAL:
             return
-        if not stat.S_ISREG(os.lstat(node.path).st_mode):
-            return
-        fd = os.open(node.path, os.O_RDONLY | os.O_NOFOLLOW)
-        try:
-            await asyncio.get_running_loop().run_in_executor(None, os.fsync, fd)
-        finally:
-            os.close(fd)
+        await asyncio.get_running_loop().run_in_executor(self.sync_pool, _fsync_file, node.path)
 
     def fsstat(self, node: Node) -> os.statvfs_result:
         """The volume a node's writes go to: its session's write caches, else the cache dir."""

@@ -306,8 +306,8 @@ class ControlAPI:
         if reserve is not None and reserve < 0:
             return self._error(400, "'reserve_gib' must be a number of GiB, 0 or more")
         try:
-            s = self.ds.publish(body["point"], name, mode=mode, cache_dir=cache_dir,
-                                reserve=None if reserve is None else int(reserve * GiB), force=force)
+            s = await self.ds.apublish(body["point"], name, mode=mode, cache_dir=cache_dir,
+                                       reserve=None if reserve is None else int(reserve * GiB), force=force)
         except NotFound as e:
             return self._error(404, str(e))
         except NoSpace as e:
@@ -330,7 +330,7 @@ class ControlAPI:
         if name not in self.ds.sessions:
             return self._error(404, f"no published session {name!r}")
         try:
-            self.ds.unpublish(name)
+            await self.ds.aunpublish(name)
         except SessionError as e:
             return self._error(409, str(e))
         return web.json_response({"unpublished": name})
