@@ -197,7 +197,7 @@ async def _demo_main(cfg: dict[str, Any]) -> int:
         return daemon.result()
     ports, control_port, api = ready.result()
     # the demo disk is 256 MiB: no 100 GiB reserve for it
-    s = api.ds.sessions.get(DEMO_SESSION) or api.ds.publish(f"{DEMO_VM}@latest", DEMO_SESSION, reserve=1 << 30)
+    s = api.ds.sessions.get(DEMO_SESSION) or await api.ds.apublish(f"{DEMO_VM}@latest", DEMO_SESSION, reserve=1 << 30)
     view = api.session_view(s)
     host = api.host
     d = view["disks"][0]
