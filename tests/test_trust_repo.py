@@ -218,6 +218,30 @@ def test_a_pack_removed_by_gc_is_closed_and_its_cache_entries_dropped(tmp_path, 
         served.close()
 
 
+def test_an_idle_reader_closes_a_pack_removed_by_gc(tmp_path, repo, monkeypatch):
+    """No read after gc: the sweeper thread frees the space anyway."""
+    import time
+
+    from engine.repo import packs
+
+    a = _image(tmp_path / "a.img", b"A")
+    with Repository.open(repo) as w:
+        pa = backup(w, BackupSettings(vm="va"), [str(tmp_path / "a.img")])
+    (apack,) = _pack_ids(repo)
+    apath = repo / "packs" / f"{apack:08x}.pack"
+    monkeypatch.setattr(packs, "SWEEP_INTERVAL", 0.05)
+    with Repository.open(repo) as served:
+        assert served.point(pa["id"]).open_disk(0).read(0, SIZE) == a
+        assert _fds_to(apath) == 1
+        with Repository.open(repo) as w:
+            w.delete_point(pa["id"])
+            gc(w)
+        deadline = time.monotonic() + 10
+        while _fds_to(apath) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert _fds_to(apath) == 0
+
+
 def test_a_pack_is_never_closed_under_a_read_in_progress(tmp_path, repo):
     """The sweep marks a deleted pack dead; its descriptor closes after the last read."""
     _image(tmp_path / "a.img", b"A")

@@ -16,10 +16,12 @@ opened once and its header checked (magic, pack id, repository id, and the uid i
 names): a pack that is not the one its id names is an ``IntegrityError``. Descriptors
 are shared across threads and reference-counted, so one is never closed under a pread.
 
-Packs that gc deleted: at most every ``SWEEP_INTERVAL`` seconds a reading thread
-fstat()s the open descriptors and closes those whose file has no link left (their space
-is then freed), telling ``on_close`` (the chunk cache drops the pack's entries). The
-sweep runs on the threads that read, never on an event loop. Nothing here opens a file
+Packs that gc deleted: every ``SWEEP_INTERVAL`` seconds the open descriptors are
+fstat()ed and those whose file has no link left are closed (their space is then freed),
+and ``on_close`` is told (the chunk cache drops the pack's entries). The sweep runs on a
+reading thread when one is due, and on a small thread of its own (started with the
+first open pack, stopped by ``close``) so an idle daemon frees the space too; never on
+an event loop. Nothing here opens a file
 or calls ``posix_fadvise`` unless called from a worker thread: ``submit_hints`` hands the
 readahead hints to an executor.
 """
@@ -226,6 +228,8 @@ class PackReader:
         self._lock = threading.Lock()
         self._next_sweep = time.monotonic() + SWEEP_INTERVAL
         self._hint_tasks = 0
+        self._stop = threading.Event()
+        self._sweeper: threading.Thread | None = None
         self.closed_deleted = 0
 
     # -- descriptors ---------------------------------------------------------------------
@@ -296,6 +300,9 @@ class PackReader:
                 fd = -1
                 changed = pack in self._uids and self._uids[pack] != uid
                 self._uids[pack] = uid
+                if self._sweeper is None and not self._stop.is_set():
+                    self._sweeper = threading.Thread(target=self._sweep_loop, name="pack-sweep", daemon=True)
+                    self._sweeper.start()
             h.users += 1
         if fd >= 0:
             os.close(fd)  # another thread opened it first
@@ -339,6 +346,11 @@ class PackReader:
             for pack in gone:
                 self.on_close(pack)
         return gone
+
+    def _sweep_loop(self) -> None:
+        while not self._stop.wait(SWEEP_INTERVAL):
+            if time.monotonic() >= self._next_sweep:
+                self.sweep()
 
     def _maybe_sweep(self) -> None:
         if time.monotonic() >= self._next_sweep:
@@ -436,6 +448,10 @@ class PackReader:
         return data
 
     def close(self) -> None:
+        self._stop.set()
+        sweeper, self._sweeper = self._sweeper, None
+        if sweeper is not None:
+            sweeper.join(10)
         with self._lock:
             for h in self._open.values():
                 h.dead = True
