@@ -200,6 +200,20 @@ def test_repo_check_lists_stale_pins_and_unpin_removes_them(tmp_path, repo):
     ok("points", "delete", "--repo", repo, p1)
 
 
+def test_repo_check_remove_stale_pins_keeps_live_ones(tmp_path, repo):
+    p1 = _backup(repo, tmp_path, "va", os.urandom(BS))
+    live_cache = tmp_path / "live"
+    _state(live_cache, ("web", 4))
+    with Repository.open(repo) as r:
+        add_pin(r, _pin(p1, "web", 4, "aaaa", str(live_cache)))
+        add_pin(r, _pin(p1, "gone", 2, "bbbb", str(tmp_path / "nothing-here")))
+    doc = ok("repo", "check", "--repo", repo, "--json", "--remove-stale-pins").json()
+    assert [p["session"] for p in doc["removed_pins"]] == ["gone"]
+    with Repository.open(repo) as r:
+        assert [p.session for p in list_pins(r)] == ["web"]
+    assert "removed stale pin" not in ok("repo", "check", "--repo", repo, "--remove-stale-pins").out
+
+
 def test_old_repository_without_pins_dir(tmp_path, repo):
     p1 = _backup(repo, tmp_path, "va", os.urandom(BS))
     shutil.rmtree(repo / "pins", ignore_errors=True)

@@ -67,8 +67,15 @@ def cmd_repo_check(args: argparse.Namespace) -> int:
         with Progress("verifying", None if not args.json else False) as bar:
             total = sum(p.stat().st_size for p in repo.packs_dir.glob("*.pack")) if args.verify_data else 0
             report = check(repo, args.verify_data, bar.start(total) if args.verify_data else None)
+        removed = []
+        if args.remove_stale_pins:
+            from engine.repo.pins import remove_pin
+
+            for pin in report.stale_pins:
+                remove_pin(repo, pin.point, pin.daemon, pin.session)
+                removed.append(pin)
     if args.json:
-        _emit_json(report.to_json())
+        _emit_json({**report.to_json(), "removed_pins": [p.to_json() for p in removed]})
     else:
         what = f"{report.points} restore points, {report.chunks} chunks"
         if args.verify_data:
@@ -87,9 +94,12 @@ def cmd_repo_check(args: argparse.Namespace) -> int:
             print("(garbage is harmless; 'instantnfs repo gc' removes it)")
         stale = set(report.stale_pins)
         for pin in report.pins:
-            if pin in stale:
+            if pin in removed:
+                print(f"removed stale pin: restore point {pin.point} was pinned by {pin.describe()}, which no longer serves it")
+            elif pin in stale:
                 print(f"STALE PIN: restore point {pin.point} pinned by {pin.describe()}, which no longer serves it; "
-                      f"remove with 'instantnfs repo unpin {pin.point} --session {pin.session} --daemon {pin.daemon}'")
+                      f"remove with 'instantnfs repo unpin {pin.point} --session {pin.session} --daemon {pin.daemon}' "
+                      "or 'instantnfs repo check --remove-stale-pins'")
             else:
                 print(f"pin: restore point {pin.point} is published as {pin.describe()}")
         print(f"{'OK' if report.ok else 'DAMAGED'}: {what}")
@@ -273,6 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     _repo_opt(p)
     p.add_argument("--verify-data", action="store_true", help="read and verify every stored chunk")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--remove-stale-pins", action="store_true",
+                   help="remove the pins of daemons that are gone (see 'repo unpin' for one pin)")
     p.set_defaults(func=cmd_repo_check)
     p = rsub.add_parser(
         "gc", help="remove chunks no restore point uses and reclaim their space",
