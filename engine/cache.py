@@ -2,9 +2,24 @@
 
 Keys are chunk keys (``pack << 40 | record offset``, see ``engine.blockmap``), so a chunk
 that dedup made common to several disks or restore points is one entry. Values are
-``bytes`` of exactly one block; the layer below (``PackReader``) returns the same
-immutable bytes for a key every time, so entries are never invalidated, only evicted
-(least recently used first) when the total passes ``capacity`` bytes.
+``bytes`` of exactly one block, evicted (least recently used first) when the total
+passes ``capacity`` bytes.
+
+Why a location is a content address here (design note). The issue asks for a cache
+keyed by what the bytes are (the fingerprint); but a block map entry holds (pack,
+clen, offset) and no fingerprint, so a lookup cannot know the fingerprint before it has
+read the record: a fingerprint key would need a per-pack offset-to-fingerprint table on
+the hot path of every cached read. Instead the location is made to name one content
+forever: (1) pack ids are never reused (the repository's persisted counter), (2) packs
+are immutable: records are only appended before the pack is sealed, and gc only
+deletes whole packs or punches out dead records (which nothing references, and a hole
+fails the record CRC), never writes a record at an old offset, and (3) the reader
+checks, when it opens a pack, that the file is the pack its id names (pack id,
+repository id, the uid its index records). So (pack, offset) means one record, whose
+bytes the reader verifies (CRC32C and, with ``VERIFY_FINGERPRINT``, BLAKE3 of the
+decompressed block against the record's fingerprint) before they enter the cache. As
+a second line, ``drop_pack`` removes a pack's entries when the reader closes it because
+gc deleted it, or finds a different pack (another uid) behind an id it knew.
 
 Concurrency: one lock guards the LRU and the table of loads in flight. A miss registers
 a ``concurrent.futures.Future`` for its key before loading, so concurrent misses on one
@@ -19,6 +34,8 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Executor, Future
+
+from engine.blockmap import KEY_SHIFT
 
 Loader = Callable[[], bytes]
 
@@ -133,6 +150,15 @@ class ChunkCache:
             fut.set_running_or_notify_cancel()
             self._loading[key] = fut
         self.executor.submit(self._load_quietly, key, fut, load)
+
+    def drop_pack(self, pack: int) -> int:
+        """Forget every cached chunk of ``pack`` (it was deleted or replaced); returns how
+        many. O(entries): it runs when a pack goes away, not per read."""
+        with self._lock:
+            keys = [k for k in self._lru if k >> KEY_SHIFT == pack]
+            for k in keys:
+                self.size -= len(self._lru.pop(k))
+        return len(keys)
 
     def clear(self) -> None:
         with self._lock:

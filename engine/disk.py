@@ -6,7 +6,10 @@ through its block map and the shared decompression cache.
 
 ``BackupDisk`` assumes of the layers below that the block map never changes (restore
 points are immutable) and that the pack reader returns the same bytes for a chunk key
-every time or raises ``IntegrityError``. It holds no lock of its own: the cache is
+every time or raises ``IntegrityError`` (pack ids are never reused: see ``engine.cache``).
+Nothing it does on the caller's thread opens a file or makes a blocking system call
+when the chunk is cached or read through ``aread``: loads and readahead hints go to the
+cache's executor. It holds no lock of its own: the cache is
 thread-safe, and the sequential-read detector is a hint whose races only cost a
 prefetch.
 
@@ -73,11 +76,14 @@ class BackupDisk:
             if clen:
                 self._cache.prefetch(pack << KEY_SHIFT | rec, self._loader(pack, rec, clen))
         # further out, only ask the kernel to fetch the records: the decompressing
-        # threads then find them in the page cache instead of waiting on the device
+        # threads then find them in the page cache instead of waiting on the device.
+        # The hint (which may open a pack) runs in the executor: this may be the loop.
+        far = []
         for block in range(last + 1 + READAHEAD_BLOCKS, min(last + 1 + 3 * READAHEAD_BLOCKS, nblocks)):
             pack, clen, rec = bm.entry(block)
             if clen:
-                self._reader.willneed(pack, rec, clen)
+                far.append((pack, rec, clen))
+        self._reader.submit_hints(self._cache.executor, far)
 
     def read(self, offset: int, length: int) -> bytes:
         """The disk's bytes in [offset, offset + length), cut at the end of the disk."""

@@ -39,6 +39,10 @@ class RepositoryLocked(RepositoryError):
     """The repository is locked by another writer."""
 
 
+class PointPinned(RepositoryError):
+    """The restore point is published (pinned) and cannot be deleted."""
+
+
 class NotFound(InstantNFSError):
     """No such object."""
 

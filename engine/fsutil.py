@@ -1,8 +1,23 @@
 """Small durable-file helpers shared by the repository, the write cache and export."""
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
+from typing import NoReturn
+
+from engine.errors import NoSpace
+
+NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+def no_space(e: OSError, what: str) -> NoReturn:
+    """Raise ``NoSpace("no space left " + what)`` from ``e`` when it is ENOSPC or EDQUOT,
+    else re-raise ``e``. Call it in an ``except OSError as e:`` block; ``what`` finishes
+    the sentence, e.g. ``f"writing {path}"``."""
+    if e.errno in NO_SPACE_ERRNOS:
+        raise NoSpace(f"no space left {what}") from e
+    raise e
 
 
 def fsync_dir(path: str | os.PathLike) -> None:

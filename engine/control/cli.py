@@ -67,8 +67,15 @@ def cmd_repo_check(args: argparse.Namespace) -> int:
         with Progress("verifying", None if not args.json else False) as bar:
             total = sum(p.stat().st_size for p in repo.packs_dir.glob("*.pack")) if args.verify_data else 0
             report = check(repo, args.verify_data, bar.start(total) if args.verify_data else None)
+        removed = []
+        if args.remove_stale_pins:
+            from engine.repo.pins import remove_pin
+
+            for pin in report.stale_pins:
+                remove_pin(repo, pin.point, pin.daemon, pin.session)
+                removed.append(pin)
     if args.json:
-        _emit_json(report.to_json())
+        _emit_json({**report.to_json(), "removed_pins": [p.to_json() for p in removed]})
     else:
         what = f"{report.points} restore points, {report.chunks} chunks"
         if args.verify_data:
@@ -85,8 +92,40 @@ def cmd_repo_check(args: argparse.Namespace) -> int:
             print(f"garbage: {g}")
         if report.garbage:
             print("(garbage is harmless; 'instantnfs repo gc' removes it)")
+        stale = set(report.stale_pins)
+        for pin in report.pins:
+            if pin in removed:
+                print(f"removed stale pin: restore point {pin.point} was pinned by {pin.describe()}, which no longer serves it")
+            elif pin in stale:
+                print(f"STALE PIN: restore point {pin.point} pinned by {pin.describe()}, which no longer serves it; "
+                      f"remove with 'instantnfs repo unpin {pin.point} --session {pin.session} --daemon {pin.daemon}' "
+                      "or 'instantnfs repo check --remove-stale-pins'")
+            else:
+                print(f"pin: restore point {pin.point} is published as {pin.describe()}")
         print(f"{'OK' if report.ok else 'DAMAGED'}: {what}")
     return 0 if report.ok else 1
+
+
+def cmd_repo_unpin(args: argparse.Namespace) -> int:
+    from engine.errors import NotFound
+    from engine.repo.pins import list_pins, pin_is_stale, remove_pin
+
+    with _open_repo(args) as repo:
+        pins = [p for p in list_pins(repo) if p.point.startswith(args.point) and p.session == args.session
+                and (args.daemon is None or p.daemon == args.daemon)]
+        if not pins:
+            raise NotFound(f"no pin of restore point {args.point!r} by session {args.session!r} (see 'instantnfs repo check')")
+        if len({(p.point, p.daemon) for p in pins}) > 1:
+            raise UsageError(f"{len(pins)} pins match: name the point in full and the daemon with --daemon")
+        pin = pins[0]
+        if not pin_is_stale(pin) and not args.force:
+            raise UsageError(
+                f"the pin of {pin.point} by {pin.describe()} is live (or cannot be judged from this host): "
+                "unpublish the session instead, or pass --force if that daemon is really gone"
+            )
+        remove_pin(repo, pin.point, pin.daemon, pin.session)
+    print(f"removed the pin of restore point {pin.point} by {pin.describe()}")
+    return 0
 
 
 def cmd_repo_gc(args: argparse.Namespace) -> int:
@@ -140,8 +179,13 @@ def cmd_backup(args: argparse.Namespace) -> int:
 
 
 def cmd_points_list(args: argparse.Namespace) -> int:
+    from engine.repo.pins import list_pins
+
     with _open_repo(args) as repo:
         points = [p.to_json() for p in repo.points(args.vm)]
+        pins = list_pins(repo)
+    for p in points:
+        p["pinned_by"] = [pin.to_json() for pin in pins if pin.point == p["id"]]
     if args.json:
         _emit_json(points)
         return 0
@@ -153,14 +197,37 @@ def cmd_points_list(args: argparse.Namespace) -> int:
         disks = ", ".join(f"{d['name']} {_human(d['size'])}" for d in p["disks"])
         stored = _human(p["stats"].get("stored_bytes", 0))
         print(f"{p['id']:<24} {p['vm']:<20} {p['created']:<21} {disks:<28} {stored:>10}")
+        for pin in p["pinned_by"]:
+            print(f"    published as session {pin['session']} by daemon {pin['daemon']} ({pin['host']}:{pin['cache_dir']})")
     return 0
 
 
 def cmd_points_delete(args: argparse.Namespace) -> int:
+    from engine.repo.pins import list_pins, remove_pin
+
     with _open_repo(args) as repo:
+        if args.force:
+            point = repo.point(args.point).id
+            for pin in list_pins(repo, point):
+                _unpublish_for_delete(args, pin)
+                remove_pin(repo, pin.point, pin.daemon, pin.session)  # the daemon normally did
         pt = repo.delete_point(args.point)
     print(f"deleted restore point {pt.id} of VM {pt.vm}; run 'instantnfs repo gc' to reclaim its space")
     return 0
+
+
+def _unpublish_for_delete(args: argparse.Namespace, pin) -> None:
+    """Unpublish a pinned point's session through its daemon's control API, or refuse."""
+    from engine.control.server_cli import api_call, server_url
+
+    try:
+        api_call(args, "DELETE", f"/sessions/{pin.session}")
+    except InstantNFSError as e:
+        raise UsageError(
+            f"cannot unpublish {pin.describe()} through the daemon at {server_url(args)} ({e}); "
+            "the restore point was not deleted (give that daemon's --server, or unpublish it there)"
+        ) from None
+    print(f"unpublished {pin.describe()}")
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
@@ -216,6 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     _repo_opt(p)
     p.add_argument("--verify-data", action="store_true", help="read and verify every stored chunk")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--remove-stale-pins", action="store_true",
+                   help="remove the pins of daemons that are gone (see 'repo unpin' for one pin)")
     p.set_defaults(func=cmd_repo_check)
     p = rsub.add_parser(
         "gc", help="remove chunks no restore point uses and reclaim their space",
@@ -225,6 +294,17 @@ def build_parser() -> argparse.ArgumentParser:
     _repo_opt(p)
     p.add_argument("--json", action="store_true", help="print what was done as JSON")
     p.set_defaults(func=cmd_repo_gc)
+    p = rsub.add_parser(
+        "unpin", help="remove the pin of a daemon that is gone",
+        description="Remove a pin (a published restore point's protection against deletion) whose daemon "
+        "no longer serves it; 'repo check' lists such stale pins. A live pin is removed only with --force.",
+    )
+    _repo_opt(p)
+    p.add_argument("point", metavar="POINT", help="the pinned restore point's id (or a unique prefix)")
+    p.add_argument("--session", required=True, help="the session name the pin names")
+    p.add_argument("--daemon", metavar="ID", help="the daemon id the pin names (needed when several match)")
+    p.add_argument("--force", action="store_true", help="remove the pin even if its daemon seems to serve it")
+    p.set_defaults(func=cmd_repo_unpin)
 
     p = sub.add_parser(
         "backup", help="store a restore point of a VM",
@@ -254,9 +334,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the list as JSON")
     p.set_defaults(func=cmd_points_list)
     psub = p.add_subparsers(dest="points_command", metavar="ACTION")
-    d = psub.add_parser("delete", help="delete a restore point", description="Delete a restore point; 'repo gc' then reclaims the chunks only it used.")
+    d = psub.add_parser(
+        "delete", help="delete a restore point",
+        description="Delete a restore point; 'repo gc' then reclaims the chunks only it used. A published "
+        "(pinned) point is refused unless --force, which first unpublishes its sessions through the daemon.",
+    )
     _repo_opt(d)
     d.add_argument("point", metavar="POINT", help="restore point id (or a unique prefix)")
+    d.add_argument("--force", action="store_true", help="unpublish the point's sessions through the daemon first")
+    d.add_argument("--server", help="the daemon's control API URL (default: $INSTANTNFS_SERVER, else the config's)")
     d.set_defaults(func=cmd_points_delete)
 
     p = sub.add_parser(

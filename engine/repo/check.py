@@ -4,12 +4,18 @@
 every block map entry points at an indexed record of the same length) and, with
 ``verify_data``, reads every stored record: CRC32C, decompression to the exact block
 size, and the BLAKE3 fingerprint. A bad chunk is reported with every restore point,
-disk and disk offset that uses it. Garbage (packs without an index, unreferenced
-chunks, leftovers in tmp/) is reported separately: it is what an interrupted writer
-leaves, harmless, and what ``gc`` removes.
+disk and disk offset that uses it. A pack whose index is missing or unreadable is
+damage when any restore point uses it (named with those points), garbage otherwise.
+Garbage (packs without an index that nothing uses, unreferenced chunks, leftovers in
+tmp/) is reported separately: it is what an interrupted writer leaves, harmless, and
+what ``gc`` removes. Pins (``engine.repo.pins``) are listed, with those whose daemon is
+gone ("stale").
 
 ``gc`` runs under the writer lock, so no backup can add references while it decides.
-It never moves a live chunk (block maps store chunk locations and are immutable):
+A chunk is live when a restore point uses it or a pinned point does: a pinned point's
+directory is looked for in tmp/ too (a ``points delete`` that crashed half way), and
+such a leftover is kept. It never moves a live chunk (block maps store chunk locations
+and are immutable):
 packs with no live chunk are deleted; in packs with some, the index is first rewritten
 to list only live chunks (so no later backup dedups against a chunk about to vanish)
 and then the byte ranges outside live records are punched out of the file
@@ -35,15 +41,18 @@ from engine.errors import InstantNFSError, RepositoryError
 from engine.repo.format import (
     IDX_DTYPE,
     PACK_HEADER,
+    PACK_HEADER_V1,
     PACK_MAGIC,
     fingerprints,
     idx_bytes,
     idx_name,
+    pack_header_size,
     pack_name,
-    read_idx,
+    read_idx_uid,
     write_file_atomic,
 )
 from engine.repo.packs import HDR
+from engine.repo.pins import Pin, list_pins, stale_pins
 from engine.repo.repository import Repository, RestorePoint
 
 
@@ -71,6 +80,8 @@ class CheckReport:
     points: int = 0
     chunks: int = 0
     chunks_verified: int = 0
+    pins: list[Pin] = field(default_factory=list)
+    stale_pins: list[Pin] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -85,6 +96,8 @@ class CheckReport:
             "errors": self.errors,
             "garbage": self.garbage,
             "bad_chunks": [b.to_json() for b in self.bad_chunks],
+            "pins": [p.to_json() for p in self.pins],
+            "stale_pins": [p.to_json() for p in self.stale_pins],
         }
 
 
@@ -96,15 +109,25 @@ class _Maps:
     maps: list[tuple[str, str, np.ndarray]]  # (point id, disk name, entries)
 
 
-def _load_indexes(repo: Repository, report: CheckReport | None) -> dict[int, np.ndarray]:
+def _load_indexes(repo: Repository, report: CheckReport | None,
+                  bad: dict[int, str] | None = None) -> tuple[dict[int, np.ndarray], dict[int, bytes | None]]:
+    """pack -> index entries, and pack -> uid, of every readable index; with a report,
+    the unreadable ones go into ``bad`` (pack -> why) to be judged by who uses them."""
     indexes: dict[int, np.ndarray] = {}
+    uids: dict[int, bytes | None] = {}
     for path in sorted(repo.packs_dir.glob("*.idx")):
         try:
-            pack, entries = read_idx(path)
+            pack, entries, uid = read_idx_uid(path)
         except RepositoryError as e:
             if report is None:
                 raise
-            report.errors.append(str(e))
+            try:
+                bad_pack = int(path.stem, 16)
+            except ValueError:
+                report.errors.append(str(e))
+                continue
+            if bad is not None:
+                bad[bad_pack] = str(e)
             continue
         if path.name != idx_name(pack):
             msg = f"pack index {path.name} names pack {pack}"
@@ -113,15 +136,16 @@ def _load_indexes(repo: Repository, report: CheckReport | None) -> dict[int, np.
             report.errors.append(msg)
             continue
         indexes[pack] = entries
-    return indexes
+        uids[pack] = uid
+    return indexes, uids
 
 
-def _load_maps(repo: Repository, report: CheckReport | None) -> _Maps:
+def _load_maps(repo: Repository, report: CheckReport | None, extra: list | None = None) -> _Maps:
+    """The block maps of every restore point (and of the point directories in ``extra``)."""
     points: list[RestorePoint] = []
     maps = []
-    for d in sorted(repo.points_dir.iterdir()):
-        if d.name.startswith("."):
-            continue
+    dirs = [d for d in sorted(repo.points_dir.iterdir()) if not d.name.startswith(".")]
+    for d in dirs + list(extra or []):
         try:
             pt = repo._load_point(d)
             for i, info in enumerate(pt.disks):
@@ -149,16 +173,39 @@ def _references(maps: _Maps) -> dict[int, dict[int, int]]:
     return refs
 
 
+def _users(maps: _Maps, pack: int) -> list[str]:
+    """'point/disk' of every block map that uses ``pack``."""
+    return [f"{pid}/{disk}" for pid, disk, m in maps.maps if bool((m["pack"] == pack).any())]
+
+
 def check(repo: Repository, verify_data: bool = False, progress: Callable[[int], None] | None = None) -> CheckReport:
     report = CheckReport()
-    indexes = _load_indexes(repo, report)
+    unreadable: dict[int, str] = {}
+    indexes, _uids = _load_indexes(repo, report, unreadable)
     maps = _load_maps(repo, report)
     report.points = len(maps.points)
+    report.pins = list_pins(repo)
+    report.stale_pins = stale_pins(repo)
     packs_on_disk = {int(p.stem, 16) for p in repo.packs_dir.glob("*.pack") if len(p.stem) == 8}
     refs = _references(maps)
+    pinned = {p.point for p in report.pins}
+    for point in sorted(pinned - {pt.id for pt in maps.points}):
+        report.errors.append(f"restore point {point} is pinned (published) but missing from points/")
 
     for pack in sorted(packs_on_disk - set(indexes)):
-        report.garbage.append(f"pack {pack_name(pack)} has no index (left by an interrupted backup)")
+        why = unreadable.get(pack, "its index is missing")
+        if pack in refs:
+            users = _users(maps, pack)
+            report.errors.append(
+                f"pack {pack_name(pack)} holds {len(refs[pack])} chunk(s) that restore points use, but {why}: "
+                f"used by {', '.join(users)}"
+            )
+        elif pack in unreadable:
+            report.garbage.append(f"pack {pack_name(pack)}: {why}; no restore point uses it")
+        else:
+            report.garbage.append(f"pack {pack_name(pack)} has no index (left by an interrupted backup)")
+    for pack in sorted(set(unreadable) - packs_on_disk):
+        report.errors.append(unreadable[pack])
     for pack in sorted(set(indexes) - packs_on_disk):
         report.errors.append(f"pack {pack_name(pack)} is missing but its index exists")
     for entry in sorted(repo.tmp_dir.iterdir()):
@@ -241,8 +288,13 @@ def gc(repo: Repository) -> dict:
     """Remove what no restore point references; returns what was done."""
     out: dict[str, Any] = {"packs_removed": 0, "chunks_removed": 0, "bytes_reclaimed": 0, "tmp_removed": 0, "notes": []}
     with repo.lock("gc"):
-        maps = _load_maps(repo, None)
-        indexes = _load_indexes(repo, None)
+        # pinned points cannot be deleted; still, a pinned point found only in tmp/ (a
+        # delete that crashed half way) keeps its chunks and its directory
+        live_ids = {d.name for d in repo.points_dir.iterdir()}
+        keep_tmp = {f"deleted-{p.point}" for p in list_pins(repo) if p.point not in live_ids}
+        kept = [repo.tmp_dir / n for n in sorted(keep_tmp) if (repo.tmp_dir / n / "manifest.json").is_file()]
+        maps = _load_maps(repo, None, kept)
+        indexes, uids = _load_indexes(repo, None)
         refs = _references(maps)
         for pack, used in refs.items():
             entries = indexes.get(pack)
@@ -254,6 +306,9 @@ def gc(repo: Repository) -> dict:
                     "gc stops here: run 'instantnfs repo check' first"
                 )
         for entry in sorted(repo.tmp_dir.iterdir()):
+            if entry.name in keep_tmp:
+                out["notes"].append(f"tmp/{entry.name} is a pinned restore point: kept")
+                continue
             before = sum(_allocated(p) for p in entry.rglob("*")) if entry.is_dir() else _allocated(entry)
             if entry.is_dir():
                 shutil.rmtree(entry)
@@ -278,13 +333,14 @@ def gc(repo: Repository) -> dict:
             keep = np.isin(entries["offset"], np.fromiter(live.keys(), dtype=np.uint64))
             if keep.all():
                 continue
-            write_file_atomic(idx_path, idx_bytes(pack, np.ascontiguousarray(entries[keep], dtype=IDX_DTYPE)))
+            write_file_atomic(idx_path, idx_bytes(pack, np.ascontiguousarray(entries[keep], dtype=IDX_DTYPE), uids[pack]))
             out["chunks_removed"] += int((~keep).sum())
             fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
             try:
-                if os.pread(fd, PACK_HEADER.size, 0)[:8] != PACK_MAGIC:
+                head = os.pread(fd, PACK_HEADER.size, 0)
+                if len(head) < PACK_HEADER_V1.size or head[:8] != PACK_MAGIC:
                     raise RepositoryError(f"pack {path} has a bad header; gc leaves it alone")
-                pos = PACK_HEADER.size
+                pos = pack_header_size(PACK_HEADER_V1.unpack_from(head)[1])
                 for off in sorted(live):
                     punch_hole(fd, pos, off - pos)
                     pos = off + HDR + live[off]

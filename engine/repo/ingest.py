@@ -86,11 +86,6 @@ def load_fingerprints(repo: Repository) -> dict[bytes, tuple[int, int, int]]:
     return known
 
 
-def next_pack_id(repo: Repository) -> int:
-    ids = [int(p.stem, 16) for p in repo.packs_dir.iterdir() if p.suffix in (".pack", ".idx") and len(p.stem) == 8]
-    return max(ids, default=0) + 1
-
-
 def _blocks_to_read(src: Source, bs: int, extents: list[tuple[int, int]] | None) -> np.ndarray:
     """Block indexes that must be read from the source, ascending."""
     nblocks = -(-src.size // bs)
@@ -212,7 +207,7 @@ def _store(
                     )
                 parent_maps[i] = np.array(parent.open_blockmap(i).entries)
         known = load_fingerprints(repo)
-        writer = PackWriter(repo.packs_dir, next_pack_id(repo))
+        writer = repo.pack_writer()  # pack ids from the repository's counter: never reused
         # a future and a few tuples per block, none cyclic: the cyclic collector would
         # only rescan the fingerprint table again and again (9 % of the main thread)
         gc_was_on = gc.isenabled()

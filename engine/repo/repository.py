@@ -4,12 +4,20 @@ Readers (restore, the NFS server) never take the lock and never write: everythin
 read is immutable once committed (a restore point directory appears by an atomic
 rename, and its packs were fsynced and indexed before). Writers (backup, points delete,
 gc) hold an exclusive ``flock`` on ``lock`` for their whole run; the kernel drops it
-when the process dies, so a crashed writer leaves no stale lock.
+when the process dies, so a crashed writer leaves no stale lock. Writers take pack ids
+from ``allocate_pack_id`` (a persisted counter: an id is never handed out twice).
+
+The one exception to "readers never write" is a pin (``engine.repo.pins``): a daemon
+publishing a point records it under the short ``pins.lock``, never the writer lock, so
+publishing works while a backup runs. ``delete_point`` takes the pins lock too, checks
+the point's pins and moves the point away before releasing it: a point is deleted only
+if no pin names it, and a pin is added only if its point still exists.
 """
 from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -25,6 +33,7 @@ from engine.cache import ChunkCache
 from engine.disk import BackupDisk
 from engine.errors import (
     NotFound,
+    PointPinned,
     RepositoryError,
     RepositoryLocked,
     RepositoryNotFound,
@@ -36,13 +45,15 @@ from engine.repo.format import (
     MANIFEST_FORMAT,
     MAX_BLOCK,
     MIN_BLOCK,
+    PACK_COUNTER,
     REPO_MAGIC,
     REPO_VERSION,
     fsync_dir,
     load_map,
     write_file_atomic,
 )
-from engine.repo.packs import PackReader
+from engine.repo.packs import PackReader, PackWriter
+from engine.repo.pins import describe_pins, pins_locked, point_pins
 
 DEFAULT_CACHE_BYTES = 1 << 30
 
@@ -118,9 +129,10 @@ class Repository:
         self.packs_dir = path / "packs"
         self.points_dir = path / "points"
         self.tmp_dir = path / "tmp"
+        self.uid = repo_uid(self.id)
         self.executor = ThreadPoolExecutor(max_workers=workers or max(2, os.cpu_count() or 2), thread_name_prefix="chunk")
-        self.reader = PackReader(self.packs_dir, self.block_size)
         self.cache = ChunkCache(cache_bytes, self.executor)
+        self.reader = PackReader(self.packs_dir, self.block_size, self.uid, on_close=self.cache.drop_pack)
 
     # -- creation and opening ------------------------------------------------------------
 
@@ -237,6 +249,36 @@ class Repository:
 
     # -- writing -------------------------------------------------------------------------
 
+    def allocate_pack_id(self) -> int:
+        """A pack id never handed out before (call under the writer lock).
+
+        The counter file is rewritten (fsynced, renamed, directory fsynced) before the id
+        is returned, so a crash after this can skip the id but never reuse it. A
+        repository without the counter starts it after the highest id present.
+        """
+        path = self.path / PACK_COUNTER
+        try:
+            stored = int(path.read_text().strip())
+        except FileNotFoundError:
+            stored = 0
+        except (OSError, ValueError) as e:
+            raise RepositoryError(
+                f"the pack-id counter {path} is unreadable ({e}); remove it and it is rebuilt "
+                "from the packs present (ids of packs gc removed may then be reused by new packs: "
+                "restart the daemons serving this repository)"
+            ) from None
+        present = [int(p.stem, 16) for p in self.packs_dir.iterdir()
+                   if p.suffix in (".pack", ".idx") and len(p.stem) == 8 and _is_hex(p.stem)]
+        pack = max(stored, max(present, default=0) + 1, 1)
+        if pack >= 1 << 23:  # chunk keys are pack << 40 | offset in 63 bits
+            raise RepositoryError(f"repository {self.path} has used every pack id; copy it into a new repository")
+        write_file_atomic(path, f"{pack + 1}\n".encode())
+        return pack
+
+    def pack_writer(self, pack_limit: int = 1 << 30) -> PackWriter:
+        """A writer of new packs, their ids from ``allocate_pack_id`` (under the writer lock)."""
+        return PackWriter(self.packs_dir, self.allocate_pack_id, self.uid, pack_limit)
+
     @contextmanager
     def lock(self, purpose: str) -> Iterator[None]:
         """Hold the exclusive writer lock; fail at once if another writer has it."""
@@ -264,10 +306,35 @@ class Repository:
             os.close(fd)
 
     def delete_point(self, ident: str) -> RestorePoint:
+        """Delete a restore point; refused (``PointPinned``) while a pin names it."""
         with self.lock("points delete"):
             pt = self.point(ident)
             trash = self.tmp_dir / f"deleted-{pt.id}"
-            os.replace(pt.path, trash)
-            fsync_dir(self.points_dir)
+            with pins_locked(self):
+                pins = point_pins(self, pt.id)
+                if pins:
+                    raise PointPinned(
+                        f"restore point {pt.id} is published ({describe_pins(pins)}): unpublish it first, "
+                        "or use 'points delete --force' to unpublish through the daemon"
+                    )
+                os.replace(pt.path, trash)
+                fsync_dir(self.points_dir)
             shutil.rmtree(trash, ignore_errors=True)
             return pt
+
+
+def repo_uid(ident: str) -> bytes:
+    """The 16-byte repository id written into pack headers (config.json's "id")."""
+    try:
+        raw = bytes.fromhex(ident)
+    except ValueError:
+        raw = b""
+    return raw if len(raw) == 16 else hashlib.blake2b(ident.encode(), digest_size=16).digest()
+
+
+def _is_hex(text: str) -> bool:
+    try:
+        int(text, 16)
+    except ValueError:
+        return False
+    return True

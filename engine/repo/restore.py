@@ -7,13 +7,13 @@ chunk cache's readahead decompresses ahead on the other core while this thread w
 """
 from __future__ import annotations
 
-import errno
 import os
 import stat
 from collections.abc import Callable
 
 from engine.blockmap import ZERO_PACK
-from engine.errors import NoSpace, UsageError
+from engine.errors import UsageError
+from engine.fsutil import no_space, pwrite_all
 from engine.repo.repository import RestorePoint
 
 
@@ -53,19 +53,17 @@ def restore_disk(
             length = min(bs, disk.size - off)
             if pack == ZERO_PACK:
                 if is_dev:
-                    os.pwrite(fd, zero[:length], off)
+                    pwrite_all(fd, zero[:length], off)
             else:
                 for buf in disk.readv(off, length):
-                    os.pwrite(fd, buf, off)
+                    pwrite_all(fd, buf, off)  # a short write goes on, never leaves a gap
                     off += len(buf)
                 written += length
             if progress:
                 progress(length)
         os.fsync(fd)
     except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise NoSpace(f"no space left writing {out_path}") from e
-        raise
+        no_space(e, f"writing {out_path}")
     finally:
         os.close(fd)
     return {"point": point.id, "disk": disk.name, "size": disk.size, "data_bytes": written, "output": out_path}
