@@ -393,7 +393,7 @@ def test_daemon_serves_the_new_backup_after_delete_gc_backup(tmp_path):
 
 
 def test_points_delete_force_unpublishes_through_the_daemon(tmp_path):
-    from engine.repo.pins import Pin, add_pin, list_pins
+    from engine.repo.pins import list_pins
     from tests.nfs.conftest import Daemon, give_address, take_address
 
     repo = Repository.init(tmp_path / "repo", BS)
@@ -404,10 +404,8 @@ def test_points_delete_force_unpublishes_through_the_daemon(tmp_path):
     try:
         dmn.start()
         s = dmn.api("POST", "/sessions", {"point": pa["id"], "name": "forceme"})
-        with Repository.open(repo) as r:
-            # the daemon of this branch may or may not pin by itself: pin as it would
-            add_pin(r, Pin(pa["id"], "forceme", int(s.get("sid", 1)), "abc123", str(tmp_path / "cache"),
-                           socket.gethostname(), dmn.proc.pid if dmn.proc else 0, "2026-01-01T00:00:00Z"))
+        with Repository.open(repo) as r:  # publish pinned the point, naming the session and its sid
+            assert [(p.point, p.session, p.sid) for p in list_pins(r)] == [(pa["id"], "forceme", s["sid"])]
         res = run("points", "delete", "--repo", repo, pa["id"])
         assert res.rc != 0 and "forceme" in res.err
         dead = run("points", "delete", "--repo", repo, pa["id"], "--force", "--server", "http://127.0.0.1:9")
