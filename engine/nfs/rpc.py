@@ -329,11 +329,13 @@ class RpcServer:
     async def _finish_async(self, program: Program, proc: Proc, args: Any, ctx: CallContext, key: tuple | None, aw: Any) -> list[Any] | None:
         try:
             res = await aw
+        except (asyncio.CancelledError, GeneratorExit):
+            # the request was cancelled, or its connection closed (the transport closes
+            # the coroutine): no reply, and a retransmission runs it again
+            if key is not None:
+                self.drc.drop(key)
+            raise
         except BaseException as e:  # noqa: BLE001
-            if isinstance(e, asyncio.CancelledError):
-                if key is not None:
-                    self.drc.drop(key)
-                raise
             return self._finish_error(program, proc, args, ctx, key, e)
         return self._finish_ok(proc, ctx, key, res)
 
