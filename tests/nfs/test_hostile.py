@@ -556,3 +556,24 @@ def test_portmapper_refuses_unprivileged_set_and_unset(served):
         assert _pmap_on(s, PMAPPROC.GETPORT, mapping(400888, 1, 6, 0)) == 0
     finally:
         s.close()
+
+
+def test_limit_keys_have_defaults_and_are_validated(tmp_path):
+    from engine import config
+    from engine.errors import UsageError
+
+    s = config.validate(config.load())["server"]
+    assert (s["max_reply_queue_mib"], s["max_connections_per_client"], s["max_connections"], s["idle_timeout"],
+            s["max_fragments"]) == (32, 128, 4096, 600, 256)
+    assert s["idle_timeout"] >= 300
+    f = tmp_path / "c.toml"
+    for text, msg in {
+        "max_reply_queue_mib = 1": "max_reply_queue_mib must be at least 2",
+        "max_connections_per_client = 0": "max_connections_per_client must be at least 1",
+        "max_connections = 10\nmax_connections_per_client = 11": "max_connections must be at least",
+        "idle_timeout = 0": "idle_timeout must be a positive",
+        "max_fragments = 0": "max_fragments must be at least 1",
+    }.items():
+        f.write_text("[server]\n" + text + "\n")
+        with pytest.raises(UsageError, match=msg):
+            config.validate(config.load(f))

@@ -547,10 +547,19 @@ def test_portmapper_v2_and_rpcbind(served):
                 assert h == served.addr and int(p1) * 256 + int(p2) == served.nfs_port
             rl = rp__list.unpack(await c.call(PMAP_PROG, 4, RPCBPROC.DUMP))
             assert any(r.r_prog == MOUNT_PROGRAM and r.r_netid == b"udp" for r in rl)
-            # SET / UNSET from a loopback caller
-            assert uint32.unpack(await c.call(PMAP_PROG, 2, PMAPPROC.SET, mapping.encode(mapping(400000, 1, 6, 4242)))) == 1
-            assert uint32.unpack(await c.call(PMAP_PROG, 2, PMAPPROC.GETPORT, mapping.encode(mapping(400000, 1, 6, 0)))) == 4242
-            assert uint32.unpack(await c.call(PMAP_PROG, 2, PMAPPROC.UNSET, mapping.encode(mapping(400000, 1, 6, 0)))) == 1
+            # SET / UNSET: refused from an unreserved port, accepted from root's reserved one
+            assert uint32.unpack(await c.call(PMAP_PROG, 2, PMAPPROC.SET, mapping.encode(mapping(400000, 1, 6, 4242)))) == 0
+            from engine.nfs.portmap import _open_privileged
+            if os.geteuid() == 0:
+                r, w = await _open_privileged(served.addr, 111)
+                pc = RpcClient(r, w, AUTH_NONE)
+                try:
+                    assert uint32.unpack(await pc.call(PMAP_PROG, 2, PMAPPROC.SET, mapping.encode(mapping(400000, 1, 6, 4242)))) == 1
+                    assert uint32.unpack(await c.call(PMAP_PROG, 2, PMAPPROC.GETPORT, mapping.encode(mapping(400000, 1, 6, 0)))) == 4242
+                    assert uint32.unpack(await c.call(PMAP_PROG, 2, PMAPPROC.UNSET, mapping.encode(mapping(400000, 1, 6, 0)))) == 0
+                    assert uint32.unpack(await pc.call(PMAP_PROG, 2, PMAPPROC.UNSET, mapping.encode(mapping(400000, 1, 6, 0)))) == 1
+                finally:
+                    await pc.close()
             assert uint32.unpack(await c.call(PMAP_PROG, 2, PMAPPROC.GETPORT, mapping.encode(mapping(400000, 1, 6, 0)))) == 0
         finally:
             await c.close()
