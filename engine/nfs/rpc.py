@@ -716,6 +716,8 @@ class RpcStreamProtocol(asyncio.BufferedProtocol):
 
     def resume_writing(self) -> None:
         self._paused_write = False
+        if self.idle_timeout:  # a client draining its replies is not idle
+            self._last = asyncio.get_running_loop().time()
         self._update_reading()
 
 

@@ -577,3 +577,68 @@ def test_limit_keys_have_defaults_and_are_validated(tmp_path):
         f.write_text("[server]\n" + text + "\n")
         with pytest.raises(UsageError, match=msg):
             config.validate(config.load(f))
+
+
+_UNIX_CLIENT = textwrap.dedent("""
+    import os, socket, struct, sys
+    path, drop = sys.argv[1], sys.argv[2] == "drop"
+    if drop:
+        os.setgroups([]); os.setgid(65534); os.setuid(65534)
+    def s255(b):
+        return struct.pack(">I", len(b)) + b + b"\\0" * (-len(b) % 4)
+    def call(vers, proc, args):
+        rec = struct.pack(">10I", 78, 0, 2, 100000, vers, proc, 0, 0, 0, 0) + args
+        s = socket.socket(socket.AF_UNIX)
+        s.settimeout(10)
+        s.connect(path)
+        s.sendall(struct.pack(">I", 0x80000000 | len(rec)) + rec)
+        rep = b""
+        while len(rep) < 4 + 28:
+            more = s.recv(100)
+            if not more:
+                break
+            rep += more
+        s.close()
+        return struct.unpack(">I", rep[-4:])[0]
+    out = []
+    for line in sys.stdin.read().split(";"):
+        vers, proc, kind, *rest = line.split()
+        if kind == "m":
+            args = struct.pack(">4I", *map(int, rest))
+        else:
+            args = struct.pack(">2I", int(rest[0]), int(rest[1])) + s255(rest[2].encode()) + s255(rest[3].encode()) + s255(rest[4].encode())
+        out.append(call(int(vers), int(proc), args))
+    print(" ".join(map(str, out)))
+""")
+
+
+def test_portmapper_unix_socket_owners(tmp_path):
+    """On the AF_UNIX socket the caller's uid is its identity: a non-root user registers and
+    removes its own programs only; root (uid 0) may remove anything."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to drop to nobody")
+    from engine.nfs.server import free_port
+    port = free_port("127.0.0.1")
+    sock = f"/tmp/instantnfs-test-pmap-{os.getpid()}.sock"
+    pm = subprocess.Popen([sys.executable, "-m", "engine.nfs.portmap", "--bind", "127.0.0.1", "--port", str(port), "--unix", sock],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert "listening" in (pm.stdout.readline() if pm.stdout else "")
+
+        def as_user(drop: bool, script: str) -> list[int]:
+            r = subprocess.run([sys.executable, "-c", _UNIX_CLIENT, sock, "drop" if drop else "root"], input=script,
+                               capture_output=True, text=True, timeout=60, cwd="/")
+            assert r.returncode == 0, r.stderr
+            return [int(x) for x in r.stdout.split()]
+
+        # root registers 400901; nobody registers 400902, cannot remove 400901 nor the portmapper
+        assert as_user(False, "2 1 m 400901 1 6 5001") == [1]
+        assert as_user(True, "2 1 m 400902 1 6 5002; 2 2 m 400901 1 6 0; 4 2 r 400901 1 tcp x superuser; "
+                             "2 2 m 100000 2 6 0; 2 1 m 400901 1 6 5003; 4 2 r 400902 1 tcp x 1000; "
+                             "4 2 r 400902 1 tcp x 65534") == [1, 0, 0, 0, 0, 0, 1]
+        assert as_user(False, "2 2 m 400901 1 6 0; 2 2 m 400901 1 6 0") == [1, 0]
+    finally:
+        pm.terminate()
+        pm.wait(10)
+        if os.path.exists(sock):
+            os.unlink(sock)
