@@ -454,6 +454,18 @@ def test_connection_limits_per_client_and_total(limited):
         s.close()
 
 
+def test_daemon_raises_its_open_file_limit(daemon_factory):
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    low = min(1024, hard)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (low, hard))  # Debian's default soft limit
+    try:
+        dmn = daemon_factory()
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    line = next(ln for ln in Path(f"/proc/{dmn.proc.pid}/limits").read_text().splitlines() if ln.startswith("Max open files"))
+    assert line.split()[3:5] == [str(hard) if hard != resource.RLIM_INFINITY else "unlimited"] * 2, line
+
+
 def test_idle_connections_are_closed(limited):
     s = socket.create_connection((limited.addr, limited.nfs_port))
     busy = socket.create_connection((limited.addr, limited.nfs_port))
