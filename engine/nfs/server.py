@@ -127,7 +127,11 @@ class NFSServices:
 
     async def start(self) -> Ports:
         cfg = self.cfg
-        raise_nofile_limit()
+        nofile = raise_nofile_limit()
+        if nofile < self.limits.total + 256:
+            log.warning("the open-file limit is %d, below server.max_connections %d plus the daemon's own files: "
+                        "raise the hard limit (ulimit -Hn, LimitNOFILE=) or lower server.max_connections",
+                        nofile, self.limits.total)
         pm_port = cfg["portmap_port"]
         if cfg["portmap"] == "on":
             try:
