@@ -654,3 +654,76 @@ def test_portmapper_unix_socket_owners(tmp_path):
         pm.wait(10)
         if os.path.exists(sock):
             os.unlink(sock)
+
+
+def test_fragmented_pipelined_calls_in_odd_sized_writes(served, images):
+    """Calls split into random fragments, sent in random-sized pieces (1 byte to 300 KiB) and
+    pipelined without waiting, big READs among them: every reply comes back, bytes exact
+    (the growing buffer, compaction and pausing never lose or reorder a record)."""
+    import random
+
+    rng = random.Random(8)
+    d0, data = images["disks"][0], images["data"][0]
+
+    async def main() -> None:
+        c = await NFSClient.connect(served.addr, served.mount_port, served.nfs_port)
+        try:
+            sess = await c.mount("/instantnfs/sess")
+            img = await c.lookup(sess, f"{d0['name']}.img")
+        finally:
+            await c.close()
+        want: dict[int, tuple[str, int, int]] = {}
+        stream = bytearray()
+        for i in range(300):
+            xid = 0x7000 + i
+            kind = rng.choice(["null", "getattr", "read", "read"])
+            if kind == "null":
+                rec = build_call(xid, NFS_PROGRAM, 3, 0)
+            elif kind == "getattr":
+                rec = build_call(xid, NFS_PROGRAM, 3, NFSPROC3.GETATTR, nfs_fh3.encode(nfs_fh3(img)), auth_sys())
+            else:
+                off, n = rng.randrange(0, len(data) - MiB), rng.choice([1, 4096, 65536, MiB])
+                rec = build_call(xid, NFS_PROGRAM, 3, NFSPROC3.READ, READ3args.encode(READ3args(nfs_fh3(img), off, n)), auth_sys())
+                want[xid] = ("read", off, n)
+            want.setdefault(xid, (kind, 0, 0))
+            cuts = sorted(rng.sample(range(1, len(rec)), min(len(rec) - 1, rng.randrange(0, 5))))
+            parts = [rec[a:b] for a, b in zip([0, *cuts], [*cuts, len(rec)], strict=True)]
+            for j, p in enumerate(parts):
+                stream += struct.pack(">I", (0x80000000 if j == len(parts) - 1 else 0) | len(p)) + p
+        r, w = await asyncio.open_connection(served.addr, served.nfs_port)
+
+        async def send() -> None:
+            pos = 0
+            while pos < len(stream):
+                n = rng.choice([1, 3, 100, 4096, 70000, 300000])
+                w.write(bytes(stream[pos : pos + n]))
+                pos += n
+                if rng.random() < 0.2:
+                    await w.drain()
+                    await asyncio.sleep(0)
+            await w.drain()
+
+        sender = asyncio.create_task(send())
+        got: dict[int, bytes] = {}
+        try:
+            while len(got) < len(want):
+                hdr = await asyncio.wait_for(r.readexactly(4), 30)
+                rep = await r.readexactly(struct.unpack(">I", hdr)[0] & 0x7FFFFFFF)
+                got[struct.unpack_from(">I", rep)[0]] = rep
+            await sender
+        finally:
+            w.close()
+        assert set(got) == set(want)
+        for xid, (kind, off, n) in want.items():
+            rep = got[xid]
+            if kind == "null":
+                assert rep == struct.pack(">6I", xid, 1, 0, 0, 0, 0)
+                continue
+            assert status_of_reply(rep) == 0
+            if kind == "read":
+                # status, post_op_attr (1 + 84 bytes), count, eof, data<>
+                body = rep[24 + 4 + 4 + 84:]
+                cnt = struct.unpack_from(">I", body)[0]
+                assert body[12 : 12 + cnt] == data[off : off + n]
+
+    run(main())
