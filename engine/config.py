@@ -32,6 +32,20 @@ allowed_clients = ["0.0.0.0/0", "::/0"]
 read_only = false
 # Requests in flight per TCP connection before reading pauses.
 max_inflight = 64
+# Reply bytes queued on one TCP connection (a client slow to read its replies) before
+# the daemon stops reading and dispatching its requests: room for a client's 1 MiB
+# READs in flight (ESXi nConnect spreads them over several connections).
+max_reply_queue_mib = 32
+# TCP connections (NFS, MOUNT and portmapper together) from one client address, and in
+# all: enough for many QEMU processes on one host and ESXi's nConnect; more are closed
+# at once. The daemon raises its open-file limit to the hard limit at start.
+max_connections_per_client = 128
+max_connections = 4096
+# Seconds a TCP connection may stay silent (no request, nothing in flight) before it is
+# closed; clients reconnect and retransmit.
+idle_timeout = 600
+# Fragments one RPC record may come in (real clients send one).
+max_fragments = 256
 
 [cache]
 # Where sessions keep their state and the files clients create.
@@ -113,6 +127,16 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
         raise UsageError(f"server.export {s['export']!r} must be an absolute path like /instantnfs")
     if s["max_inflight"] < 2:
         raise UsageError("server.max_inflight must be at least 2")
+    if s["max_reply_queue_mib"] < 2:
+        raise UsageError("server.max_reply_queue_mib must be at least 2 (one 1 MiB READ reply and more)")
+    if s["max_connections_per_client"] < 1:
+        raise UsageError("server.max_connections_per_client must be at least 1")
+    if s["max_connections"] < s["max_connections_per_client"]:
+        raise UsageError("server.max_connections must be at least server.max_connections_per_client")
+    if not s["idle_timeout"] > 0:
+        raise UsageError("server.idle_timeout must be a positive number of seconds")
+    if s["max_fragments"] < 1:
+        raise UsageError("server.max_fragments must be at least 1")
     cfg["cache"]["dir"] = str(Path(os.path.expanduser(cfg["cache"]["dir"])))
     if cfg["cache"]["reserve_gib"] < 0:
         raise UsageError("cache.reserve_gib must not be negative")

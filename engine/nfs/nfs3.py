@@ -119,6 +119,7 @@ from engine.nfs.xdr import (
 log = logging.getLogger("instantnfs.nfs3")
 
 MAX_IO = 1 << 20
+MAX_OFFSET = (1 << 63) - 1  # FSINFO maxfilesize: offset3 is a uint64, files end before 2^63
 _STABLE = Enum(stable_how)
 
 _ERRNO = {
@@ -223,7 +224,7 @@ def _decode_write(u: Unpacker) -> tuple[Any, int, int, stable_how, memoryview]:
     fh = nfs_fh3.unpack(u)
     offset, count = u.u64(), u.u32()
     stable = _STABLE.unpack(u)
-    data = u.opaque_view(MAX_IO)
+    data = u.opaque_view(0xFFFFFFFF)  # bounded by the record cap; more than wtmax is clamped
     return fh, offset, count, stable, data
 
 
@@ -339,6 +340,8 @@ class NFS3:
 
     async def nfs3_read(self, args: Any, ctx: CallContext) -> Any:
         node = self.node(args.file)
+        if args.offset > MAX_OFFSET:  # past the end of any file
+            return self.post_op(node), 0, True, []
         bufs, n, eof = await self.ds.read(node, args.offset, min(args.count, MAX_IO))
         return self.post_op(node), n, eof, bufs
 
@@ -347,6 +350,9 @@ class NFS3:
         node = self.node(fh)
         if count > len(data):
             raise ProcError(nfsstat3.NFS3ERR_INVAL)
+        count = min(count, MAX_IO)  # over wtmax: write what fits, the client sends the rest
+        if offset + count > MAX_OFFSET:
+            raise ProcError(nfsstat3.NFS3ERR_FBIG)
         before = self.pre_op(node)
         n, committed = await self.ds.write(node, offset, data[:count], int(stable))
         return WRITE3resok(self.wcc(before, node), n, stable_how(committed), self.ds.write_verf)
@@ -419,7 +425,7 @@ class NFS3:
 
     def nfs3_readdir(self, args: Any, ctx: CallContext) -> Any:
         d, entries, verf = self._listing(args.dir, args.cookie, args.cookieverf)
-        budget = args.count - (24 + 4 + 88 + 8 + 8)
+        budget = min(args.count, MAX_IO) - (24 + 4 + 88 + 8 + 8)  # a larger count is clamped
         out: list[Any] = []
         i = args.cookie
         while i < len(entries):
@@ -437,8 +443,8 @@ class NFS3:
 
     def nfs3_readdirplus(self, args: Any, ctx: CallContext) -> Any:
         d, entries, verf = self._listing(args.dir, args.cookie, args.cookieverf)
-        budget = args.maxcount - (24 + 4 + 88 + 8 + 8)
-        dbudget = args.dircount
+        budget = min(args.maxcount, MAX_IO) - (24 + 4 + 88 + 8 + 8)  # larger counts are clamped
+        dbudget = min(args.dircount, MAX_IO)
         out: list[Any] = []
         i = args.cookie
         while i < len(entries):
@@ -468,7 +474,7 @@ class NFS3:
     def nfs3_fsinfo(self, args: Any, ctx: CallContext) -> Any:
         node = self.node(args.fsroot)
         return FSINFO3resok(
-            self.post_op(node), MAX_IO, MAX_IO, 4096, MAX_IO, MAX_IO, 4096, 65536, (1 << 63) - 1, nfstime3(0, 1),
+            self.post_op(node), MAX_IO, MAX_IO, 4096, MAX_IO, MAX_IO, 4096, 65536, MAX_OFFSET, nfstime3(0, 1),
             FSF3_LINK | FSF3_SYMLINK | FSF3_HOMOGENEOUS | FSF3_CANSETTIME,
         )
 

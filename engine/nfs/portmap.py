@@ -5,17 +5,28 @@ The table holds (prog, vers, protocol, port) rows; rpcbind's (netid, universal a
 view is derived from them: netid "tcp"/"udp", address "h1.h2.h3.h4.p1.p2" with the
 address the question arrived on when the service listens on every address.
 
-SET and UNSET are accepted from loopback callers only, so other local servers (a peer
-NFS server in a benchmark) can register; remote callers get FALSE.
+SET and UNSET follow rpcbind. The caller's identity comes from the transport, never
+from what it claims: root on this host ("superuser": a loopback caller from a reserved
+port below 1024, or uid 0 on the AF_UNIX socket) or a local uid (a non-root caller on
+the AF_UNIX socket, whose peer credentials the transport reads); anyone else (a remote
+caller, a local one from an unreserved port) may not SET or UNSET (FALSE). A SET never
+replaces an existing registration of the same (program, version, protocol) and records
+the caller as its owner; an UNSET removes only what the caller owns (root owns all; for
+rpcbind v3/v4 ``r_owner`` must also name the caller). So other local servers (a peer NFS
+server in a benchmark) can register, and no unprivileged user can remove or redirect
+ours.
 
 When port 111 is held by a system rpcbind, the daemon does not run this program and
-registers its services there instead (``register_with``, a small client of v2 SET/UNSET).
+registers its services there instead (``register_with``, a small client of v2 SET/UNSET
+that calls from a reserved port when running as root).
 """
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
 import os
+import socket
 import struct
 import time
 from dataclasses import dataclass
@@ -62,6 +73,22 @@ def _is_local(addr: str) -> bool:
     return ip.is_loopback
 
 
+SUPERUSER = b"superuser"
+
+
+def caller_owner(ctx: CallContext) -> bytes | None:
+    """Who the caller is for SET/UNSET: SUPERUSER, a local uid, or None (may do neither).
+
+    On the AF_UNIX socket the transport puts the peer's uid in ``ctx.port``."""
+    if ctx.client == "unix":
+        if ctx.port == 0:
+            return SUPERUSER
+        return str(ctx.port).encode() if ctx.port > 0 else None
+    if _is_local(ctx.client) and 0 < ctx.port < 1024:
+        return SUPERUSER
+    return None
+
+
 def uaddr(host: str, port: int) -> bytes:
     return f"{host}.{port >> 8}.{port & 255}".encode()
 
@@ -80,13 +107,17 @@ class PortMapper:
     def register(self, prog: int, vers: int, prot: int, port: int, addr: str = "0.0.0.0", owner: bytes = b"instantnfs") -> bool:
         for r in self.table:
             if r.prog == prog and r.vers == vers and r.prot == prot:
-                return r.port == port  # the same service again (e.g. its tcp6 twin): fine
+                # never over an existing registration; the same service again from its
+                # owner (e.g. its tcp6 twin) is fine
+                return r.port == port and r.owner == owner
         self.table.append(Registration(prog, vers, prot, port, addr, owner))
         return True
 
-    def unregister(self, prog: int, vers: int, prot: int | None = None) -> bool:
+    def unregister(self, prog: int, vers: int, prot: int | None = None, owner: bytes | None = None) -> bool:
+        """Remove (prog, vers[, prot]) rows; only those of ``owner`` when one is given."""
         before = len(self.table)
-        self.table = [r for r in self.table if not (r.prog == prog and r.vers == vers and (prot is None or r.prot == prot))]
+        self.table = [r for r in self.table if not (r.prog == prog and r.vers == vers and (prot is None or r.prot == prot)
+                                                    and (owner is None or r.owner == owner))]
         return len(self.table) != before
 
     def getport(self, prog: int, vers: int, prot: int) -> int:
@@ -101,14 +132,16 @@ class PortMapper:
         return None
 
     def pmap_set(self, m, ctx: CallContext) -> bool:
-        if not _is_local(ctx.client):
+        owner = caller_owner(ctx)
+        if owner is None:
             return False
-        return self.register(m.prog, m.vers, m.prot, m.port, ctx.local or "0.0.0.0")
+        return self.register(m.prog, m.vers, m.prot, m.port, ctx.local or "0.0.0.0", owner)
 
     def pmap_unset(self, m, ctx: CallContext) -> bool:
-        if not _is_local(ctx.client):
+        owner = caller_owner(ctx)
+        if owner is None:
             return False
-        return self.unregister(m.prog, m.vers)
+        return self.unregister(m.prog, m.vers, None, None if owner == SUPERUSER else owner)
 
     def pmap_getport(self, m, ctx: CallContext) -> int:
         return self.getport(m.prog, m.vers, m.prot)
@@ -127,19 +160,23 @@ class PortMapper:
         return uaddr(host, r.port)
 
     def rpcb_set(self, b, ctx: CallContext) -> bool:
-        if not _is_local(ctx.client) or b.r_netid not in _PROTOS:
+        owner = caller_owner(ctx)  # as rpcbind: the transport says who, not r_owner
+        if owner is None or b.r_netid not in _PROTOS:
             return False
         try:
             host, port = parse_uaddr(b.r_addr)
-        except ValueError:
+        except (ValueError, UnicodeDecodeError):
             return False
-        return self.register(b.r_prog, b.r_vers, _PROTOS[b.r_netid], port, host, b.r_owner)
+        return self.register(b.r_prog, b.r_vers, _PROTOS[b.r_netid], port, host, owner)
 
     def rpcb_unset(self, b, ctx: CallContext) -> bool:
-        if not _is_local(ctx.client):
+        owner = caller_owner(ctx)
+        if owner is None or (owner != SUPERUSER and b.r_owner != owner):
             return False
-        prot = _PROTOS.get(b.r_netid) if b.r_netid else None
-        return self.unregister(b.r_prog, b.r_vers, prot)
+        if b.r_netid and b.r_netid not in _PROTOS:
+            return False
+        prot = _PROTOS[b.r_netid] if b.r_netid else None
+        return self.unregister(b.r_prog, b.r_vers, prot, None if owner == SUPERUSER else owner)
 
     def rpcb_getaddr(self, b, ctx: CallContext) -> bytes:
         want = _PROTOS.get(b.r_netid, IPPROTO_TCP)
@@ -190,7 +227,7 @@ async def pmap_call(host: str, port: int, proc: int, m, timeout: float = 3.0) ->
     p.buf += struct.pack(">IIIIIIIIII", xid, 0, 2, PMAP_PROG, 2, proc, 0, 0, 0, 0)
     mapping.pack(p, m)
     body = p.getvalue()
-    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+    reader, writer = await asyncio.wait_for(_open_privileged(host, port), timeout)
     try:
         writer.write(struct.pack(">I", 0x80000000 | len(body)) + body)
         hdr = await asyncio.wait_for(reader.readexactly(4), timeout)
@@ -207,6 +244,33 @@ async def pmap_call(host: str, port: int, proc: int, m, timeout: float = 3.0) ->
     if u.u32() != 0:
         raise ConnectionError(f"portmapper at {host}:{port} did not accept the call")
     return uint32.unpack(u)
+
+
+async def _open_privileged(host: str, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection from a reserved source port when we are root (portmappers accept SET
+    and UNSET only from privileged callers), else from any port."""
+    if os.geteuid() != 0:
+        return await asyncio.open_connection(host, port)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    loop = asyncio.get_running_loop()
+    last: OSError | None = None
+    for src in range(1023, 511, -1):
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            sock.bind(("", src))
+            await loop.sock_connect(sock, (host, port))
+        except OSError as e:
+            sock.close()
+            if e.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL):
+                last = e
+                continue
+            raise
+        except BaseException:
+            sock.close()
+            raise
+        return await asyncio.open_connection(sock=sock)
+    raise ConnectionError(f"no free reserved port to call the portmapper at {host}:{port} from ({last})")
 
 
 async def register_with(host: str, port: int, regs: list[tuple[int, int, int, int]]) -> None:

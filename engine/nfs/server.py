@@ -4,7 +4,11 @@
 UDP; when the port is held by another portmapper we register with that one instead;
 ``portmap = "off"`` skips both), MOUNT (TCP and UDP on one port) and NFS (TCP), each
 moving to the next free port when its configured one is taken, then registers MOUNT
-and NFS with the portmapper. ``stop()`` closes the listeners and unregisters from an
+and NFS with the portmapper. All TCP listeners share one ``ConnectionLimits`` (per
+client address and in total) and give each connection the [server] limits (reply bytes
+queued, fragments per record, idle timeout); MOUNT and NFS close a connection from an
+address outside ``allowed_clients`` at accept. ``start()`` first raises the open-file
+soft limit to the hard limit. ``stop()`` closes the listeners and unregisters from an
 outside portmapper. Each service has its own dispatcher (so a call for NFS on the
 MOUNT port is PROG_UNAVAIL, as on other servers).
 """
@@ -13,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import resource
 import socket
 import weakref
 from dataclasses import dataclass, field
@@ -23,7 +28,15 @@ from engine.errors import PortInUse
 from engine.nfs import portmap
 from engine.nfs.mount import Mount3
 from engine.nfs.nfs3 import NFS3
-from engine.nfs.rpc import AllowList, RpcDatagramProtocol, RpcServer, RpcStreamProtocol
+from engine.nfs.rpc import (
+    DEFAULT_MAX_FRAGMENTS,
+    DEFAULT_MAX_QUEUED,
+    AllowList,
+    ConnectionLimits,
+    RpcDatagramProtocol,
+    RpcServer,
+    RpcStreamProtocol,
+)
 from engine.nfs.xdr import IPPROTO_TCP, IPPROTO_UDP, MOUNT_PROGRAM, NFS_PROGRAM, PMAP_PROG
 
 log = logging.getLogger("instantnfs.server")
@@ -61,17 +74,26 @@ class NFSServices:
         self._registered: list[tuple[int, int, int, int]] = []
         self._conns: weakref.WeakSet[RpcStreamProtocol] = weakref.WeakSet()
         self.max_inflight = server_cfg.get("max_inflight", 64)
+        self.max_queued = server_cfg.get("max_reply_queue_mib", DEFAULT_MAX_QUEUED >> 20) << 20
+        self.max_fragments = server_cfg.get("max_fragments", DEFAULT_MAX_FRAGMENTS)
+        self.idle_timeout = server_cfg.get("idle_timeout", 600)
+        self.limits = ConnectionLimits(server_cfg.get("max_connections_per_client", 128), server_cfg.get("max_connections", 4096))
 
-    def _stream(self, rpc: RpcServer) -> Any:
+    def _stream(self, rpc: RpcServer, check_allowed: bool) -> Any:
         def make() -> RpcStreamProtocol:
-            proto = RpcStreamProtocol(rpc, max_inflight=self.max_inflight)
+            proto = RpcStreamProtocol(rpc, max_inflight=self.max_inflight, max_queued=self.max_queued,
+                                      max_fragments=self.max_fragments, idle_timeout=self.idle_timeout,
+                                      limits=self.limits, check_allowed=check_allowed)
             self._conns.add(proto)
             return proto
         return make
 
     async def _tcp(self, rpc: RpcServer, port: int) -> asyncio.AbstractServer:
         loop = asyncio.get_running_loop()
-        return await loop.create_server(self._stream(rpc), self.bind, port, reuse_address=True, backlog=128)
+        # MOUNT and NFS close connections of clients outside allowed_clients at accept;
+        # the portmapper answers everyone
+        return await loop.create_server(self._stream(rpc, rpc is not self.pmap_rpc), self.bind, port,
+                                        reuse_address=True, backlog=1024)
 
     async def _udp_bind(self, rpc: RpcServer, port: int) -> asyncio.BaseTransport:
         loop = asyncio.get_running_loop()
@@ -105,6 +127,11 @@ class NFSServices:
 
     async def start(self) -> Ports:
         cfg = self.cfg
+        nofile = raise_nofile_limit()
+        if nofile < self.limits.total + 256:
+            log.warning("the open-file limit is %d, below server.max_connections %d plus the daemon's own files: "
+                        "raise the hard limit (ulimit -Hn, LimitNOFILE=) or lower server.max_connections",
+                        nofile, self.limits.total)
         pm_port = cfg["portmap_port"]
         if cfg["portmap"] == "on":
             try:
@@ -170,6 +197,20 @@ class NFSServices:
             await portmap.unregister_with(self._pmap_host(), self.ports.portmap_external, self._registered)
             self._registered = []
         await self._close()
+
+
+def raise_nofile_limit() -> int:
+    """Raise the soft open-file limit to the hard one (Debian's soft limit is 1024, below
+    server.max_connections); returns the limit in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        want = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            soft = want
+        except (ValueError, OSError) as e:
+            log.warning("cannot raise the open-file limit from %d to %d: %s", soft, want, e)
+    return soft
 
 
 def free_port(host: str) -> int:

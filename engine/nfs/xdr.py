@@ -598,8 +598,10 @@ FSF3_SYMLINK = 0x0002
 FSF3_HOMOGENEOUS = 0x0008
 FSF3_CANSETTIME = 0x0010
 
-filename3 = String(PATH_MAX, "filename3")  # longer names decode, then get NAMETOOLONG
-nfspath3 = String(PATH_MAX, "nfspath3")
+# filename3 and nfspath3 have no bound in RFC 1813: a name of any length (within the RPC
+# record cap) decodes, and the datastore answers NAMETOOLONG, never GARBAGE_ARGS.
+filename3 = String(0xFFFFFFFF, "filename3")
+nfspath3 = String(0xFFFFFFFF, "nfspath3")
 cookieverf3 = Fixed(NFS3_COOKIEVERFSIZE, "cookieverf3")
 createverf3 = Fixed(NFS3_CREATEVERFSIZE, "createverf3")
 writeverf3 = Fixed(NFS3_WRITEVERFSIZE, "writeverf3")
@@ -790,7 +792,8 @@ COMMIT3args = Struct("COMMIT3args", [("file", nfs_fh3), ("offset", uint64), ("co
 COMMIT3resok = Struct("COMMIT3resok", [("file_wcc", wcc_data), ("verf", writeverf3)])
 
 # MOUNT v3
-dirpath = String(MNTPATHLEN, "dirpath")
+# dirpath<MNTPATHLEN>: a longer path still decodes, so MNT can answer MNT3ERR_NAMETOOLONG
+dirpath = String(0xFFFFFFFF, "dirpath")
 name = String(MNTNAMLEN, "name")
 fhandle3 = Opaque(FHSIZE3, "fhandle3")
 mountres3_ok = Struct("mountres3_ok", [("fhandle", fhandle3), ("auth_flavors", Array(uint32, 64))])
