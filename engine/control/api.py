@@ -38,12 +38,11 @@ from typing import Any
 
 from aiohttp import web
 
-from engine.blockmap import bits_runs
 from engine.datastore import MODES, Datastore, GiB, Session
 from engine.errors import InstantNFSError, NotFound, SessionError
 from engine.export import FORMATS, export_disk
 from engine.nfs.server import NFSServices
-from engine.repo.ingest import BackupSettings, backup_disks
+from engine.repo.ingest import BackupSettings, backup_disks, dirty_extents
 from engine.writecache import WriteCache
 
 log = logging.getLogger("instantnfs.api")
@@ -91,13 +90,6 @@ class Job:
             "done": self.done, "total": self.total, "started": self.started, "finished": self.finished,
             "result": self.result, "error": self.error,
         }
-
-
-def dirty_extents(cache: WriteCache) -> list[tuple[int, int]]:
-    """The cache's dirty granule runs as sorted, disjoint (offset, length) extents of the disk."""
-    g = cache.granule
-    n = -(-cache.size // g)
-    return [(a * g, min((a + c) * g, cache.size) - a * g) for a, c, dirty in bits_runs(cache.dirty_bitmap(), 0, n).tolist() if dirty]
 
 
 _JOB_SCHEMA = {"type": "object", "description": "a job: state running|done|failed, phase, done/total, result or error"}

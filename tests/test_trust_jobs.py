@@ -1,0 +1,264 @@
+"""Issue 8, long jobs: commit never deadlocks (pools split by kind of work), every job can
+be cancelled and the daemon stops within 10 s, a commit is a point in time, paused
+writes hold no pool thread, and export outputs stay inside the export directories."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engine.repo.ingest import BackupSettings, backup, backup_disks, dirty_extents
+from engine.repo.repository import Repository
+from engine.writecache import WriteCache
+from tests.nfs.conftest import ROOT, Daemon, give_address, take_address
+
+BS = 1 << 20
+HANG = 90  # seconds: a hang detector, never a speed requirement
+
+
+def make_repo(root: Path, size: int, seed: int = 3, vm: str = "big") -> tuple[Path, str, bytes]:
+    """A repository with one point of one incompressible disk of ``size`` bytes (1 MiB blocks)."""
+    img = np.random.default_rng(seed).integers(0, 256, size, dtype=np.uint8).tobytes()
+    src = root / f"{vm}.img"
+    src.write_bytes(img)
+    repo = Repository.init(root / "repo", BS)
+    with Repository.open(repo) as r:
+        m = backup(r, BackupSettings(vm=vm), [str(src)])
+    src.unlink()
+    return repo, m["id"], img
+
+
+def run_with_hang_detector(fn, timeout: float = HANG):
+    """Run ``fn()`` in a daemon thread; fail (not hang) if it does not end in ``timeout``."""
+    box: dict = {}
+
+    def target() -> None:
+        try:
+            box["result"] = fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the test
+            box["error"] = e
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    t.join(timeout)
+    if t.is_alive():
+        pytest.fail(f"still running after {timeout} s: a deadlock")
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
+
+
+# -- 1. commit with a cold chunk cache never waits on work queued behind itself -------------
+
+
+@pytest.mark.timeout(300)
+def test_commit_of_a_cold_cache_with_one_decompression_worker_finishes(tmp_path):
+    repo_dir, point_id, img = make_repo(tmp_path, 32 << 20)
+    expected = bytearray(img)
+    with Repository.open(repo_dir) as r:
+        wc = WriteCache.create(tmp_path / "wc", r.point(point_id).open_disk(0))
+        for b in (1, 2, 3, 4, 5, 6, 7, 8, 12, 20, 31):  # runs of consecutive blocks: readahead
+            data = bytes([b]) * 4096
+            wc.write(b * BS + 4096, data)
+            expected[b * BS + 4096 : b * BS + 8192] = data
+        wc.close()
+    # a restarted daemon: a cold chunk cache, one decompression thread
+    repo = Repository.open(repo_dir, workers=1)
+    hung = True
+    try:
+        point = repo.point(point_id)
+        wc = WriteCache.open(tmp_path / "wc", point.open_disk(0))
+        m = run_with_hang_detector(lambda: backup_disks(repo, BackupSettings(vm="big"), [wc], parent=point,
+                                                         changed=[dirty_extents(wc)]))
+        hung = False
+        wc.close()
+        got = repo.point(m["id"]).open_disk(0).read(0, len(img))
+        assert got == bytes(expected)
+    finally:
+        if hung:
+            repo.executor.shutdown(wait=False)
+        else:
+            repo.close()
+
+
+async def _nfs_write(dmn: Daemon, session: str, disk: str, writes: list[tuple[int, bytes]]) -> None:
+    from engine.nfs.client import NFSClient
+
+    c = await NFSClient.connect(dmn.addr, dmn.mount_port, dmn.nfs_port)
+    try:
+        root = await c.mount(f"/instantnfs/{session}")
+        fh = await c.lookup(root, f"{disk}.img")
+        for off, data in writes:
+            await c.write(fh, off, data, stable=2)
+    finally:
+        await c.close()
+
+
+def cli(dmn: Daemon, *args: str, timeout: float = HANG) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "engine.control.cli", *args, "--server", dmn.url], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def points(repo: Path) -> list[dict]:
+    r = subprocess.run([sys.executable, "-m", "engine.control.cli", "points", "--repo", str(repo), "--json"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=60, check=True)
+    return json.loads(r.stdout)
+
+
+def repo_check(repo: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "engine.control.cli", "repo", "check", "--repo", str(repo)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture
+def addr():
+    a = take_address()
+    yield a
+    give_address(a)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_cli_commit_after_a_restart_finishes(tmp_path, addr):
+    """The issue's reproduction: 64 MiB disk, 4 KiB into several 1 MiB blocks, restart, commit."""
+    repo, point_id, img = make_repo(tmp_path, 64 << 20)
+    cache = tmp_path / "cache"
+    dmn = Daemon(repo, cache, addr).start()
+    try:
+        s = dmn.api("POST", "/sessions", {"point": point_id, "name": "s"})
+        disk = s["disks"][0]["name"]
+        writes = [(b * BS + 8192, bytes([b]) * 4096) for b in (1, 2, 3, 4, 5, 6, 9, 10, 11, 40, 63)]
+        asyncio.run(_nfs_write(dmn, "s", disk, writes))
+    finally:
+        dmn.stop()
+    dmn = Daemon(repo, cache, addr).start()  # cold chunk cache
+    try:
+        r = cli(dmn, "commit", "s", "--json", "-q")
+        assert r.returncode == 0, r.stderr
+        new = json.loads(r.stdout)["point"]
+        t0 = time.monotonic()
+        assert dmn.stop() == 0
+        assert time.monotonic() - t0 < 15, "the daemon took more than 10 s to stop"
+    finally:
+        dmn.stop()
+    expected = bytearray(img)
+    for off, data in writes:
+        expected[off : off + len(data)] = data
+    with Repository.open(repo) as r2:
+        assert r2.point(new).open_disk(0).read(0, len(img)) == bytes(expected)
+
+
+# -- 3. a commit is the disks at one instant -------------------------------------------------
+
+STAMPED = 24  # blocks the writer stamps, one generation per write
+
+
+def _stamp(gen: int) -> bytes:
+    return np.full(STAMPED * BS // 8, gen, dtype="<u8").tobytes()
+
+
+@pytest.mark.timeout(300)
+def test_commit_while_a_writer_runs_is_one_generation(tmp_path):
+    repo_dir, point_id, img = make_repo(tmp_path, 32 << 20)
+    from engine.repo.ingest import commit_caches
+
+    with Repository.open(repo_dir) as repo:
+        point = repo.point(point_id)
+        wc = WriteCache.create(tmp_path / "wc", point.open_disk(0))
+        wc.write(0, _stamp(1))
+        written = [1]
+        stop = threading.Event()
+        go = threading.Event()
+        stepped = threading.Event()
+
+        def writer() -> None:
+            gen = 1
+            while not stop.is_set():
+                if go.is_set() or gen > 1:
+                    gen += 1
+                    wc.write(0, _stamp(gen))  # one write: atomic with respect to a pause
+                    written.append(gen)
+                    stepped.set()
+                else:
+                    go.wait(0.05)
+
+        calls = [0]
+
+        def start(total: int):
+            def advance(n: int) -> None:
+                calls[0] += 1
+                if calls[0] == 2:  # early in the first pass: let the writer run from here on
+                    go.set()
+                    assert stepped.wait(30), "the writer did not write"
+            return advance
+
+        t = threading.Thread(target=writer, daemon=True)
+        t.start()
+        try:
+            m, info = run_with_hang_detector(lambda: commit_caches(repo, BackupSettings(vm="big"), [wc], point,
+                                                                    progress_start=start))
+        finally:
+            stop.set()
+            t.join(30)
+        assert len(written) > 2, "the writer wrote during the commit: else the test proves nothing"
+        got = np.frombuffer(repo.point(m["id"]).open_disk(0).read(0, STAMPED * BS), dtype="<u8")
+        gens = np.unique(got)
+        assert len(gens) == 1, f"the committed point mixes generations {gens.tolist()[:10]}: it is torn"
+        assert int(gens[0]) in written
+        assert bytes(repo.point(m["id"]).open_disk(0).read(STAMPED * BS, len(img) - STAMPED * BS)) == img[STAMPED * BS :]
+        assert info["passes"] >= 2
+        wc.close()
+
+
+# -- 4. paused writes hold no pool thread ---------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+def test_paused_writes_of_one_cache_do_not_starve_another(tmp_path):
+    repo_dir, point_id, _img = make_repo(tmp_path, 8 << 20)
+    threads = 4  # the shared write-cache I/O pool (IO_THREADS in the daemon)
+    pool = ThreadPoolExecutor(threads)
+    with Repository.open(repo_dir) as repo:
+        point = repo.point(point_id)
+        a = WriteCache.create(tmp_path / "a", point.open_disk(0), executor=pool)
+        b = WriteCache.create(tmp_path / "b", point.open_disk(0), executor=pool)
+        paused, release = threading.Event(), threading.Event()
+
+        def exporter() -> None:  # what an export or commit of session a does
+            with a.writes_paused():
+                paused.set()
+                release.wait(60)
+
+        t = threading.Thread(target=exporter, daemon=True)
+        t.start()
+        assert paused.wait(10)
+
+        async def go() -> None:
+            queued = [asyncio.ensure_future(a.awrite(i * 4096, b"A" * 4096)) for i in range(3 * threads)]
+            await asyncio.sleep(0.2)
+            assert not any(f.done() for f in queued), "a paused cache took a write"
+            # another session's writes and commits go on while a's are paused
+            await asyncio.wait_for(b.awrite(0, b"B" * 4096, stable=True), 10)
+            await asyncio.wait_for(b.aread(0, 4096), 10)
+            release.set()
+            await asyncio.wait_for(asyncio.gather(*queued), 30)
+
+        try:
+            asyncio.run(go())
+        finally:
+            release.set()
+            t.join(10)
+        assert a.read(0, 4096) == b"A" * 4096 and b.read(0, 4096) == b"B" * 4096
+        a.close()
+        b.close()
+    pool.shutdown()
