@@ -262,3 +262,254 @@ def test_paused_writes_of_one_cache_do_not_starve_another(tmp_path):
         a.close()
         b.close()
     pool.shutdown()
+
+
+# -- 6. export outputs: new files inside the export directories, no symlinks ---------------
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    (tmp_path / "r").mkdir()
+    repo_dir, point_id, img = make_repo(tmp_path / "r", 4 << 20)
+    repo = Repository.open(repo_dir)
+    yield repo.point(point_id).open_disk(0), img
+    repo.close()
+
+
+def test_export_output_rules(small_disk, tmp_path):
+    from engine.errors import OutputRefused
+    from engine.export import export_disk
+
+    disk, img = small_disk
+    allowed = tmp_path / "exports"
+    allowed.mkdir()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    victim = outside / "victim"
+    victim.write_bytes(b"precious")
+    # an existing file is never replaced
+    (allowed / "exists.raw").write_bytes(b"old")
+    with pytest.raises(OutputRefused, match="exists"):
+        export_disk(disk, allowed / "exists.raw", allowed_dirs=[allowed])
+    assert (allowed / "exists.raw").read_bytes() == b"old"
+    # outside the export directories
+    with pytest.raises(OutputRefused, match="not in an export directory"):
+        export_disk(disk, outside / "new.raw", allowed_dirs=[allowed])
+    assert not (outside / "new.raw").exists()
+    # a symlink as the final component, even a dangling one
+    (allowed / "link.raw").symlink_to(victim)
+    (allowed / "dangling.raw").symlink_to(outside / "created-through-link")
+    for name in ("link.raw", "dangling.raw"):
+        with pytest.raises(OutputRefused, match="exists"):
+            export_disk(disk, allowed / name, allowed_dirs=[allowed])
+    assert victim.read_bytes() == b"precious" and not (outside / "created-through-link").exists()
+    # a parent directory that is a symlink pointing outside
+    (allowed / "sub").symlink_to(outside)
+    with pytest.raises(OutputRefused, match="not in an export directory"):
+        export_disk(disk, allowed / "sub" / "new.raw", allowed_dirs=[allowed])
+    assert sorted(p.name for p in outside.iterdir()) == ["victim"]
+    # '..' out of the directory
+    with pytest.raises(OutputRefused):
+        export_disk(disk, str(allowed) + "/../outside/x.raw", allowed_dirs=[allowed])
+    # a new file inside: written, and nothing else left beside it
+    res = export_disk(disk, allowed / "ok.raw", allowed_dirs=[allowed])
+    assert (allowed / "ok.raw").read_bytes() == img and res.path == str(allowed / "ok.raw")
+    assert sorted(p.name for p in allowed.iterdir()) == ["dangling.raw", "exists.raw", "link.raw", "ok.raw", "sub"]
+
+
+def test_export_cancelled_leaves_no_file(small_disk, tmp_path):
+    from engine.errors import Cancelled
+    from engine.export import export_disk
+
+    disk, _img = small_disk
+    cancel = threading.Event()
+    for fmt in ("raw", "qcow2"):
+        out = tmp_path / f"c.{fmt}"
+
+        def progress(phase: str, done: int, total: int) -> None:
+            cancel.set()  # after the first chunk
+
+        cancel.clear()
+        with pytest.raises(Cancelled):
+            export_disk(disk, out, fmt, progress, chunk=1 << 20, cancel=cancel)
+        assert not out.exists()
+        assert not [p for p in tmp_path.iterdir() if p.name.startswith(f".c.{fmt}")], list(tmp_path.iterdir())
+
+
+def test_qcow2_export_leaves_only_the_output(small_disk, tmp_path):
+    from tests.conftest import require_tool
+
+    require_tool("qemu-img")
+    from engine.export import export_disk
+
+    disk, img = small_disk
+    d = tmp_path / "q"
+    d.mkdir()
+    export_disk(disk, d / "o.qcow2", "qcow2", allowed_dirs=[d])
+    assert [p.name for p in d.iterdir()] == ["o.qcow2"]
+    raw = tmp_path / "expected.raw"
+    raw.write_bytes(img)
+    r = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "qcow2", str(raw), str(d / "o.qcow2")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+# -- 2. the daemon stops within 10 s; jobs cancel and leave nothing --------------------------
+
+DELAY = "2"  # INSTANTNFS_TEST_JOB_DELAY: seconds per progress step, so the jobs are long
+
+
+def _wait_running(dmn: Daemon, job_id: str, timeout: float = 60) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        j = dmn.api("GET", f"/jobs/{job_id}")
+        assert j["state"] == "running", j
+        if j["done"] > 0:
+            return j
+        time.sleep(0.1)
+    pytest.fail(f"job {job_id} made no progress in {timeout} s")
+
+
+def _sigterm_within(dmn: Daemon, limit: float = 10) -> int:
+    assert dmn.proc is not None
+    p, dmn.proc = dmn.proc, None
+    t0 = time.monotonic()
+    os.kill(p.pid, signal.SIGTERM)
+    try:
+        rc = p.wait(limit)
+    except subprocess.TimeoutExpired:
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait(10)
+        pytest.fail(f"the daemon ignored SIGTERM for {limit} s with a job running")
+    assert time.monotonic() - t0 <= limit
+    return rc
+
+
+def _dir_listing(d: Path) -> list[str]:
+    return sorted(str(p.relative_to(d)) for p in d.rglob("*"))
+
+
+@pytest.fixture
+def long_jobs(tmp_path, addr, monkeypatch):
+    """A daemon whose jobs wait DELAY s per progress step, a session 's' with written blocks."""
+    monkeypatch.setenv("INSTANTNFS_TEST_JOB_DELAY", DELAY)
+    repo, point_id, img = make_repo(tmp_path, 24 << 20)
+    exports = tmp_path / "exports"
+    exports.mkdir()
+    cache = tmp_path / "cache"
+    extra = ["--export-dir", str(exports)]
+    dmn = Daemon(repo, cache, addr, extra).start()
+    s = dmn.api("POST", "/sessions", {"point": point_id, "name": "s"})
+    asyncio.run(_nfs_write(dmn, "s", s["disks"][0]["name"], [(b * BS, bytes([b]) * 4096) for b in range(0, 24, 2)]))
+    box = {"dmn": dmn, "repo": repo, "exports": exports, "cache": cache, "extra": extra, "addr": addr}
+    yield box
+    box["dmn"].stop()
+
+
+@pytest.mark.timeout(300)
+def test_sigterm_during_a_long_export_and_a_long_commit(long_jobs):
+    dmn, repo, exports = long_jobs["dmn"], long_jobs["repo"], long_jobs["exports"]
+    before_points = [p["id"] for p in points(repo)]
+    before_repo = _dir_listing(repo)
+    job = dmn.api("POST", "/sessions/s/export", {"disk": "0", "output": str(exports / "e.raw")})
+    _wait_running(dmn, job["id"])
+    assert _sigterm_within(dmn) == 0
+    assert _dir_listing(exports) == [], "a stopped export left a file"
+    dmn = long_jobs["dmn"] = Daemon(repo, long_jobs["cache"], long_jobs["addr"], long_jobs["extra"]).start()
+    job = dmn.api("POST", "/sessions/s/commit", {})
+    _wait_running(dmn, job["id"])
+    assert _sigterm_within(dmn) == 0
+    assert [p["id"] for p in points(repo)] == before_points, "a stopped commit left a restore point"
+    assert _dir_listing(repo) == before_repo, "a stopped commit left files in the repository"
+    r = repo_check(repo)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+@pytest.mark.timeout(300)
+def test_cancel_a_job_through_the_api_and_the_cli(long_jobs):
+    import urllib.error
+
+    dmn, repo, exports = long_jobs["dmn"], long_jobs["repo"], long_jobs["exports"]
+    before_points = [p["id"] for p in points(repo)]
+    before_repo = _dir_listing(repo)
+    job = dmn.api("POST", "/sessions/s/commit", {})
+    _wait_running(dmn, job["id"])
+    j = dmn.api("DELETE", f"/jobs/{job['id']}")
+    assert j["state"] == "cancelled" and j["cancel_requested"], j
+    assert dmn.api("GET", f"/jobs/{job['id']}")["state"] == "cancelled"
+    for path, code in ((f"/jobs/{job['id']}", 409), ("/jobs/commit-999", 404)):
+        with pytest.raises(urllib.error.HTTPError) as ei:
+            dmn.api("DELETE", path)
+        assert ei.value.code == code
+        assert "\n" not in json.loads(ei.value.read())["error"]
+    assert [p["id"] for p in points(repo)] == before_points
+    assert _dir_listing(repo) == before_repo
+    # Ctrl-C on 'instantnfs export' cancels the job in the daemon
+    out = exports / "cli.raw"
+    p = subprocess.Popen([sys.executable, "-m", "engine.control.cli", "export", "s", "0", "-o", str(out), "-q",
+                          "--server", dmn.url], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        running: list[dict] = []
+        while not running and time.monotonic() < deadline:
+            running = [j for j in dmn.api("GET", "/jobs") if j["kind"] == "export" and j["state"] == "running" and j["done"] > 0]
+            time.sleep(0.1)
+        assert running, "the CLI's export never ran"
+        p.send_signal(signal.SIGINT)
+        _out, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode != 0
+    assert "cancelling job" in err and "cancelled" in err, err
+    assert dmn.api("GET", f"/jobs/{running[0]['id']}")["state"] == "cancelled"
+    assert _dir_listing(exports) == []
+    # the CLI lists jobs
+    r = cli(dmn, "jobs")
+    assert r.returncode == 0 and job["id"] in r.stdout and "cancelled" in r.stdout
+
+
+@pytest.mark.timeout(300)
+def test_export_outputs_through_the_daemon(tmp_path, addr):
+    import urllib.error
+
+    repo, point_id, img = make_repo(tmp_path, 4 << 20)
+    exports = tmp_path / "exports"
+    exports.mkdir()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    victim = outside / "victim"
+    victim.write_bytes(b"precious")
+    (exports / "link.raw").symlink_to(victim)
+    (exports / "up").symlink_to(outside)
+    (exports / "exists.raw").write_bytes(b"old")
+    dmn = Daemon(repo, tmp_path / "cache", addr, ["--export-dir", str(exports)]).start()
+    try:
+        dmn.api("POST", "/sessions", {"point": point_id, "name": "s"})
+        for out in (outside / "x.raw", exports / "link.raw", exports / "up" / "x.raw", exports / "exists.raw",
+                    Path("/etc/passwd")):
+            with pytest.raises(urllib.error.HTTPError) as ei:
+                dmn.api("POST", "/sessions/s/export", {"disk": "0", "output": str(out)})
+            assert ei.value.code == 403, out
+            msg = json.loads(ei.value.read())["error"]
+            assert "\n" not in msg and ("exists" in msg or "not in an export directory" in msg), msg
+        assert victim.read_bytes() == b"precious" and _dir_listing(outside) == ["victim"]
+        assert (exports / "exists.raw").read_bytes() == b"old"
+        r = cli(dmn, "export", "s", "0", "-o", str(exports / "exists.raw"), "--force")
+        assert r.returncode != 0 and "never overwrites" in r.stderr and r.stderr.count("\n") == 1
+        r = cli(dmn, "export", "s", "0", "-o", str(exports / "ok.raw"), "--json")
+        assert r.returncode == 0, r.stderr
+        assert (exports / "ok.raw").read_bytes() == img
+    finally:
+        dmn.stop()
+    # the default export directory is on the cache volume
+    dmn = Daemon(repo, tmp_path / "cache2", addr).start()
+    try:
+        dmn.api("POST", "/sessions", {"point": point_id, "name": "s"})
+        with pytest.raises(urllib.error.HTTPError) as ei:
+            dmn.api("POST", "/sessions/s/export", {"disk": "0", "output": str(tmp_path / "x.raw")})
+        assert ei.value.code == 403
+        assert str(tmp_path / "cache2" / "exports") in json.loads(ei.value.read())["error"]
+        r = cli(dmn, "export", "s", "0", "-o", str(tmp_path / "cache2" / "exports" / "d.raw"))
+        assert r.returncode == 0, r.stderr
+    finally:
+        dmn.stop()
