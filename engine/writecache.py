@@ -64,7 +64,8 @@ tasks wait only for chunk loads in the repository's decompression pool. A write 
 arrives through ``awrite`` while writes are paused waits on the event loop (an asyncio
 future woken when the pause ends), not in a pool thread: an export or commit of one
 session never holds the threads every session's writes need. Only the synchronous
-``write`` (called in a thread) waits on the pause in its thread.
+``write`` (called in a thread) waits on the pause in its thread, and so does an
+``awrite`` already handed to its thread when the pause began (for that pause only).
 
 Temporary caches (sandboxes, verification) live in a fresh directory that ``close``
 removes; they are not durable (``commit`` only counts), since nothing survives their

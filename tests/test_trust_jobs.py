@@ -513,3 +513,18 @@ def test_export_outputs_through_the_daemon(tmp_path, addr):
         assert r.returncode == 0, r.stderr
     finally:
         dmn.stop()
+
+
+def test_export_dirs_config(tmp_path):
+    from engine import config
+    from engine.errors import UsageError
+
+    cfg = config.load()
+    cfg["cache"]["dir"] = str(tmp_path / "c")
+    assert config.validate(cfg)["server"]["export_dirs"] == [str(tmp_path / "c" / "exports")]
+    f = tmp_path / "x.toml"
+    f.write_text(f'[server]\nexport_dirs = ["{tmp_path}/a", "{tmp_path}/b"]\n')
+    assert config.validate(config.load(f))["server"]["export_dirs"] == [f"{tmp_path}/a", f"{tmp_path}/b"]
+    f.write_text("[server]\nexport_dirs = [1]\n")
+    with pytest.raises(UsageError, match="export_dirs"):
+        config.validate(config.load(f))

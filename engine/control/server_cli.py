@@ -7,8 +7,9 @@ export, commit.
 
 ``serve`` runs in the foreground on uvloop (logs to stderr, stops cleanly on SIGTERM /
 SIGINT within ``SHUTDOWN_LIMIT`` seconds: running jobs are cancelled, disk operations in
-flight get a bounded wait, and a watchdog ends the process if anything still hangs). The other commands talk to a running daemon's control API, found from
-``--server URL``, else ``$INSTANTNFS_SERVER``, else the config's control address.
+flight get a bounded wait, and a watchdog ends the process if anything still hangs).
+The other commands talk to a running daemon's control API, found from ``--server
+URL``, else ``$INSTANTNFS_SERVER``, else the config's control address.
 ``export`` and ``commit`` start a job in the daemon (which owns the write caches) and
 poll it, showing its progress on a terminal, until it ends; Ctrl-C cancels the job in
 the daemon. ``jobs`` lists the daemon's jobs, ``cancel JOB`` cancels one.
