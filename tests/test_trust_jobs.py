@@ -127,7 +127,6 @@ def addr():
     give_address(a)
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_cli_commit_after_a_restart_finishes(tmp_path, addr):
     """The issue's reproduction: 64 MiB disk, 4 KiB into several 1 MiB blocks, restart, commit."""
