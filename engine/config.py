@@ -27,6 +27,10 @@ portmap_port = 111
 mount_port = 1058
 nfs_port = 2049
 export = "/instantnfs"
+# Directories an export (instantnfs export -o FILE) may write into, on the daemon's host;
+# an output must be a new file in one of them (never a symlink, never an existing
+# file). Empty: <cache.dir>/exports, created at the first export.
+export_dirs = []
 # Client addresses (CIDR) allowed to mount; others get MNT3ERR_ACCES / AUTH_ERROR.
 allowed_clients = ["0.0.0.0/0", "::/0"]
 read_only = false
@@ -138,6 +142,10 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
     if s["max_fragments"] < 1:
         raise UsageError("server.max_fragments must be at least 1")
     cfg["cache"]["dir"] = str(Path(os.path.expanduser(cfg["cache"]["dir"])))
+    dirs = s["export_dirs"]
+    if not all(isinstance(d, str) and d for d in dirs):
+        raise UsageError("server.export_dirs must be a list of directory paths")
+    s["export_dirs"] = [str(Path(os.path.expanduser(d)).absolute()) for d in dirs] or [str(Path(cfg["cache"]["dir"]).absolute() / "exports")]
     if cfg["cache"]["reserve_gib"] < 0:
         raise UsageError("cache.reserve_gib must not be negative")
     if cfg["control"]["token_file"]:

@@ -103,3 +103,11 @@ class SessionError(UsageError):
 
 class PortInUse(InstantNFSError):
     """A fixed network port is already in use."""
+
+
+class Cancelled(InstantNFSError):
+    """The job was cancelled; it left nothing behind."""
+
+
+class OutputRefused(UsageError):
+    """The export output is not allowed: it must be a new file in one of the export directories."""

@@ -17,13 +17,25 @@ written during pass k therefore either has its bit in the bitmap pass k+1 takes,
 written before pass k's swap, in which case pass k read it after the write. The final
 pass runs with no write in progress or starting, so nothing escapes it.
 
-The raw image is written to ``<output>.part`` and renamed into place after an fsync, so a
-failed export never leaves a half-written file under the final name. qcow2 goes through
-a sparse raw temporary file beside the output and ``qemu-img convert``.
+Output files (the daemon runs as root and writes where a client asks): an output must
+not exist yet and, when ``allowed_dirs`` is given (the daemon's ``export_dirs``), must
+lie in one of them once its parent directory is resolved (``realpath``, then the
+directory is opened with ``O_NOFOLLOW`` and where it really is is checked again). Every
+file is made relative to that open directory, never by path: the raw image is written
+to a new temporary ``.<name>.<random>.part`` (``O_CREAT|O_EXCL|O_NOFOLLOW``) and, after
+an fsync, linked to the final name (``link`` never replaces an existing name, nor
+follows a symlink there) and unlinked. qcow2 goes through that raw file and ``qemu-img
+convert`` into a private 0700 directory beside the output (reached through
+``/proc/self/fd``, so qemu-img resolves no path anyone else can change), then is linked
+into place the same way. A failed or cancelled export leaves no file behind.
 
-Concurrency: pass 1 reads ``chunk`` bytes per task in a small thread pool (the base
-decompresses with the GIL released) and pwrites at the same offsets, so order does not
-matter. What it assumes of the disk: ``readv`` is thread-safe and returns the newest
+Cancel: ``cancel`` (a ``threading.Event``) is checked between chunks and batches and
+while qemu-img runs (it is killed); the export then raises ``Cancelled``.
+
+Concurrency: pass 1 reads ``chunk`` bytes per task in a small thread pool of its own
+(the base decompresses with the GIL released, loading chunk misses in the repository's
+decompression pool, which waits for nothing: no task waits for work queued behind it in
+its own pool) and pwrites at the same offsets, so order does not matter. What it assumes of the disk: ``readv`` is thread-safe and returns the newest
 bytes of the range.
 """
 from __future__ import annotations
@@ -31,10 +43,13 @@ from __future__ import annotations
 import errno
 import os
 import re
+import secrets
+import select
 import shutil
 import subprocess
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,8 +58,8 @@ import numpy as np
 
 from engine.blockmap import bits_runs
 from engine.disk import Disk
-from engine.errors import NoSpace, SourceError, UsageError
-from engine.fsutil import fsync_dir, pwrite_all
+from engine.errors import Cancelled, NoSpace, OutputRefused, SourceError, UsageError
+from engine.fsutil import pwrite_all
 from engine.writecache import WriteCache
 
 FORMATS = ("raw", "qcow2")
@@ -79,33 +94,41 @@ def export_disk(
     chunk: int = CHUNK,
     workers: int | None = None,
     max_passes: int = MAX_PASSES,
+    cancel: threading.Event | None = None,
+    allowed_dirs: Sequence[str | os.PathLike] | None = None,
 ) -> ExportResult:
-    """Write the merged disk to ``output`` (raw sparse or qcow2) while writers go on."""
+    """Write the merged disk to ``output`` (raw sparse or qcow2, a new file) while writers go on."""
     if fmt not in FORMATS:
         raise UsageError(f"export format must be one of {', '.join(FORMATS)}, not {fmt!r}")
     if chunk <= 0 or chunk % ZERO_GRAIN:
         raise ValueError(f"chunk must be a positive multiple of {ZERO_GRAIN}")
-    out = Path(output)
+    out = Path(os.path.abspath(output))
     started = time.monotonic()
-    raw_path = out.with_name(out.name + ".part") if fmt == "raw" else out.with_name(f".{out.name}.raw.part")
+    dfd, name = open_output_dir(out, allowed_dirs)
+    part = f".{name[:200]}.{secrets.token_hex(4)}.part"
+    fd = -1
     try:
-        copier = _Copier(disk, raw_path, progress, chunk, workers or min(4, max(2, os.cpu_count() or 2)))
+        fd = os.open(part, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=dfd)
         try:
+            copier = _Copier(disk, fd, progress, chunk, workers or min(4, max(2, os.cpu_count() or 2)), cancel)
             passes, recopied = copier.run(max_passes)
+            if fmt == "raw":
+                _link_new(dfd, part, dfd, name, out)
+            else:
+                _convert_qcow2(fd, dfd, name, out, progress, cancel)
+            os.fsync(dfd)
         finally:
-            copier.close()
-        if fmt == "raw":
-            os.rename(raw_path, out)
-            fsync_dir(out.parent)
-        else:
-            _convert_qcow2(raw_path, out, progress)
+            os.close(fd)
+            try:
+                os.unlink(part, dir_fd=dfd)
+            except FileNotFoundError:
+                pass
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             raise NoSpace(f"no space left for the export to {out}") from e
         raise
     finally:
-        if raw_path.exists():
-            raw_path.unlink()
+        os.close(dfd)
     return ExportResult(
         path=str(out),
         format=fmt,
@@ -117,18 +140,69 @@ def export_disk(
     )
 
 
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def open_output_dir(output: str | os.PathLike, allowed_dirs: Sequence[str | os.PathLike] | None = None) -> tuple[int, str]:
+    """Check that ``output`` may be written (a new name, in an allowed directory); return
+    its directory, opened (``O_DIRECTORY|O_NOFOLLOW``), and the file's name in it.
+    Blocking (a path someone else chose): call it in a thread, never on the event loop."""
+    out = Path(os.path.abspath(output))
+    name = out.name
+    if name in ("", ".", "..") or "\0" in str(out):
+        raise OutputRefused(f"{output} is not a file name")
+    parent = os.path.realpath(out.parent)
+    try:
+        dfd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except (FileNotFoundError, NotADirectoryError):
+        raise UsageError(f"the directory of {out} does not exist") from None
+    except OSError as e:
+        raise UsageError(f"cannot open the directory of {out}: {e.strerror}") from None
+    try:
+        where = os.readlink(f"/proc/self/fd/{dfd}")  # where the open directory really is
+        if allowed_dirs is not None:
+            roots = [os.path.realpath(d) for d in allowed_dirs]
+            if not any(_inside(where, r) and _inside(parent, r) for r in roots):
+                raise OutputRefused(
+                    f"{out} is not in an export directory ({', '.join(roots) or 'none configured'}): "
+                    "export into one of them (server.export_dirs)"
+                )
+        try:
+            os.lstat(name, dir_fd=dfd)
+        except FileNotFoundError:
+            pass
+        else:
+            raise OutputRefused(f"{out} exists: an export never replaces a file; remove it or choose another name")
+    except BaseException:
+        os.close(dfd)
+        raise
+    return dfd, name
+
+
+def _link_new(src_dir: int, src: str, dst_dir: int, dst: str, out: Path) -> None:
+    """Give the finished file its final name; an existing name (or symlink) is never replaced."""
+    try:
+        os.link(src, dst, src_dir_fd=src_dir, dst_dir_fd=dst_dir, follow_symlinks=False)
+    except FileExistsError:
+        raise OutputRefused(f"{out} appeared while the export ran: it was left alone, the export discarded") from None
+
+
 class _Copier:
-    def __init__(self, disk: Disk, path: Path, progress: Progress | None, chunk: int, workers: int) -> None:
+    def __init__(self, disk: Disk, fd: int, progress: Progress | None, chunk: int, workers: int,
+                 cancel: threading.Event | None) -> None:
         self.disk = disk
         self.progress = progress
         self.chunk = chunk
         self.workers = workers
+        self.cancel = cancel
         self.data_bytes = 0
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        self.fd = fd
         os.ftruncate(self.fd, disk.size)
 
-    def close(self) -> None:
-        os.close(self.fd)
+    def _check_cancel(self) -> None:
+        if self.cancel is not None and self.cancel.is_set():
+            raise Cancelled("export cancelled: no output file was left")
 
     def run(self, max_passes: int) -> tuple[int, int]:
         disk = self.disk
@@ -161,17 +235,22 @@ class _Copier:
         size, chunk = self.disk.size, self.chunk
         offsets = range(0, size, chunk)
         done = 0
-        with ThreadPoolExecutor(self.workers, thread_name_prefix="export") as pool:
+        pool = ThreadPoolExecutor(self.workers, thread_name_prefix="export")
+        try:
             window = self.workers * 2
             pending = []
             for off in offsets:
+                self._check_cancel()
                 pending.append(pool.submit(self._copy_sparse, off, min(chunk, size - off)))
                 if len(pending) >= window:
                     done += self._collect(pending.pop(0).result())
                     self._report("copy", done, size)
             for fut in pending:
+                self._check_cancel()
                 done += self._collect(fut.result())
                 self._report("copy", done, size)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)  # only the chunks being copied: short
 
     def _collect(self, result: tuple[int, int]) -> int:
         length, written = result
@@ -222,6 +301,7 @@ class _Copier:
         self._report(phase, 0, total)
         for start, count in runs:
             for s in range(start, start + count, batch):
+                self._check_cancel()
                 a = s * g
                 b = min((min(start + count, s + batch)) * g, cache.size)
                 pos = a
@@ -241,35 +321,70 @@ class _Copier:
 _PERCENT = re.compile(rb"\((\d+(?:\.\d+)?)/100%\)")
 
 
-def _convert_qcow2(raw: Path, out: Path, progress: Progress | None) -> None:
+QCOW2_NAME = "out.qcow2"
+
+
+def _convert_qcow2(raw_fd: int, dfd: int, name: str, out: Path, progress: Progress | None,
+                   cancel: threading.Event | None) -> None:
+    """``qemu-img convert`` the raw file into a private directory, then link it into place."""
     qemu_img = shutil.which("qemu-img")
     if qemu_img is None:
         raise SourceError("qcow2 export needs qemu-img (install qemu-utils)")
-    part = out.with_name(out.name + ".part")
-    cmd = [qemu_img, "convert", "-p", "-f", "raw", "-O", "qcow2", str(raw), str(part)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    assert proc.stdout is not None
-    buf = b""
-    while True:
-        data = proc.stdout.read1(4096) if hasattr(proc.stdout, "read1") else proc.stdout.read(4096)
-        if not data:
-            break
-        buf = (buf + data)[-256:]
-        found = _PERCENT.findall(buf)
-        if found and progress is not None:
-            progress("convert", int(float(found[-1]) * 100), 10000)
-    err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-    if proc.wait() != 0:
-        if part.exists():
-            part.unlink()
-        if "No space left" in err:
-            raise NoSpace(f"no space left for the export to {out}")
-        raise SourceError(f"qemu-img convert to {out} failed: {err.strip()}")
-    fd = os.open(part, os.O_RDONLY)
+    private = f".{name[:200]}.{secrets.token_hex(4)}.d"
+    os.mkdir(private, 0o700, dir_fd=dfd)
+    tfd = -1
     try:
-        os.fsync(fd)
+        tfd = os.open(private, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+        cmd = [qemu_img, "convert", "-p", "-f", "raw", "-O", "qcow2", f"/proc/self/fd/{raw_fd}", f"/proc/self/fd/{tfd}/{QCOW2_NAME}"]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=(raw_fd, tfd))
+        try:
+            err = _follow(proc, progress, cancel)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        if proc.returncode != 0:
+            if "No space left" in err:
+                raise NoSpace(f"no space left for the export to {out}")
+            raise SourceError(f"qemu-img convert to {out} failed: {err.strip()}")
+        fd = os.open(QCOW2_NAME, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=tfd)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        _link_new(tfd, QCOW2_NAME, dfd, name, out)
     finally:
-        os.close(fd)
-    os.rename(part, out)
-    fsync_dir(out.parent)
+        if tfd >= 0:
+            try:
+                os.unlink(QCOW2_NAME, dir_fd=tfd)
+            except FileNotFoundError:
+                pass
+            os.close(tfd)
+        os.rmdir(private, dir_fd=dfd)
 
+
+def _follow(proc: subprocess.Popen, progress: Progress | None, cancel: threading.Event | None) -> str:
+    """qemu-img's progress until it exits (killed when cancelled); its stderr."""
+    assert proc.stdout is not None and proc.stderr is not None
+    out, err = proc.stdout.fileno(), proc.stderr.fileno()
+    open_fds = {out, err}
+    buf, errbuf = b"", b""
+    while open_fds:
+        if cancel is not None and cancel.is_set():
+            proc.kill()
+            proc.wait()
+            raise Cancelled("export cancelled: no output file was left")
+        ready, _, _ = select.select(list(open_fds), [], [], 0.2)
+        for f in ready:
+            data = os.read(f, 4096)
+            if not data:
+                open_fds.discard(f)
+            elif f == out:
+                buf = (buf + data)[-256:]
+                found = _PERCENT.findall(buf)
+                if found and progress is not None:
+                    progress("convert", int(float(found[-1]) * 100), 10000)
+            else:
+                errbuf = (errbuf + data)[-8192:]
+    proc.wait()
+    return errbuf.decode(errors="replace")

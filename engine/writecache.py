@@ -50,6 +50,23 @@ bytes for the same range every time (a restore point is immutable), is thread-sa
 base on every ``open``: the caller's ``base_tag`` (e.g. a hash of restore point id and
 disk name) is checked against the one stored at creation.
 
+A failed ``fdatasync`` is final: Linux may drop the dirty pages it could not write and
+report success to a retried fsync, so the cache no longer knows what is durable. The
+cache is then *failed*: the commit raises ``WriteCacheError`` (NFS3ERR_IO), and so does
+every later write and commit, with one log line naming the cache; reads go on (the page
+cache still holds what the client wrote, so the disk can be exported) and ``stats()``
+says ``failed: "fdatasync: EIO"``. It stays so until the cache is closed (the session
+unpublished). ``_fdatasync`` is the one place the cache syncs: tests replace it.
+
+Pools (no task ever waits for work queued behind itself in its own pool): the async
+variants run writes and dirty reads in the caller's write-cache I/O ``executor``; those
+tasks wait only for chunk loads in the repository's decompression pool. A write that
+arrives through ``awrite`` while writes are paused waits on the event loop (an asyncio
+future woken when the pause ends), not in a pool thread: an export or commit of one
+session never holds the threads every session's writes need. Only the synchronous
+``write`` (called in a thread) waits on the pause in its thread, and so does an
+``awrite`` already handed to its thread when the pause began (for that pause only).
+
 Temporary caches (sandboxes, verification) live in a fresh directory that ``close``
 removes; they are not durable (``commit`` only counts), since nothing survives their
 session anyway.
@@ -59,6 +76,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import fcntl
+import logging
 import os
 import shutil
 import struct
@@ -95,6 +113,18 @@ BITMAP_FILE = "bitmap"
 TEMP_PREFIX = "instantnfs-wc-"
 _NOSPACE = (errno.ENOSPC, errno.EDQUOT)
 
+log = logging.getLogger("instantnfs.writecache")
+
+
+def _fdatasync(fd: int) -> None:
+    """Every sync of the write cache goes through here (tests replace it to fail)."""
+    os.fdatasync(fd)
+
+
+def _wake(fut: asyncio.Future) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
 
 @dataclass(frozen=True, slots=True)
 class WriteCacheStats:
@@ -106,6 +136,7 @@ class WriteCacheStats:
     writes: int
     bytes_written: int
     commits: int
+    failed: str | None = None  # why the cache can no longer be written, e.g. "fdatasync: EIO"
 
 
 class DirtyTracker:
@@ -196,6 +227,8 @@ class WriteCache:
         self._gate = threading.Condition()
         self._writers = 0
         self._frozen = 0
+        self._paused_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = []
+        self.failed: str | None = None
         self._unpersisted: set[int] = set()
         self._trackers: list[DirtyTracker] = []
         self._write_gen = 0
@@ -340,7 +373,7 @@ class WriteCache:
         if self._closed:
             return
         try:
-            if self.durable:
+            if self.durable and self.failed is None:
                 self.commit()
         finally:
             self._closed = True
@@ -456,7 +489,7 @@ class WriteCache:
 
     def write(self, offset: int, data: bytes | bytearray | memoryview, stable: bool = False) -> None:
         """Write ``data`` at ``offset``; ``stable`` returns only once it is durable (FILE_SYNC)."""
-        self._check_open()
+        self._check_writable()
         view = memoryview(data).cast("B")
         n = len(view)
         if offset < 0:
@@ -544,18 +577,28 @@ class WriteCache:
         pwrite_all(self._data_fd, buf, a)
 
     async def awrite(self, offset: int, data: bytes | bytearray | memoryview, stable: bool = False) -> None:
-        """``write`` in the executor (copy on write and fsync never block the loop)."""
+        """``write`` in the executor (copy on write and fsync never block the loop); while
+        writes are paused it waits here, on the loop, holding no executor thread."""
+        self._check_writable()
         loop = asyncio.get_running_loop()
+        while True:
+            with self._gate:
+                if not self._frozen:
+                    break
+                fut = loop.create_future()
+                self._paused_waiters.append((loop, fut))
+            await fut
         await loop.run_in_executor(self._executor, self.write, offset, data, stable)
 
     # -- durability ----------------------------------------------------------------------
 
     def commit(self) -> None:
         """Make every write that returned before this call durable: data, then bitmap."""
-        self._check_open()
+        self._check_writable()
         with self._meta:
             target = self._write_gen
         with self._commit_lock:
+            self._check_writable()  # an earlier commit may have failed while this one waited
             if self._durable_gen >= target:
                 return
             with self._meta:
@@ -568,15 +611,21 @@ class WriteCache:
                 self.commits += 1
                 return
             try:
-                os.fdatasync(self._data_fd)
+                _fdatasync(self._data_fd)
+            except OSError as e:
+                self._fail("fdatasync", e)
+            try:
                 for p, raw in snap:
                     pwrite_all(self._bitmap_fd, raw, HEADER_SIZE + p * PAGE)
-                if snap:
-                    os.fdatasync(self._bitmap_fd)
             except OSError as e:
                 with self._meta:
                     self._unpersisted.update(pages)
                 _reraise(e, "committing the write cache")
+            if snap:
+                try:
+                    _fdatasync(self._bitmap_fd)
+                except OSError as e:
+                    self._fail("fdatasync", e)
             self._durable_gen = gen
             self.commits += 1
 
@@ -596,7 +645,8 @@ class WriteCache:
 
     @contextmanager
     def writes_paused(self) -> Iterator[None]:
-        """Hold new writes back and wait for the ones in progress; reads go on."""
+        """Hold new writes back and wait for the ones in progress; reads go on. Call it
+        in a thread, never on the event loop (``awrite`` callers wait on the loop)."""
         with self._gate:
             self._frozen += 1
             while self._writers:
@@ -604,9 +654,17 @@ class WriteCache:
         try:
             yield
         finally:
+            waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = []
             with self._gate:
                 self._frozen -= 1
                 self._gate.notify_all()
+                if not self._frozen:
+                    waiters, self._paused_waiters = self._paused_waiters, []
+            for loop, fut in waiters:
+                try:
+                    loop.call_soon_threadsafe(_wake, fut)
+                except RuntimeError:
+                    pass  # that loop is closed: nobody waits there any more
 
     def dirty_bitmap(self) -> np.ndarray:
         """A copy of the dirty bitmap (one bit per granule, LSB first)."""
@@ -630,11 +688,27 @@ class WriteCache:
             writes=self.writes,
             bytes_written=self.bytes_written,
             commits=self.commits,
+            failed=self.failed,
         )
 
     def _check_open(self) -> None:
         if self._closed:
             raise ValueError(f"the write cache in {self.path} is closed")
+
+    def _check_writable(self) -> None:
+        self._check_open()
+        if self.failed is not None:
+            raise WriteCacheError(
+                f"the write cache in {self.path} failed ({self.failed}) and may have lost acknowledged writes: "
+                "it takes no more writes; export the disk, then unpublish the session"
+            )
+
+    def _fail(self, what: str, e: OSError) -> NoReturn:
+        """A sync failed: from now on the cache refuses writes and commits (see the design note)."""
+        name = errno.errorcode.get(e.errno or 0, str(e.errno))
+        self.failed = f"{what}: {name}"
+        log.error("write cache %s failed: %s (%s); its writes and commits fail from now on", self.path, self.failed, e.strerror)
+        raise WriteCacheError(f"the write cache in {self.path} failed: {self.failed}; the data written since the last commit may be lost") from e
 
 
 def remove_stale_temporaries(parent: str | os.PathLike | None = None) -> list[Path]:

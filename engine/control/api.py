@@ -4,15 +4,25 @@ Endpoints (all under ``/api/v1``; the OpenAPI document at ``/api/v1/openapi.json
 ``GET status``, ``GET points``, ``GET sessions``, ``POST sessions`` (publish),
 ``GET sessions/{name}``, ``DELETE sessions/{name}`` (unpublish), ``POST
 sessions/{name}/export`` and ``POST sessions/{name}/commit`` (start a job), ``GET
-jobs`` and ``GET jobs/{id}`` (a job's state and progress). Errors are ``{"error": "<one
-line>"}`` with 400 (bad request), 404 (no such thing), 409 (name taken, session busy).
+jobs`` and ``GET jobs/{id}`` (a job's state and progress), ``DELETE jobs/{id}`` (cancel
+a running job). Errors are ``{"error": "<one line>"}`` with 400 (bad request), 403 (an
+export output outside the export directories, or existing), 404 (no such thing), 409
+(name taken, session busy, job already ended).
 
-Jobs (export, commit) run in a small thread pool of their own, never on the loop: an
-export copies the merged disk while the client keeps writing (``engine.export``), a
-commit stores the merged disks as a new restore point through
-``engine.repo.ingest.backup_disks`` (parent: the session's point; changed extents: the
-dirty runs of each write cache), under the repository's writer lock. A session with a
-running job cannot be unpublished. Jobs are kept in memory until the daemon stops.
+Jobs (export, commit) run in a small thread pool of their own (long jobs: nothing else
+runs there, and they wait only for the write-cache, ingest and decompression pools),
+never on the loop: an export copies the merged disk while the client keeps writing
+(``engine.export``, into a new file in one of ``server.export_dirs``), a commit stores
+the merged disks as a new restore point equal to them at one instant through
+``engine.repo.ingest.commit_caches`` (parent: the session's point), under the
+repository's writer lock. A session with a running job cannot be unpublished. Jobs are
+kept in memory until the daemon stops.
+
+Every job has a cancel event, checked between blocks: ``DELETE jobs/{id}`` and the
+daemon's stop set it, and the job ends "cancelled" leaving nothing (no output file, no
+restore point). ``stop`` waits for the jobs a bounded time (``JOB_STOP_TIMEOUT``).
+Test seam (tests only, never set in production): ``INSTANTNFS_TEST_JOB_DELAY`` seconds
+each job waits at every progress step, so a test can stop a daemon in the middle of one.
 
 Access: every request but ``GET openapi.json`` needs ``Authorization: Bearer <token>``,
 from loopback too (``engine.control.auth`` says where the token comes from and where
@@ -33,6 +43,7 @@ import itertools
 import logging
 import os
 import socket
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -40,18 +51,18 @@ from typing import Any
 
 from aiohttp import web
 
-from engine.blockmap import bits_runs
 from engine.control import auth as authmod
 from engine.datastore import MODES, Datastore, GiB, Session
-from engine.errors import InstantNFSError, NoSpace, NotFound, SessionError
-from engine.export import FORMATS, export_disk
+from engine.errors import Cancelled, InstantNFSError, NoSpace, NotFound, OutputRefused, SessionError
+from engine.export import FORMATS, export_disk, open_output_dir
 from engine.nfs.server import NFSServices
-from engine.repo.ingest import BackupSettings, backup_disks
-from engine.writecache import WriteCache
+from engine.repo.ingest import BackupSettings, commit_caches
 
 log = logging.getLogger("instantnfs.api")
 
 API = "/api/v1"
+JOB_STOP_TIMEOUT = 5.0  # seconds stop() waits for cancelled jobs to end
+CANCEL_WAIT = 5.0  # seconds DELETE jobs/{id} waits for the job to end before answering 202
 
 
 def advertised_host(bind: str) -> str:
@@ -72,7 +83,7 @@ class Job:
     id: str
     kind: str  # "export" | "commit"
     session: str
-    state: str = "running"  # running | done | failed
+    state: str = "running"  # running | done | failed | cancelled
     phase: str = ""
     done: int = 0
     total: int = 0
@@ -80,20 +91,15 @@ class Job:
     finished: float | None = None
     result: dict | None = None
     error: str | None = None
+    cancel: threading.Event = field(default_factory=threading.Event)
+    task: asyncio.Task | None = None
 
     def view(self) -> dict:
         return {
             "id": self.id, "kind": self.kind, "session": self.session, "state": self.state, "phase": self.phase,
             "done": self.done, "total": self.total, "started": self.started, "finished": self.finished,
-            "result": self.result, "error": self.error,
+            "result": self.result, "error": self.error, "cancel_requested": self.cancel.is_set(),
         }
-
-
-def dirty_extents(cache: WriteCache) -> list[tuple[int, int]]:
-    """The cache's dirty granule runs as sorted, disjoint (offset, length) extents of the disk."""
-    g = cache.granule
-    n = -(-cache.size // g)
-    return [(a * g, min((a + c) * g, cache.size) - a * g) for a, c, dirty in bits_runs(cache.dirty_bitmap(), 0, n).tolist() if dirty]
 
 
 class BadRequest(Exception):
@@ -104,7 +110,7 @@ _PUBLISH_FIELDS: dict[str, tuple[type, ...]] = {
     "point": (str,), "name": (str,), "mode": (str,), "cache_dir": (str,), "reserve_gib": (int, float), "force": (bool,),
 }
 
-_JOB_SCHEMA = {"type": "object", "description": "a job: state running|done|failed, phase, done/total, result or error"}
+_JOB_SCHEMA = {"type": "object", "description": "a job: state running|done|failed|cancelled, phase, done/total, result or error"}
 
 OPENAPI: dict[str, Any] = {
     "openapi": "3.0.3",
@@ -151,12 +157,13 @@ OPENAPI: dict[str, Any] = {
                     "type": "object", "required": ["disk", "output"],
                     "properties": {
                         "disk": {"type": "string", "description": "disk name or index"},
-                        "output": {"type": "string", "description": "absolute path of the file to write"},
+                        "output": {"type": "string", "description": "absolute path of a new file in one of the daemon's export directories (server.export_dirs)"},
                         "format": {"type": "string", "enum": list(FORMATS), "default": "raw"},
                     },
                 }}}},
                 "responses": {"202": {"description": "the job", "content": {"application/json": {"schema": _JOB_SCHEMA}}},
-                              "400": {"description": "bad request"}, "404": {"description": "no such session or disk"}},
+                              "400": {"description": "bad request"}, "403": {"description": "output exists or is outside the export directories"},
+                              "404": {"description": "no such session or disk"}},
             },
         },
         f"{API}/sessions/{{name}}/commit": {
@@ -172,6 +179,10 @@ OPENAPI: dict[str, Any] = {
             "parameters": [{"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}],
             "get": {"summary": "One job: state, phase, progress (done/total), result or error",
                     "responses": {"200": {"description": "the job", "content": {"application/json": {"schema": _JOB_SCHEMA}}}, "404": {"description": "no such job"}}},
+            "delete": {"summary": "Cancel a running job: it ends 'cancelled', leaving no output file and no restore point",
+                       "responses": {"200": {"description": "the job, ended", "content": {"application/json": {"schema": _JOB_SCHEMA}}},
+                                     "202": {"description": "the job, still ending", "content": {"application/json": {"schema": _JOB_SCHEMA}}},
+                                     "404": {"description": "no such job"}, "409": {"description": "the job has already ended"}}},
         },
     },
 }
@@ -192,6 +203,9 @@ class ControlAPI:
         self._job_ids = itertools.count(1)
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="job")
         self._tasks: set[asyncio.Task] = set()
+        self.export_dirs: list[str] = list(cfg["server"].get("export_dirs") or [str(ds.cache_dir / "exports")])
+        self._default_export_dir = str(ds.cache_dir / "exports")
+        self._test_delay = float(os.environ.get("INSTANTNFS_TEST_JOB_DELAY") or 0)  # tests only: see the design note
 
     # -- views -------------------------------------------------------------------------------
 
@@ -348,6 +362,9 @@ class ControlAPI:
                 job.result = await asyncio.get_running_loop().run_in_executor(self._pool, fn, job)
                 job.state = "done"
                 log.info("job %s on session %s done: %s", job.id, s.name, job.result)
+            except Cancelled as e:
+                job.state, job.error = "cancelled", str(e)
+                log.info("job %s on session %s cancelled", job.id, s.name)
             except InstantNFSError as e:
                 job.state, job.error = "failed", str(e)
                 log.error("job %s on session %s failed: %s", job.id, s.name, e)
@@ -359,15 +376,28 @@ class ControlAPI:
                 s.jobs -= 1
 
         task = asyncio.get_running_loop().create_task(run())
+        job.task = task
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return job
+
+    def _step(self, job: Job) -> None:
+        """Every progress step of a job (tests only: a delay, cut short by a cancel)."""
+        if self._test_delay:
+            job.cancel.wait(self._test_delay)
 
     def _job_session(self, req: web.Request) -> Session:
         s = self.ds.sessions.get(req.match_info["name"])
         if s is None:
             raise NotFound(f"no published session {req.match_info['name']!r}")
         return s
+
+    def _check_output(self, out: str) -> None:
+        """In a thread (the path is the client's): the export output may be written."""
+        if self._default_export_dir in self.export_dirs:
+            os.makedirs(self._default_export_dir, exist_ok=True)
+        dfd, _name = open_output_dir(out, self.export_dirs)
+        os.close(dfd)
 
     async def h_export(self, req: web.Request) -> web.Response:
         try:
@@ -384,10 +414,8 @@ class ControlAPI:
         out = body.get("output")
         if fmt not in FORMATS:
             return self._error(400, f"'format' must be one of {', '.join(FORMATS)}")
-        if not isinstance(out, str) or not os.path.isabs(out):
+        if not isinstance(out, str) or not os.path.isabs(out) or "\0" in out:
             return self._error(400, "'output' must be an absolute path on the daemon's host")
-        if not os.path.isdir(os.path.dirname(out)):
-            return self._error(400, f"the directory of {out} does not exist")
         which = str(body.get("disk", ""))
         names = [d.name for d in s.disks]
         if which in names:
@@ -396,13 +424,25 @@ class ControlAPI:
             i = int(which)
         else:
             return self._error(404, f"session {s.name!r} has no disk {which!r} (disks: {', '.join(names)})")
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, self._check_output, out)
+        except OutputRefused as e:
+            return self._error(403, str(e))
+        except InstantNFSError as e:
+            return self._error(400, str(e))
+        except OSError as e:
+            return self._error(400, f"cannot create the export directory {self._default_export_dir}: {e.strerror}")
+        if s.name not in self.ds.sessions or self.ds.sessions[s.name] is not s:
+            return self._error(404, f"no published session {s.name!r}")
         cache = s.caches[i]
+        dirs = list(self.export_dirs)
 
         def work(job: Job) -> dict:
             def progress(phase: str, done: int, total: int) -> None:
                 job.phase, job.done, job.total = phase, done, total
+                self._step(job)
 
-            r = export_disk(cache, out, fmt, progress)
+            r = export_disk(cache, out, fmt, progress, cancel=job.cancel, allowed_dirs=dirs)
             return {"path": r.path, "format": r.format, "size": r.size, "data_bytes": r.data_bytes,
                     "passes": r.passes, "recopied_bytes": r.recopied_bytes, "seconds": round(r.seconds, 3)}
 
@@ -422,26 +462,24 @@ class ControlAPI:
 
         def work(job: Job) -> dict:
             job.phase = "store"
-            trackers = [c.track() for c in caches]  # what clients write while the commit reads
-            try:
-                changed = [dirty_extents(c) for c in caches]
 
-                def start(total: int) -> Any:
-                    job.total = total
+            def start(total: int) -> Any:
+                job.total = total
 
-                    def advance(n: int) -> None:
-                        job.done += n
-                    return advance
+                def advance(n: int) -> None:
+                    job.done += n
+                    self._step(job)
+                return advance
 
-                manifest = backup_disks(repo, settings, caches, parent=point, changed=changed, progress_start=start)
-                written = sum(int(t.take().any()) for t in trackers)
-            finally:
-                for t in trackers:
-                    t.close()
+            def phase(name: str) -> None:
+                job.phase = name
+
+            manifest, info = commit_caches(repo, settings, caches, point, progress_start=start, cancel=job.cancel,
+                                           on_phase=phase)
             return {
                 "point": manifest["id"], "vm": manifest["vm"], "parent": manifest["parent"],
-                "changed_bytes": sum(n for ext in changed for _o, n in ext),
-                "disks_written_during_commit": written,
+                "changed_bytes": info["changed_bytes"], "passes": info["passes"],
+                "reread_bytes": info["reread_bytes"],
             }
 
         job = self._start_job("commit", s, work)
@@ -455,6 +493,18 @@ class ControlAPI:
         if j is None:
             return self._error(404, f"no job {req.match_info['id']!r}")
         return web.json_response(j.view())
+
+    async def h_cancel(self, req: web.Request) -> web.Response:
+        j = self.jobs.get(req.match_info["id"])
+        if j is None:
+            return self._error(404, f"no job {req.match_info['id']!r}")
+        if j.state != "running":
+            return self._error(409, f"job {j.id} has already ended ({j.state})")
+        j.cancel.set()
+        log.info("job %s on session %s: cancel requested", j.id, j.session)
+        if j.task is not None:
+            await asyncio.wait({j.task}, timeout=CANCEL_WAIT)
+        return web.json_response(j.view(), status=200 if j.state != "running" else 202)
 
     async def h_openapi(self, req: web.Request) -> web.Response:
         return web.json_response(OPENAPI)
@@ -488,6 +538,7 @@ class ControlAPI:
                 web.post(f"{API}/sessions/{{name}}/commit", self.h_commit),
                 web.get(f"{API}/jobs", self.h_jobs),
                 web.get(f"{API}/jobs/{{id}}", self.h_job),
+                web.delete(f"{API}/jobs/{{id}}", self.h_cancel),
                 web.get(f"{API}/openapi.json", self.h_openapi),
             ]
         )
@@ -517,11 +568,21 @@ class ControlAPI:
                         "or set control.token in the configuration")
         return self.port
 
-    async def stop(self) -> None:
+    async def stop(self, timeout: float = JOB_STOP_TIMEOUT) -> None:
+        """Cancel the running jobs and wait for them (at most ``timeout``), so that they
+        end before their caches close; then stop answering."""
+        running = [j for j in self.jobs.values() if j.state == "running"]
+        for j in running:
+            j.cancel.set()
+        if running:
+            log.info("cancelling %d running job(s): %s", len(running), ", ".join(j.id for j in running))
+        tasks = set(self._tasks)
+        if tasks:
+            _done, late = await asyncio.wait(tasks, timeout=timeout)
+            if late:
+                log.error("%d job(s) did not end within %.0f s of their cancel; stopping without them", len(late), timeout)
         if self._runner is not None:
             await self._runner.cleanup()
         for path in self._token_files[1:]:  # the index entry; token_file stays for the next start
             authmod.remove_token(path, self.token)
-        for t in list(self._tasks):  # jobs finish before their caches close
-            await asyncio.shield(t)
-        self._pool.shutdown(wait=True)
+        self._pool.shutdown(wait=False, cancel_futures=True)

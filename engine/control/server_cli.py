@@ -6,10 +6,13 @@ export, commit.
 ``python -m engine.control.server_cli ...`` builds its own parser.
 
 ``serve`` runs in the foreground on uvloop (logs to stderr, stops cleanly on SIGTERM /
-SIGINT). The other commands talk to a running daemon's control API, found from
-``--server URL``, else ``$INSTANTNFS_SERVER``, else the config's control address.
+SIGINT within ``SHUTDOWN_LIMIT`` seconds: running jobs are cancelled, disk operations in
+flight get a bounded wait, and a watchdog ends the process if anything still hangs).
+The other commands talk to a running daemon's control API, found from ``--server
+URL``, else ``$INSTANTNFS_SERVER``, else the config's control address.
 ``export`` and ``commit`` start a job in the daemon (which owns the write caches) and
-poll it, showing its progress on a terminal, until it ends.
+poll it, showing its progress on a terminal, until it ends; Ctrl-C cancels the job in
+the daemon. ``jobs`` lists the daemon's jobs, ``cancel JOB`` cancels one.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -31,6 +35,9 @@ from engine import config as configmod
 from engine.errors import InstantNFSError, UsageError
 
 log = logging.getLogger("instantnfs")
+
+SHUTDOWN_LIMIT = 10.0  # seconds from SIGTERM/SIGINT to the end of the process
+DRAIN_TIMEOUT = 2.0  # seconds the disk operations in flight get at stop
 
 
 # -- serve ---------------------------------------------------------------------------------
@@ -50,6 +57,8 @@ def _serve_config(args: argparse.Namespace) -> dict[str, Any]:
         cfg["server"]["allowed_clients"] = args.allow
     if args.read_only:
         cfg["server"]["read_only"] = True
+    if getattr(args, "export_dir", None):
+        cfg["server"]["export_dirs"] = args.export_dir
     o(cfg, "cache", "dir", args.cache_dir)
     o(cfg, "cache", "write_dir", args.write_dir)
     o(cfg, "cache", "reserve_gib", args.reserve_gib)
@@ -61,8 +70,27 @@ def _serve_config(args: argparse.Namespace) -> dict[str, Any]:
     return cfg
 
 
-async def run_daemon(cfg: dict[str, Any], ready: asyncio.Future | None = None) -> int:
-    """The daemon: open the repository, restore sessions, start services, wait for a signal."""
+def _arm_watchdog(limit: float) -> None:
+    """End the process ``limit`` seconds from now if it has not ended by then (a stop
+    whose jobs or disk operations hang must not leave a daemon that ignores SIGTERM).
+    What was committed stays committed: the write caches are crash-safe."""
+    def expire() -> None:
+        log.error("shutdown took more than %.0f s: exiting with work still running", limit)
+        logging.shutdown()
+        os._exit(1)
+
+    t = threading.Timer(limit, expire)
+    t.daemon = True
+    t.start()
+
+
+async def run_daemon(cfg: dict[str, Any], ready: asyncio.Future | None = None, exit_limit: float | None = None) -> int:
+    """The daemon: open the repository, restore sessions, start services, wait for a signal.
+
+    Stopping: jobs cancelled (``ControlAPI.stop``, bounded), services stopped, disk
+    operations in flight given ``DRAIN_TIMEOUT``, caches committed and closed. With
+    ``exit_limit`` (the ``serve`` command), a watchdog ends the process that long after
+    the signal whatever still runs."""
     from engine.control.api import ControlAPI
     from engine.datastore import Datastore
     from engine.nfs.server import NFSServices
@@ -95,9 +123,11 @@ async def run_daemon(cfg: dict[str, Any], ready: asyncio.Future | None = None) -
             ready.set_result((ports, control_port, api))
         await stop.wait()
         log.info("stopping")
+        if exit_limit is not None:
+            _arm_watchdog(exit_limit)
         await api.stop()
         await services.stop()
-        await ds.aclose()
+        await ds.aclose(timeout=DRAIN_TIMEOUT)
     finally:
         repo.close()
     log.info("stopped")
@@ -114,7 +144,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from engine.tuning import tune_malloc
 
         tune_malloc()  # 1 MiB READ/WRITE buffers stay in the heap
-        return uvloop.run(run_daemon(cfg))
+        return uvloop.run(run_daemon(cfg, exit_limit=SHUTDOWN_LIMIT))
     except InstantNFSError as e:
         print(f"instantnfs: {e}", file=sys.stderr)
         return e.exit_code
@@ -339,34 +369,56 @@ def cmd_sessions(args: argparse.Namespace) -> int:
 
 
 def wait_job(args: argparse.Namespace, job: dict, desc: str) -> dict:
-    """Poll a job until it ends, with a progress bar on a terminal; its final state."""
+    """Poll a job until it ends, with a progress bar on a terminal; its final state.
+    Ctrl-C cancels the job in the daemon (and waits for it to end)."""
     from engine.control.progress import Progress
 
     quiet = getattr(args, "quiet", False) or getattr(args, "json", False)
     advance: Any = None
     phase, shown = "", 0
-    with Progress(desc, enabled=False if quiet else None) as prog:
-        while job["state"] == "running":
-            time.sleep(0.2)
-            job = api_call(args, "GET", f"/jobs/{urllib.parse.quote(job['id'], safe='')}")
-            if job["phase"] != phase and job["total"]:  # a new phase: a new bar
-                prog.close()
-                phase, shown = job["phase"], 0
-                prog.desc = f"{desc}: {phase}"
-                advance = prog.start(job["total"])
-            if advance is not None and job["done"] > shown:
-                advance(job["done"] - shown)
-                shown = job["done"]
+    path = f"/jobs/{urllib.parse.quote(job['id'], safe='')}"
+    try:
+        with Progress(desc, enabled=False if quiet else None) as prog:
+            while job["state"] == "running":
+                time.sleep(0.2)
+                job = api_call(args, "GET", path)
+                if job["phase"] != phase and job["total"]:  # a new phase: a new bar
+                    prog.close()
+                    phase, shown = job["phase"], 0
+                    prog.desc = f"{desc}: {phase}"
+                    advance = prog.start(job["total"])
+                if advance is not None and job["done"] > shown:
+                    advance(job["done"] - shown)
+                    shown = job["done"]
+    except KeyboardInterrupt:
+        print(f"instantnfs: interrupted: cancelling job {job['id']} in the daemon", file=sys.stderr, flush=True)
+        job = _cancel_and_wait(args, job["id"])
     if job["state"] == "failed":
         raise InstantNFSError(job["error"] or f"job {job['id']} failed")
+    if job["state"] == "cancelled":
+        raise InstantNFSError(f"job {job['id']} cancelled: {job['error'] or 'nothing was left behind'}")
+    return job
+
+
+def _cancel_and_wait(args: argparse.Namespace, job_id: str, timeout: float = 30.0) -> dict:
+    """Cancel a job and poll it until it has ended (or ``timeout``)."""
+    path = f"/jobs/{urllib.parse.quote(job_id, safe='')}"
+    try:
+        job = api_call(args, "DELETE", path)
+    except InstantNFSError:
+        job = api_call(args, "GET", path)  # it ended meanwhile (409)
+    deadline = time.monotonic() + timeout
+    while job["state"] == "running" and time.monotonic() < deadline:
+        time.sleep(0.2)
+        job = api_call(args, "GET", path)
     return job
 
 
 @_client
 def cmd_export(args: argparse.Namespace) -> int:
     out = os.path.abspath(args.output)
-    if os.path.exists(out) and not args.force:
-        raise UsageError(f"{out} exists: remove it or give --force")
+    if args.force:
+        raise UsageError("--force is gone: an export never overwrites a file; remove it first or choose a new name")
     body = {"disk": args.disk, "output": out, "format": args.format}
     job = api_call(args, "POST", f"/sessions/{urllib.parse.quote(args.session, safe='')}/export", body)
     job = wait_job(args, job, f"export {args.session}/{args.disk}")
@@ -388,7 +440,30 @@ def cmd_commit(args: argparse.Namespace) -> int:
         print(json.dumps(r, indent=2))
     else:
         print(f"committed session {args.session} as restore point {r['point']} of VM {r['vm']} "
-              f"(parent {r['parent']}, {_mib(r['changed_bytes'])} changed)")
+              f"(parent {r['parent']}, {_mib(r['changed_bytes'])} changed, {r['passes']} passes)")
+    return 0
+
+
+@_client
+def cmd_jobs(args: argparse.Namespace) -> int:
+    jobs = api_call(args, "GET", "/jobs")
+    if args.json:
+        print(json.dumps(jobs, indent=2))
+    elif not jobs:
+        print("no jobs")
+    else:
+        for j in jobs:
+            progress = f"{j['phase']} {_mib(j['done'])} of {_mib(j['total'])}" if j["state"] == "running" else (j["error"] or "")
+            print(f"{j['id']}  {j['kind']}  session {j['session']}  {j['state']}  {progress}".rstrip())
+    return 0
+
+
+@_client
+def cmd_cancel(args: argparse.Namespace) -> int:
+    job = _cancel_and_wait(args, args.job)
+    if job["state"] == "running":
+        raise InstantNFSError(f"job {args.job} is still ending; see 'instantnfs jobs'")
+    print(f"job {args.job} {job['state']}")
     return 0
 
 
@@ -427,6 +502,8 @@ def _serve_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--export", help="export path (default /instantnfs)")
     p.add_argument("--allow", action="append", metavar="CIDR", help="allowed client network (repeatable)")
     p.add_argument("--read-only", action="store_true", default=None, help="refuse every change (NFS3ERR_ROFS)")
+    p.add_argument("--export-dir", action="append", metavar="DIR",
+                   help="directory exports may write into (repeatable; default <cache-dir>/exports)")
     p.add_argument("--cache-dir", help="session state and client files (default ~/.cache/instantnfs)")
     p.add_argument("--write-dir", help="default directory of the write caches (default <cache-dir>/writecache)")
     p.add_argument("--reserve-gib", type=int, help="free space a publish needs on the write-cache volume (default 100)")
@@ -479,9 +556,10 @@ def add_commands(subparsers: Any) -> None:
     p = subparsers.add_parser("export", help="write a published disk (backup + write cache) to a raw or qcow2 file, while the VM runs")
     p.add_argument("session")
     p.add_argument("disk", help="disk name or index (0 = first)")
-    p.add_argument("-o", "--output", required=True, metavar="FILE", help="file to write (on the daemon's host)")
+    p.add_argument("-o", "--output", required=True, metavar="FILE",
+                   help="new file to write on the daemon's host, in one of its export directories (server.export_dirs)")
     p.add_argument("--format", choices=("raw", "qcow2"), default="raw")
-    p.add_argument("--force", action="store_true", help="overwrite an existing file")
+    p.add_argument("--force", action="store_true", help=argparse.SUPPRESS)  # refused: exports never overwrite
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     _client_opts(p)
@@ -493,6 +571,16 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     _client_opts(p)
     p.set_defaults(func=cmd_commit)
+
+    p = subparsers.add_parser("jobs", help="the running daemon's export and commit jobs")
+    p.add_argument("--json", action="store_true")
+    _client_opts(p)
+    p.set_defaults(func=cmd_jobs)
+
+    p = subparsers.add_parser("cancel", help="cancel a running export or commit job (it leaves nothing behind)")
+    p.add_argument("job", help="job id, as 'instantnfs jobs' lists it")
+    _client_opts(p)
+    p.set_defaults(func=cmd_cancel)
 
     p = subparsers.add_parser("status", help="the running daemon's ports and counters")
     p.add_argument("--json", action="store_true")

@@ -1,7 +1,7 @@
 """Backup ingest: read sources block by block, dedup, compress, append, commit a point.
 
-Pipeline: the calling thread submits blocks to the repository's thread pool (bounded
-window) and consumes results in order. A worker reads one block (``pread``), pads a
+Pipeline: the calling thread submits blocks to an ingest pool of its own (created per
+run, bounded window) and consumes results in order. A worker reads one block (``pread``), pads a
 short last block with zeros, drops all-zero blocks, fingerprints the rest (BLAKE3) and
 compresses those whose fingerprint is not known yet (LZ4). pread, BLAKE3 and LZ4 release
 the GIL, so both cores work. The calling thread alone appends records and updates the
@@ -11,7 +11,21 @@ Commit order (crash safety): packs are fsynced, then their indexes written; then
 block maps and the manifest are written into ``tmp/point-<id>/`` and fsynced, and that
 directory is renamed to ``points/<id>`` (then the directory is fsynced). A crash at any
 moment leaves either no restore point or a complete one; the rest is garbage for gc.
-On an error the run removes what it wrote itself.
+On an error, or when its ``cancel`` event is set (checked between blocks), the run
+removes what it wrote itself and leaves no restore point (``Cancelled``).
+
+Pools (the rule: no task ever waits for work queued behind itself in its own pool): the
+ingest workers hash and compress in the run's own ``ingest`` pool and read the sources;
+a source that is a published disk (a write cache over a ``BackupDisk``) loads chunk
+misses in the repository's decompression pool (``repo.executor``), whose tasks never
+wait for anything. Sharing one pool deadlocked: workers waited for readahead loads
+queued behind themselves.
+
+Committing write caches (``commit_caches``) takes the disks at one instant, the way
+``engine.export`` does: a ``DirtyTracker`` per cache, a first pass over the dirty
+extents while clients write, then passes over the blocks written meanwhile while that
+set shrinks, and a last pass with writes paused. A block re-read in a later pass replaces
+its entry, so the point holds each block as it was at the pause.
 """
 from __future__ import annotations
 
@@ -21,9 +35,12 @@ import os
 import re
 import secrets
 import shutil
+import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -31,8 +48,8 @@ from typing import Any
 import blake3
 import numpy as np
 
-from engine.blockmap import ZERO_PACK
-from engine.errors import InstantNFSError, NoSpace, UsageError
+from engine.blockmap import ZERO_PACK, bits_runs
+from engine.errors import Cancelled, InstantNFSError, NoSpace, UsageError
 from engine.repo.format import (
     MANIFEST_FORMAT,
     dump_manifest,
@@ -47,6 +64,7 @@ from engine.repo.repository import Repository, RestorePoint
 from engine.repo.sources import DiskSource, Source, open_source, parse_changed_extents
 
 FIRMWARES = ("bios", "efi")
+MAX_PASSES = 8  # commit_caches: passes over blocks written meanwhile, the paused one included
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._ -]{0,127}$")
 
 Progress = Callable[[int], None]
@@ -86,6 +104,18 @@ def load_fingerprints(repo: Repository) -> dict[bytes, tuple[int, int, int]]:
     return known
 
 
+def dirty_extents(cache: Any) -> list[tuple[int, int]]:
+    """A write cache's dirty granule runs as sorted, disjoint (offset, length) extents."""
+    return bitmap_extents(cache.dirty_bitmap(), cache.granule, cache.size)
+
+
+def bitmap_extents(bits: np.ndarray, granule: int, size: int) -> list[tuple[int, int]]:
+    """The set granules of ``bits`` (LSB first) as sorted, disjoint (offset, length) extents."""
+    g = granule
+    n = -(-size // g)
+    return [(a * g, min((a + c) * g, size) - a * g) for a, c, dirty in bits_runs(bits, 0, n).tolist() if dirty]
+
+
 def _blocks_to_read(src: Source, bs: int, extents: list[tuple[int, int]] | None) -> np.ndarray:
     """Block indexes that must be read from the source, ascending."""
     nblocks = -(-src.size // bs)
@@ -114,6 +144,7 @@ def backup(
     changed_extents: list[str] | None = None,
     progress_start: Callable[[int], Progress] | None = None,
     window: int | None = None,
+    cancel: threading.Event | None = None,
 ) -> dict:
     """Store one restore point of ``settings.vm`` holding every disk in ``paths``.
 
@@ -135,7 +166,7 @@ def backup(
                 if parent is None:
                     raise UsageError(f"--changed-extents needs a previous restore point of VM {vm!r}; there is none")
                 extents = [parse_changed_extents(f, src.size) for f, src in zip(changed_extents, sources)]
-            return _store(repo, settings, sources, parent, extents, started, progress_start, window)
+            return _store(repo, settings, sources, parent, extents, started, progress_start, window, cancel, None)
         finally:
             for src in sources:
                 src.close()
@@ -148,6 +179,8 @@ def backup_disks(
     parent: RestorePoint | None = None,
     changed: list[list[tuple[int, int]]] | None = None,
     progress_start: Callable[[int], Progress] | None = None,
+    cancel: threading.Event | None = None,
+    settle: Iterator[list[list[tuple[int, int]]]] | None = None,
 ) -> dict:
     """Store a restore point whose sources are ``Disk`` objects (``.size``, ``.read``).
 
@@ -155,6 +188,9 @@ def backup_disks(
     extents), only the changed extents are read; every other block is the parent's. This
     is how a published session's write cache is committed: parent = its restore point,
     changed = its dirty runs.
+
+    ``settle`` (see ``commit_caches``) yields, after the first pass, per disk the extents
+    to read again; each is read before the next is asked for.
     """
     _check_settings(settings, len(disks))
     if (parent is None) != (changed is None):
@@ -171,7 +207,8 @@ def backup_disks(
     started = time.monotonic()
     sources: list[Source] = [DiskSource(getattr(d, "name", f"disk{i}"), d) for i, d in enumerate(disks)]
     with repo.lock(f"commit {settings.vm}"):
-        return _store(repo, settings, sources, parent or repo.latest_point(settings.vm), changed, started, progress_start, None)
+        return _store(repo, settings, sources, parent or repo.latest_point(settings.vm), changed, started, progress_start,
+                      None, cancel, settle)
 
 
 def _store(
@@ -183,6 +220,8 @@ def _store(
     started: float,
     progress_start: Callable[[int], Progress] | None,
     window: int | None,
+    cancel: threading.Event | None,
+    settle: Iterator[list[list[tuple[int, int]]]] | None,
 ) -> dict:
     """Ingest ``sources`` and commit the restore point (under the writer lock)."""
     bs = repo.block_size
@@ -213,11 +252,14 @@ def _store(
         gc_was_on = gc.isenabled()
         gc.disable()
         try:
-            stats = _ingest(repo, sources, extents if extents is not None else [None] * len(sources), parent_maps, known, writer, progress_start, window)
+            stats = _ingest(repo, sources, extents if extents is not None else [None] * len(sources), parent_maps, known,
+                            writer, progress_start, window, cancel, settle)
         finally:
             if gc_was_on:
                 gc.enable()
+        _check_cancel(cancel)
         writer.seal()
+        _check_cancel(cancel)
         point_id = f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
         names = disk_names(vm, len(sources))
         point_tmp = repo.tmp_dir / f"point-{point_id}"
@@ -255,6 +297,7 @@ def _store(
         }
         _write_synced(point_tmp / "manifest.json", dump_manifest(manifest))
         fsync_dir(point_tmp)
+        _check_cancel(cancel)  # the last moment: after the rename the point exists
         os.rename(point_tmp, repo.points_dir / point_id)
         committed = True
         fsync_dir(repo.points_dir)
@@ -273,6 +316,11 @@ def _store(
                 writer.abort()
 
 
+def _check_cancel(cancel: threading.Event | None) -> None:
+    if cancel is not None and cancel.is_set():
+        raise Cancelled("cancelled: no restore point was made")
+
+
 def _write_synced(path, data: bytes) -> None:
     with open(path, "xb") as f:
         f.write(data)
@@ -289,6 +337,8 @@ def _ingest(
     writer: PackWriter,
     progress_start: Callable[[int], Progress] | None,
     window: int | None,
+    cancel: threading.Event | None,
+    settle: Iterator[list[list[tuple[int, int]]]] | None,
 ) -> dict:
     bs = repo.block_size
     zero_block = bytes(bs)
@@ -324,21 +374,21 @@ def _ingest(
         stored_bytes=0,
     )
     all_entries = []
-    pool = repo.executor
-    depth = window or 4 * max(2, os.cpu_count() or 2)  # blocks in flight: enough to keep every worker busy
     for i, src in enumerate(sources):
-        nblocks = -(-src.size // bs)
         parent = parent_maps[i]
-        entries = zero_entries(nblocks) if parent is None else parent.copy()
-        blocks = todo[i]
-        if parent is not None:
-            # blocks that are not re-read keep the parent's chunks
-            entries[blocks] = zero_entries(len(blocks))
+        all_entries.append(zero_entries(-(-src.size // bs)) if parent is None else parent.copy())
+    workers = max(2, os.cpu_count() or 2)
+    depth = window or 4 * workers  # blocks in flight: enough to keep every worker busy
+
+    def ingest_blocks(pool: ThreadPoolExecutor, src: Source, blocks: np.ndarray, entries: np.ndarray,
+                      advance: Progress | None) -> int:
+        """Read, store and enter ``blocks`` of ``src`` (their old entries are replaced)."""
+        entries[blocks] = zero_entries(len(blocks))  # a block read again may have become zeros
         inflight: deque = deque()
         it = iter(blocks.tolist())
         done_bytes = 0
 
-        def submit_next(it=it, inflight=inflight, src=src) -> bool:
+        def submit_next() -> bool:
             b = next(it, None)
             if b is None:
                 return False
@@ -349,6 +399,7 @@ def _ingest(
         while len(inflight) < depth and submit_next():
             pass
         while inflight:
+            _check_cancel(cancel)
             b, fut = inflight.popleft()
             fp, header, payload, length = fut.result()
             submit_next()
@@ -369,12 +420,32 @@ def _ingest(
                 e["pack"], e["offset"], e["clen"] = loc
             if advance:
                 advance(length)
-        if advance:
-            advance(src.size - done_bytes)
+        return done_bytes
+
+    # the run's own pool: its workers may wait for chunk loads in repo.executor, never
+    # for work queued in this pool (see the design note)
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ingest")
+    try:
+        for i, src in enumerate(sources):
+            done_bytes = ingest_blocks(pool, src, todo[i], all_entries[i], advance)
+            if advance:
+                advance(src.size - done_bytes)
+        passes, again_bytes = 1, 0
+        if settle is not None:
+            for again in settle:  # the blocks written since the previous pass, read again
+                passes += 1
+                for i, src in enumerate(sources):
+                    blocks = _blocks_to_read(src, bs, again[i])
+                    again_bytes += ingest_blocks(pool, src, blocks, all_entries[i], None)
+        _check_cancel(cancel)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # only the blocks being read: short
+    for entries in all_entries:
         stored = int(np.count_nonzero(entries["pack"] != ZERO_PACK))
         st["data_blocks"] += stored
-        st["zero_blocks"] += nblocks - stored
-        all_entries.append(entries)
+        st["zero_blocks"] += len(entries) - stored
+    if settle is not None:
+        st["passes"], st["reread_bytes"] = passes, again_bytes
     st["stored_bytes"] = writer.bytes_written
     unique = st["new_chunks"]
     st["dedup_ratio"] = round(st["data_blocks"] / unique, 3) if unique else None
@@ -382,3 +453,55 @@ def _ingest(
     st["compression_ratio"] = round(st["new_chunk_bytes"] / payload_bytes, 3) if payload_bytes else None
     st["entries"] = all_entries
     return st
+
+
+def commit_caches(
+    repo: Repository,
+    settings: BackupSettings,
+    caches: list[Any],
+    parent: RestorePoint,
+    progress_start: Callable[[int], Progress] | None = None,
+    cancel: threading.Event | None = None,
+    on_phase: Callable[[str], None] | None = None,
+    max_passes: int = MAX_PASSES,
+) -> tuple[dict, dict]:
+    """Store the merged disks of write caches (``engine.writecache.WriteCache``) over
+    ``parent`` as a new restore point equal to the disks at one instant, while clients
+    go on writing (see the design note). Returns (manifest, {"passes", "changed_bytes",
+    "reread_bytes"})."""
+    trackers = [c.track() for c in caches]  # before the dirty bitmaps: no write escapes both
+    try:
+        changed = [dirty_extents(c) for c in caches]
+
+        def settle() -> Generator[list[list[tuple[int, int]]], None, None]:
+            last: int | None = None
+            for _ in range(max_passes - 2):
+                again = [bitmap_extents(t.take(), c.granule, c.size) for t, c in zip(trackers, caches)]
+                count = sum(n for ext in again for _o, n in ext)
+                if count == 0:
+                    break
+                if on_phase:
+                    on_phase("settle")
+                yield again
+                if last is not None and count >= last:
+                    break  # not shrinking: writers outpace us, finish with writes paused
+                last = count
+            if on_phase:
+                on_phase("final")
+            with ExitStack() as paused:
+                for c in caches:
+                    paused.enter_context(c.writes_paused())
+                yield [bitmap_extents(t.take(), c.granule, c.size) for t, c in zip(trackers, caches)]
+
+        gen = settle()
+        try:
+            manifest = backup_disks(repo, settings, caches, parent=parent, changed=changed,
+                                    progress_start=progress_start, cancel=cancel, settle=gen)
+        finally:
+            gen.close()  # writes resume even when the run failed inside the paused pass
+    finally:
+        for t in trackers:
+            t.close()
+    st = manifest["stats"]
+    return manifest, {"passes": st["passes"], "changed_bytes": sum(n for ext in changed for _o, n in ext),
+                      "reread_bytes": st["reread_bytes"]}

@@ -82,7 +82,7 @@ def nfs_io(dmn: Daemon, session: str, fn: Any) -> Any:
 
 def test_qemu_io_patterns_at_scattered_offsets_and_export_compare(daemon_factory, images, tmp_path, untouched):
     require_tool("qemu-io", "qemu-img")
-    dmn = daemon_factory()
+    dmn = daemon_factory(extra=["--export-dir", str(tmp_path)])  # exports go to tmp_path
     dmn.api("POST", "/sessions", {"point": images["point"], "name": "qio"})
     d = images["disks"][0]
     url = f"nfs://{dmn.addr}/instantnfs/qio/{d['name']}.img"
@@ -299,7 +299,7 @@ def test_two_sandboxes_of_one_point(daemon_factory, images, tmp_path, untouched)
 
 
 def test_export_while_a_writer_runs_equals_the_disk_at_the_end(daemon_factory, images, tmp_path, untouched):
-    dmn = daemon_factory()
+    dmn = daemon_factory(extra=["--export-dir", str(tmp_path)])  # exports go to tmp_path
     dmn.api("POST", "/sessions", {"point": images["point"], "name": "exp"})
     d = images["disks"][0]
     size = d["size"]
@@ -457,7 +457,7 @@ def test_sandbox_left_by_a_killed_daemon_is_removed_at_start(daemon_factory, ima
 
 
 def test_cli_publish_modes_reserve_and_job_errors(daemon_factory, images, tmp_path, untouched):
-    dmn = daemon_factory()
+    dmn = daemon_factory(extra=["--export-dir", str(tmp_path)])  # exports go to tmp_path
     r = cli(dmn, "publish", images["point"], "--name", "big", "--reserve-gib", "1000000")
     assert r.returncode != 0 and r.stderr.count("\n") == 1 and "less than the 1000000.0 GiB reserve" in r.stderr, r.stderr
     r = cli(dmn, "publish", images["point"], "--name", "big", "--reserve-gib", "1000000", "--force", "--mode", "sandbox", "--json")
