@@ -110,6 +110,8 @@ _PUBLISH_FIELDS: dict[str, tuple[type, ...]] = {
     "point": (str,), "name": (str,), "mode": (str,), "cache_dir": (str,), "reserve_gib": (int, float), "force": (bool,),
 }
 
+_EXPORT_FIELDS: dict[str, tuple[type, ...]] = {"disk": (str, int), "output": (str,), "format": (str,)}
+
 _JOB_SCHEMA = {"type": "object", "description": "a job: state running|done|failed|cancelled, phase, done/total, result or error"}
 
 OPENAPI: dict[str, Any] = {
@@ -405,12 +407,11 @@ class ControlAPI:
         except NotFound as e:
             return self._error(404, str(e))
         try:
-            body = await req.json()
-        except ValueError:
-            body = None
-        if not isinstance(body, dict):
-            return self._error(400, "the request body must be JSON: {\"disk\": NAME, \"output\": PATH, \"format\": \"raw\"}")
-        fmt = body.get("format", "raw")
+            body = await self._body(req, _EXPORT_FIELDS, ("disk", "output"),
+                                    '{"disk": NAME, "output": PATH, "format": "raw"}')
+        except BadRequest as e:
+            return self._error(400, str(e))
+        fmt = body.get("format") or "raw"
         out = body.get("output")
         if fmt not in FORMATS:
             return self._error(400, f"'format' must be one of {', '.join(FORMATS)}")
@@ -454,6 +455,10 @@ class ControlAPI:
             s = self._job_session(req)
         except NotFound as e:
             return self._error(404, str(e))
+        try:
+            await self._body(req, {}, (), "{} (commit takes no options)")
+        except BadRequest as e:
+            return self._error(400, str(e))
         repo, point = self.ds.repo, s.point
         m = point.manifest
         settings = BackupSettings(vm=point.vm, cpus=m.get("cpus") or 1, memory_mib=m.get("memory_mib") or 1024,

@@ -124,6 +124,12 @@ def test_unknown_and_mistyped_fields_are_refused_by_name(daemon_factory, images)
     code, answer = _raw(dmn, "POST", "/sessions", {"name": "nopoint"}, dmn.token)
     assert code == 400 and "'point'" in answer["error"]
     assert dmn.api("GET", "/sessions") == []
+    dmn.api("POST", "/sessions", {"point": images["point"], "name": "s"})
+    code, answer = _raw(dmn, "POST", "/sessions/s/export", {"disk": 0, "output": "/tmp/x.img", "fromat": "qcow2"}, dmn.token)
+    assert code == 400 and "'fromat'" in answer["error"]
+    code, answer = _raw(dmn, "POST", "/sessions/s/commit", {"quiesce": True}, dmn.token)
+    assert code == 400 and "'quiesce'" in answer["error"]
+    assert dmn.api("GET", "/jobs") == []
 
 
 def test_publish_into_an_unusable_cache_dir_is_one_line(daemon_factory, images, tmp_path):
