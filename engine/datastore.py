@@ -112,7 +112,7 @@ from engine.errors import (
     SessionError,
     StaleHandle,
 )
-from engine.fsutil import fsync_dir, pwrite_all
+from engine.fsutil import NO_SPACE_ERRNOS, fsync_dir, pwrite_all
 from engine.repo.pins import Pin, add_pin, list_pins, remove_pin
 from engine.repo.repository import Repository, RestorePoint
 from engine.writecache import WriteCache, remove_stale_temporaries
@@ -129,7 +129,6 @@ HANDLE_SIZE = _HEAD.size + MAC_SIZE  # 32
 REAL_HANDLE_SIZE = _REAL_HEAD.size + MAC_SIZE  # 40: ESXi refuses handles over 56 bytes
 GEN_EPOCH = 1 << 32  # each start of a session's table hands out generations from a new epoch
 MAX_DEPTH = 4096  # of a client-made directory tree (a handle table never walks further)
-_NOSPACE = (errno.ENOSPC, errno.EDQUOT)
 ADMIN_THREADS = 2
 UNPUBLISH_WAIT = 30  # s an unpublish waits for the disk operations in progress
 VIRTUAL_FILEID = 1 << 63
@@ -434,7 +433,7 @@ class HandleTable:
         try:
             t._rewrite(t.next_gen)
         except OSError as e:
-            if e.errno not in _NOSPACE:
+            if e.errno not in NO_SPACE_ERRNOS:
                 raise
             t._fallback_epoch(e)
         return t
@@ -646,7 +645,7 @@ class Datastore:
             try:
                 self._save()
             except OSError as e:
-                if e.errno not in _NOSPACE:
+                if e.errno not in NO_SPACE_ERRNOS:
                     raise SessionError(f"cannot write {self.state_path}: {e.strerror}") from e
                 log.warning("the cache volume of %s is full (%s): starting anyway, serving every session's data; "
                             "WRITEs get NFS3ERR_NOSPC until space is freed", self.cache_dir, e.strerror)
@@ -891,7 +890,7 @@ class Datastore:
         try:
             self._save()
         except OSError as e:
-            if e.errno not in _NOSPACE:
+            if e.errno not in NO_SPACE_ERRNOS:
                 end()
                 raise
             end()

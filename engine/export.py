@@ -40,7 +40,6 @@ bytes of the range.
 """
 from __future__ import annotations
 
-import errno
 import os
 import re
 import secrets
@@ -59,7 +58,7 @@ import numpy as np
 from engine.blockmap import bits_runs
 from engine.disk import Disk
 from engine.errors import Cancelled, NoSpace, OutputRefused, SourceError, UsageError
-from engine.fsutil import pwrite_all
+from engine.fsutil import no_space, pwrite_all
 from engine.writecache import WriteCache
 
 FORMATS = ("raw", "qcow2")
@@ -124,9 +123,7 @@ def export_disk(
             except FileNotFoundError:
                 pass
     except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise NoSpace(f"no space left for the export to {out}") from e
-        raise
+        no_space(e, f"for the export to {out}")
     finally:
         os.close(dfd)
     return ExportResult(

@@ -94,8 +94,8 @@ import numpy as np
 
 from engine.blockmap import bits_count, bits_runs, bits_set
 from engine.disk import Disk
-from engine.errors import FileTooLarge, NoSpace, WriteCacheError
-from engine.fsutil import fsync_dir, pwrite_all
+from engine.errors import FileTooLarge, WriteCacheError
+from engine.fsutil import fsync_dir, no_space, pwrite_all
 
 MAGIC = b"INFS-WC\x00"
 VERSION = 1
@@ -111,7 +111,6 @@ FRAGMENTED_RUNS = 16  # a read with more clean/dirty runs than this is merged wi
 DATA_FILE = "data"
 BITMAP_FILE = "bitmap"
 TEMP_PREFIX = "instantnfs-wc-"
-_NOSPACE = (errno.ENOSPC, errno.EDQUOT)
 
 log = logging.getLogger("instantnfs.writecache")
 
@@ -171,9 +170,7 @@ class DirtyTracker:
 
 def _reraise(e: OSError, what: str) -> NoReturn:
     """A full volume (ENOSPC, EDQUOT) as NoSpace; any other OSError as itself."""
-    if e.errno in _NOSPACE:
-        raise NoSpace(f"the write cache volume is full: {what} failed ({e.strerror})") from e
-    raise e
+    no_space(e, f"on the write cache volume: {what} failed ({e.strerror})")
 
 
 

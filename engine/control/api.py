@@ -37,7 +37,6 @@ size.
 from __future__ import annotations
 
 import asyncio
-import errno
 import hmac
 import itertools
 import logging
@@ -55,6 +54,7 @@ from engine.control import auth as authmod
 from engine.datastore import MODES, Datastore, GiB, Session
 from engine.errors import Cancelled, InstantNFSError, NoSpace, NotFound, OutputRefused, SessionError
 from engine.export import FORMATS, export_disk, open_output_dir
+from engine.fsutil import NO_SPACE_ERRNOS
 from engine.nfs.server import NFSServices
 from engine.repo.ingest import BackupSettings, commit_caches
 
@@ -335,7 +335,7 @@ class ControlAPI:
         except InstantNFSError as e:
             return self._error(400, str(e))
         except OSError as e:
-            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            if e.errno in NO_SPACE_ERRNOS:
                 return self._error(507, f"cannot publish {body['point']}: no space left on the cache volume ({e.filename or ''})")
             log.warning("publish of %s failed: %s", body["point"], e)
             return self._error(400, f"cannot publish {body['point']}: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""))

@@ -29,7 +29,6 @@ its entry, so the point holds each block as it was at the pause.
 """
 from __future__ import annotations
 
-import errno
 import gc
 import os
 import re
@@ -50,6 +49,7 @@ import numpy as np
 
 from engine.blockmap import ZERO_PACK, bits_runs
 from engine.errors import Cancelled, InstantNFSError, NoSpace, UsageError
+from engine.fsutil import no_space
 from engine.repo.format import (
     MANIFEST_FORMAT,
     dump_manifest,
@@ -303,9 +303,7 @@ def _store(
         fsync_dir(repo.points_dir)
         return manifest
     except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise NoSpace(f"no space left on the repository volume ({repo.path}); nothing was committed") from e
-        raise
+        no_space(e, f"on the repository volume ({repo.path}); nothing was committed")
     except NoSpace as e:
         raise NoSpace(f"{e}; nothing was committed") from e
     finally:
