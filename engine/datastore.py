@@ -1462,7 +1462,8 @@ class Datastore:
             },
             "disks": [
                 {"name": d.name, "size": d.size, "cache_path": str(c.path), "granule": st.granule,
-                 "allocated_bytes": st.allocated_bytes, "dirty_bytes": st.dirty_bytes, "commits": st.commits}
+                 "allocated_bytes": st.allocated_bytes, "dirty_bytes": st.dirty_bytes, "commits": st.commits,
+                 "failed": st.failed}
                 for d, c, st in zip(s.disks, s.caches, stats)
             ],
             "io": {"read_ops": s.read_ops, "read_bytes": s.read_bytes, "write_ops": s.write_ops, "write_bytes": s.write_bytes},

@@ -326,6 +326,8 @@ def _print_session(s: dict) -> None:
     print(f"  mode {s['mode']}, write cache {s['cache_dir']}: {_mib(c['allocated_bytes'])} used, {_mib(c['dirty_bytes'])} dirty")
     for d in s["disks"]:
         print(f"  {d['name']}  {d['size']} bytes, {_mib(d['dirty_bytes'])} dirty, cache {_mib(d['allocated_bytes'])}")
+        if d.get("failed"):
+            print(f"    FAILED:     {d['failed']}: writes since the last commit may be lost; export the disk, then unpublish")
         print(f"    QEMU:       {d['url']}")
         print(f"    libnfs:     {d['url_libnfs']}")
         print(f"    ESXi:       {d['files']['vmdk']}")

@@ -488,3 +488,36 @@ def test_session_of_a_force_deleted_point_is_not_restored(tmp_path, small_repo, 
             assert list_pins(repo) == []
         finally:
             ds2.close()
+
+
+def test_a_failed_write_cache_shows_in_the_session_view(tmp_path, small_repo, monkeypatch, capsys):
+    """Finding 7: an operator sees that a session's cache failed its fdatasync."""
+    import errno as _errno
+
+    from engine import writecache
+    from engine.control.server_cli import _print_session
+    from engine.errors import WriteCacheError
+
+    def eio(fd: int) -> None:
+        raise OSError(_errno.EIO, os.strerror(_errno.EIO))
+
+    with Repository.open(small_repo["repo"]) as repo:
+        ds = Datastore(repo, tmp_path / "cache", reserve=0)
+        ds.load()
+        try:
+            s = ds.publish(small_repo["point"], "f")
+            assert [d["failed"] for d in ds.session_json(s)["disks"]] == [None] * len(s.disks)
+            s.caches[0].write(0, b"z" * 4096)
+            monkeypatch.setattr(writecache, "_fdatasync", eio)
+            with pytest.raises(WriteCacheError):
+                s.caches[0].commit()
+            view = ds.session_json(s)
+            assert view["disks"][0]["failed"] == "fdatasync: EIO"
+            view["path"] = "/instantnfs/f"
+            for d in view["disks"]:
+                d.update(url="nfs://x", url_libnfs="nfs://x?y", files={"vmdk": "v"})
+            _print_session(view)
+            out = capsys.readouterr().out
+            assert "FAILED" in out and "fdatasync: EIO" in out
+        finally:
+            ds.close()
