@@ -36,6 +36,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -67,7 +68,7 @@ VMS = {"va": 4 * MIB, "vb": 6 * MIB, "vc": 8 * MIB}
 CLI_TIMEOUT = 120.0  # a foreground command, or a background one being joined: longer is a hang
 NFS_TIMEOUT = 20.0
 UNSTABLE, FILE_SYNC = 0, 2
-MAX_SESSIONS = 3
+MAX_SESSIONS = 4
 
 
 def sha(b: bytes | bytearray) -> str:
@@ -306,6 +307,9 @@ class Interleave(RuleBasedStateMachine):
             self.src[vm] = img
             self.do_backup(vm)
         self.start_daemon()
+        # a lived-in daemon: a VM running from its backup (instant) and a test restore (sandbox)
+        for vm, mode in (("va", "instant"), ("vc", "sandbox")):
+            self.publish_point(self.latest_of(vm), mode)
 
     def teardown(self) -> None:
         try:
@@ -390,17 +394,32 @@ class Interleave(RuleBasedStateMachine):
     @precondition(lambda self: bool(self.points))
     @rule(data=st.data())
     def delete_point(self, data: st.DataObject) -> None:
-        pid = data.draw(st.sampled_from(sorted(self.points)), label="point")
+        self.delete(data.draw(st.sampled_from(sorted(self.points)), label="point"))
+
+    @rule(vm=st.sampled_from(sorted(VMS)), newest=st.booleans())
+    def prune(self, vm: str, newest: bool) -> None:
+        """Retention as an operator runs it: delete a VM's oldest point (or its newest, a
+        backup found bad), then gc at once."""
+        mine = [p for p, v in self.point_vm.items() if v == vm]
+        if not mine:
+            return
+        pid = mine[-1] if newest else mine[0]
+        if self.delete(pid):
+            self.gc(background=False)
+
+    def delete(self, pid: str) -> bool:
+        """``points delete``; whether the point is gone."""
         users = [s.name for s in self.sessions.values() if s.point == pid]
         r = self.cli("points", "delete", pid)
         if locked(r):
-            return
+            return False
         if r.rc != 0:
             if users and any(u in r.err for u in users):
-                return  # refused: the point is published (the message names the session)
+                return False  # refused: the point is published (the message names the session)
             self.fail(f"points delete {pid} failed ({r.rc}): {r.err.strip()}")
         del self.points[pid]
         del self.point_vm[pid]
+        return True
 
     @rule(background=st.booleans())
     def gc(self, background: bool) -> None:
@@ -423,20 +442,47 @@ class Interleave(RuleBasedStateMachine):
 
     # -- sessions ---------------------------------------------------------------------------
 
-    @precondition(lambda self: bool(self.points) and len(self.sessions) < MAX_SESSIONS)
-    @rule(data=st.data(), mode=st.sampled_from(["instant", "sandbox"]))
-    def publish(self, data: st.DataObject, mode: str) -> None:
-        pid = data.draw(st.sampled_from(sorted(self.points)), label="point")
+    def latest_of(self, vm: str) -> str | None:
+        """The newest restore point of ``vm`` the test knows (``point_vm`` is in the order
+        the test learnt of them)."""
+        mine = [p for p, v in self.point_vm.items() if v == vm]
+        return mine[-1] if mine else None
+
+    def publish_point(self, pid: str | None, mode: str) -> str | None:
+        if pid is None:
+            return None
         name = self.new_name("s")
         r = self.cli("publish", pid, "--name", name, "--mode", mode, "--json", server=True)
         if locked(r):
-            return
+            return None
         if r.rc != 0:
             self.fail(f"publish {pid} as {name} ({mode}) failed: {r.err.strip()}")
         s = r.json()
         disk = s["disks"][0]["name"]
         want = self.points[pid]
         self.sessions[name] = Sess(name, mode, pid, self.point_vm[pid], disk, bytearray(want), bytearray(want))
+        return name
+
+    @precondition(lambda self: bool(self.points) and len(self.sessions) < MAX_SESSIONS)
+    @rule(data=st.data(), mode=st.sampled_from(["instant", "sandbox"]))
+    def publish(self, data: st.DataObject, mode: str) -> None:
+        self.publish_point(data.draw(st.sampled_from(sorted(self.points)), label="point"), mode)
+
+    @precondition(lambda self: len(self.sessions) < MAX_SESSIONS)
+    @rule(vm=st.sampled_from(sorted(VMS)))
+    def verify_latest(self, vm: str) -> None:
+        """The daily restore test: publish the VM's newest point as a sandbox, read all of
+        its disk, unpublish."""
+        name = self.publish_point(self.latest_of(vm), "sandbox")
+        if name is None:
+            return
+        got = self.read_disk(name)
+        s = self.sessions[name]
+        if got != s.cur:
+            self.fail(f"a fresh sandbox of {vm}'s newest point {s.point} reads other bytes than the point: first "
+                      f"difference at {first_diff(got, s.cur)}")
+        self.cli_ok("unpublish", name, server=True)
+        del self.sessions[name]
 
     def idle_sessions(self) -> list[str]:
         busy = {j.session for j in self.jobs.values()}
@@ -725,8 +771,11 @@ class InterleaveFinal(Interleave):
     """At the end of every example: all restore points the test knows, byte for byte."""
 
     def teardown(self) -> None:
+        # hypothesis calls teardown in a ``finally``: after a failed step, only clean up
+        # (a second failure here would hide the first)
+        failing = sys.exc_info()[0] is not None
         try:
-            if self.daemon is not None and self.daemon.proc is not None:
+            if not failing and self.daemon is not None and self.daemon.proc is not None:
                 for job in list(self.jobs.values()):
                     if job.kind == "backup":
                         self.join_backup()
@@ -764,10 +813,12 @@ def test_interleave_fast() -> None:
 
 @pytest.mark.slow
 def test_interleave_slow() -> None:
-    """Enough examples and steps to take a few minutes; failures are shrunk."""
+    """Enough examples and steps to take a few minutes; failures are shrunk
+    (``INTERLEAVE_EXAMPLES=N`` runs more examples)."""
     run_state_machine_as_test(
         InterleaveFinal,
-        settings=settings(max_examples=8, stateful_step_count=25, deadline=None, suppress_health_check=_HEALTH),
+        settings=settings(max_examples=int(os.environ.get("INTERLEAVE_EXAMPLES", "8")), stateful_step_count=25,
+                          deadline=None, suppress_health_check=_HEALTH),
     )
 
 
