@@ -118,6 +118,7 @@ class Interleave(RuleBasedStateMachine):
         self.src: dict[str, bytearray] = {}
         self.points: dict[str, bytes] = {}  # id -> the bytes of its (only) disk
         self.point_vm: dict[str, str] = {}
+        self.point_kind: dict[str, str] = {}  # how it was made, for the messages
         self.sessions: dict[str, Sess] = {}
         self.jobs: dict[str, Job] = {}  # kind -> running job
         self.counter = 0
@@ -288,8 +289,14 @@ class Interleave(RuleBasedStateMachine):
             for o, n in extents:
                 base[o : o + n] = snapshot[o : o + n]
             want = bytes(base)
+        got = self.restore(out["id"])
+        if got != want:
+            kind = "backup" if extents is None else f"CBT backup (parent {out['parent']}, extents {extents})"
+            self.fail(f"the new restore point {out['id']} of {vm}, a {kind}, does not hold what was backed up: "
+                      f"first difference at {first_diff(got, want)}")
         self.points[out["id"]] = want
         self.point_vm[out["id"]] = vm
+        self.point_kind[out["id"]] = "backup" if extents is None else f"CBT backup (parent {out['parent']}, extents {extents})"
 
     # -- setup ------------------------------------------------------------------------------
 
@@ -353,8 +360,12 @@ class Interleave(RuleBasedStateMachine):
         if "commit" in self.jobs:
             return  # a commit may make the parent, whose bytes the test learns at its join
         self.join_backup()  # the same for a background backup
-        if not any(v == vm for v in self.point_vm.values()):
+        listed = self.cli_ok("points", "--vm", vm, "--json").json()
+        if not listed:
             return  # no parent
+        parent = listed[-1]["id"]  # the repository's newest point of the VM: the CBT's base
+        if parent not in self.points:
+            self.fail(f"the newest point of {vm} in the repository, {parent}, is unknown to the test")
         rng = random.Random(seed)
         img = self.src[vm]
         spans: list[tuple[int, int]] = []
@@ -366,6 +377,15 @@ class Interleave(RuleBasedStateMachine):
                 n = rng.randint(1, 70_000)
             img[o : o + n] = rng.randbytes(n)
             spans.append((o, n))
+        # a truthful CBT file: it also names what changed since the parent in backups
+        # that did not happen (refused while another writer held the lock)
+        base = np.frombuffer(self.points[parent], np.uint8)
+        diff = np.flatnonzero(np.frombuffer(bytes(img), np.uint8) != base)
+        if len(diff):
+            cuts = np.flatnonzero(np.diff(diff) > 1)
+            starts = np.concatenate(([diff[0]], diff[cuts + 1]))
+            ends = np.concatenate((diff[cuts], [diff[-1]]))
+            spans += [(int(a), int(b) - int(a) + 1) for a, b in zip(starts, ends)]
         spans.sort()
         merged: list[tuple[int, int]] = []
         for o, n in spans:
@@ -589,6 +609,7 @@ class Interleave(RuleBasedStateMachine):
                       f"first difference from the last state at {first_diff(got, now or b'')})")
         self.points[pid] = got
         self.point_vm[pid] = s.vm
+        self.point_kind[pid] = f"commit of session {name} (of point {s.point})"
 
     @precondition(lambda self: "commit" in self.jobs)
     @rule()
@@ -706,7 +727,7 @@ class Interleave(RuleBasedStateMachine):
             pid = random.Random(self.steps).choice(sorted(self.points))
             got = self.restore(pid)
             if got != self.points[pid]:
-                self.fail(f"restore point {pid} of VM {self.point_vm[pid]} changed: first difference at "
+                self.fail(f"restore point {pid} of VM {self.point_vm[pid]}, a {self.point_kind[pid]}, changed: first difference at "
                           f"{first_diff(got, self.points[pid])}")
         if not ({"backup", "gc", "commit"} & set(self.jobs)):
             r = self.cli("repo", "check", "--verify-data")
@@ -717,7 +738,8 @@ class Interleave(RuleBasedStateMachine):
         for pid in sorted(self.points):
             got = self.restore(pid)
             if got != self.points[pid]:
-                self.fail(f"restore point {pid} of VM {self.point_vm[pid]} changed")
+                self.fail(f"restore point {pid} of VM {self.point_vm[pid]}, a {self.point_kind[pid]}, changed: "
+                          f"first difference at {first_diff(got, self.points[pid])}")
 
 
 def take_free_address() -> str:
