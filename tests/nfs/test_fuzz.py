@@ -692,3 +692,55 @@ def test_fuzz_slow(daemon_factory, images):
     seed = int(os.environ.get("FUZZ_SEED") or random.randrange(1 << 20))
     print(f"fuzz seed {seed} (FUZZ_SEED={seed} repeats this campaign)")
     campaign(own_daemon(daemon_factory), images, 1_000_000, seed=seed)
+
+
+# -- minimal examples of what the campaign found on main ---------------------------------------
+
+
+def test_read_at_offset_2_63_minus_1_keeps_the_daemon_up(daemon_factory, images):
+    """Found by the campaign on main: READ of 1 byte at offset 2^63-1 of a published disk
+    overflowed ``offset + length`` in the block map's range check and the daemon died of
+    SIGSEGV. A READ past the end is 0 bytes with eof."""
+    dmn = own_daemon(daemon_factory)
+    dmn.api("POST", "/sessions", {"point": images["point"], "name": "s"})
+
+    async def main() -> list[Any]:
+        c = await NFSClient.connect(dmn.addr, dmn.mount_port, dmn.nfs_port)
+        try:
+            root = await c.mount("/instantnfs/s")
+            fh = await c.lookup(root, images["disks"][0]["name"] + ".img")
+            out = []
+            for off, n in ((2**63 - 1, 1), (2**63 - 4096, 4096), (2**63 - 1, 4096)):
+                try:
+                    out.append(await c.read(fh, off, n))
+                except (ConnectionError, TimeoutError) as e:
+                    out.append(f"READ of {n} at {off}: {type(e).__name__} {e}")
+                    break  # the connection is gone
+            return out
+        finally:
+            await c.close()
+
+    got = run(main())
+    assert dmn.proc is not None and dmn.proc.poll() is None, f"the daemon died ({dmn.proc and dmn.proc.returncode}): {got}"
+    assert got == [(b"", True)] * 3
+
+
+def test_rpcbind_dump_after_a_set_of_an_unknown_protocol(daemon_factory):
+    """Found by the campaign on main: a portmap v2 SET with protocol 255 (or 0) was
+    stored, and every rpcbind v3/v4 DUMP after it failed with SYSTEM_ERR and a traceback.
+    Whatever SET accepts or refuses, DUMP must keep answering."""
+    dmn = own_daemon(daemon_factory)
+    pm = dmn.status["ports"]["portmap"]
+    with socket.create_connection((dmn.addr, pm), timeout=10) as s:
+
+        def call(vers: int, proc: int, args: bytes) -> bytes:
+            xid = random.getrandbits(32)
+            s.sendall(frame(build_call(xid, PMAP_PROG, vers, proc, args, auth_sys())))
+            hdr = _U32.unpack(_recv_exact(s, 4))[0]
+            return _recv_exact(s, hdr & 0x7FFFFFFF)
+
+        call(2, 1, mapping.encode(mapping(400123, 1, 255, 4000)))  # SET, protocol 255
+        call(2, 1, mapping.encode(mapping(400124, 1, 0, 4001)))  # SET, protocol 0
+        for vers in (3, 4):
+            parse_reply(call(vers, 4, b""))  # DUMP: raises RpcError on SYSTEM_ERR
+    assert "Traceback" not in dmn.log.read_text(errors="replace")
