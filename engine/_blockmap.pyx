@@ -67,7 +67,8 @@ cdef class BlockMap:
     def locate(self, int64_t offset, int64_t length):
         """For a range inside one block: its chunk key, or -1 for a zero block. -2 when the
         range is empty, crosses a block boundary or leaves the disk."""
-        if offset < 0 or length <= 0 or offset + length > self.disk_size:
+        # written so that nothing overflows: offset + length may pass 2**63 - 1
+        if offset < 0 or length <= 0 or offset > self.disk_size or length > self.disk_size - offset:
             return -2
         cdef int64_t block = offset >> self.shift
         if (offset + length - 1) >> self.shift != block:
@@ -85,7 +86,7 @@ cdef class BlockMap:
         return <int64_t>(w & LOW32), <int64_t>(w >> 32), <int64_t>self._w[2 * block + 1]
 
     def translate(self, int64_t offset, int64_t length):
-        if offset < 0 or length < 0 or offset + length > self.disk_size:
+        if offset < 0 or length < 0 or offset > self.disk_size or length > self.disk_size - offset:
             raise ValueError(f"range {offset}+{length} is outside the {self.disk_size}-byte disk")
         cdef cnp.npy_intp dims[2]
         dims[0] = _walk(self._w, self.shift, offset, length, NULL)
@@ -136,7 +137,7 @@ cdef int64_t _walk(const uint64_t* words, int shift, int64_t offset, int64_t len
 
 
 cdef inline int _check(Py_ssize_t nbytes, int64_t start, int64_t count) except -1:
-    if start < 0 or count < 0 or start + count > nbytes * 8:
+    if start < 0 or count < 0 or start > nbytes * 8 or count > nbytes * 8 - start:
         raise ValueError(f"bit range {start}+{count} is outside a {nbytes * 8}-bit map")
     return 0
 

@@ -139,3 +139,20 @@ def test_bitmap_range_checked(impl):
         with pytest.raises(ValueError):
             fn(bits, -1, 1)
     assert bits.tolist() == [0, 0]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_ranges_whose_end_passes_2_63_are_refused_not_wrapped(impl):
+    """A READ at offset 2**63 - 1 made offset + length wrap negative in the C code, pass the
+    bounds check and read outside the map: the daemon died with SIGSEGV (issue 8, found by
+    the fuzz campaign). Both implementations refuse it the same way."""
+    bm = impl.BlockMap(entries_of([(1, 10, 0), (0xFFFFFFFF, 0, 0)]), 4096, 5000)
+    top = 2**63 - 1
+    for off, n in ((top, 1), (top - 4095, 4096), (1, top), (4096, top - 4095)):
+        assert bm.locate(off, n) == -2
+        with pytest.raises(ValueError):
+            bm.translate(off, n)
+    bits = np.zeros(2, dtype=np.uint8)
+    for start, count in ((top, 1), (1, top), (8, top - 7)):
+        with pytest.raises(ValueError):
+            impl.bits_count(bits, start, count)

@@ -49,7 +49,8 @@ def _serve(repo: Path, work: Path, addr: str) -> tuple[subprocess.Popen, str, Pa
     with open(log, "wb") as logf:
         proc = subprocess.Popen(
             [sys.executable, "-m", "engine.control.server_cli", "serve", "--repo", str(repo),
-             "--cache-dir", str(work / "cache"), "--reserve-gib", "0", "--bind", addr, "--control-bind", addr, "--portmap-port", "111"],
+             "--cache-dir", str(work / "cache"), "--reserve-gib", "0", "--bind", addr, "--control-bind", addr, "--portmap-port", "111",
+             "--export-dir", str(work)],
             cwd=ROOT, stdout=logf, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
