@@ -132,6 +132,7 @@ MAX_DEPTH = 4096  # of a client-made directory tree (a handle table never walks 
 ADMIN_THREADS = 2
 UNPUBLISH_WAIT = 30  # s an unpublish waits for the disk operations in progress
 VIRTUAL_FILEID = 1 << 63
+MAX_FILE_SIZE = (1 << 63) - 1  # what ftruncate takes (FSINFO's maxfilesize)
 NAME_MAX = 255
 # set-user/group-ID bits are dropped: clients act with the daemon's rights (root), and a
 # setuid-root file in the cache directory would hand those rights to local users
@@ -1082,6 +1083,8 @@ class Datastore:
         if sa.size is not None:
             if is_link:
                 raise _err(errno.EINVAL)
+            if sa.size > MAX_FILE_SIZE:  # a size3 is a uint64; files end before 2**63
+                raise _err(errno.EFBIG)
             fd = _open_regular(p, os.O_WRONLY)
             try:
                 os.ftruncate(fd, sa.size)

@@ -623,6 +623,8 @@ class RpcStreamProtocol(asyncio.BufferedProtocol):
 
     def _step(self, coro: Any, _fut: Any, first: bool = False) -> None:
         if self.closed:
+            if _fut is not None and _fut.done() and not _fut.cancelled():
+                _fut.exception()  # the error the request would have answered: retrieved, not logged as lost
             coro.close()  # GeneratorExit inside: the dispatcher ends it without a reply
             if not first:
                 self._request_done()
