@@ -64,3 +64,9 @@ def sha256_tree(root: Path) -> dict[str, str]:
             p = Path(dirpath) / name
             out[str(p.relative_to(root))] = hashlib.sha256(p.read_bytes()).hexdigest()
     return out
+
+
+def repository_data(repo: Path) -> dict[str, str]:
+    """sha256 of each file of a repository but its pins and their lock: a publish pins its
+    restore point there by design (issue 8, finding 2); nothing else may change."""
+    return {k: v for k, v in sha256_tree(repo).items() if k.split("/")[0] not in ("pins", "pins.lock")}

@@ -10,7 +10,6 @@ guest wrote, and no file of the repository changed.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -28,6 +27,7 @@ from engine.repo.repository import Repository
 from tests.conftest import require, require_tool
 from tests.guest import make_guest_disk as mgd
 from tests.guest.boot import boot_guest, read_guest_file
+from tests.images import repository_data
 
 ROOT = Path(__file__).resolve().parents[2]
 ADDRESSES = [f"127.0.0.{i}" for i in range(85, 91)]
@@ -89,7 +89,7 @@ def test_guest_boots_over_instantnfs(tmp_path):
     with Repository.open(repo) as r:
         backup(r, BackupSettings(vm="guest"), [str(src)])
 
-    before = _hashes(repo)
+    before = repository_data(repo)
 
     proc, control, log = _serve(repo, tmp_path, _free_address())
     exported = tmp_path / "exported.img"
@@ -122,8 +122,4 @@ def test_guest_boots_over_instantnfs(tmp_path):
     # the guest's write is in the exported disk; the source and the repository are intact
     assert read_guest_file(exported, "/var/heartbeat.txt").decode().strip() == value
     assert src.read_bytes() == art.disk.read_bytes()
-    assert _hashes(repo) == before
-
-
-def _hashes(repo: Path) -> dict[str, str]:
-    return {str(p.relative_to(repo)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(repo.rglob("*")) if p.is_file()}
+    assert repository_data(repo) == before

@@ -28,7 +28,7 @@ from engine.nfs.xdr import (
     nfsstat3,
 )
 from tests.conftest import require, require_tool
-from tests.images import sha256_tree
+from tests.images import repository_data, sha256_tree
 from tests.nfs.conftest import ROOT, Daemon, give_address, run, take_address
 
 GRANULE = 4096
@@ -36,18 +36,12 @@ GRANULE = 4096
 
 
 
-def _stored(repo: Path) -> dict[str, str]:
-    """The repository's files but its pins and their lock (a publish pins its point: issue 8,
-    finding 2)."""
-    return {k: v for k, v in sha256_tree(repo).items() if k.split("/")[0] not in ("pins", "pins.lock")}
-
-
 @pytest.fixture
 def untouched(images):
     """Asserts at teardown that no stored repository file changed during the test."""
-    before = _stored(images["repo"])
+    before = repository_data(images["repo"])
     yield
-    assert _stored(images["repo"]) == before
+    assert repository_data(images["repo"]) == before
 
 
 def cli(dmn: Daemon, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
