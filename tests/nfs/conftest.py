@@ -49,11 +49,11 @@ def _port_free(addr: str, port: int = 111) -> bool:
 
 
 def take_address() -> str:
-    """A loopback address of the pool whose port 111 is free (another test run in the same
-    tree may hold some: it is skipped)."""
+    """A loopback address of the pool whose ports 111 and 6161 are free (another test run on
+    this machine may hold some: they are skipped)."""
     with _pool_lock:
         for addr in list(_free):
-            if _port_free(addr):
+            if _port_free(addr) and _port_free(addr, 6161):  # the portmapper's and the control API's fixed ports
                 _free.remove(addr)
                 return addr
         raise RuntimeError("no loopback address left for another test daemon (port 111 taken on all)")
