@@ -59,6 +59,10 @@ class ChunkCache:
     def __len__(self) -> int:
         return len(self._lru)
 
+    def __contains__(self, key: int) -> bool:
+        """Whether the chunk is cached (lock-free, like ``peek``; no use is counted)."""
+        return key in self._lru
+
     def peek(self, key: int) -> bytes | None:
         """The cached chunk, or None; a hit counts as a use.
 

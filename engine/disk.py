@@ -78,10 +78,12 @@ class BackupDisk:
         # further out, only ask the kernel to fetch the records: the decompressing
         # threads then find them in the page cache instead of waiting on the device.
         # The hint (which may open a pack) runs in the executor: this may be the loop.
+        # Chunks already decompressed need no hint (a warm disk sends none).
         far = []
+        cache = self._cache
         for block in range(last + 1 + READAHEAD_BLOCKS, min(last + 1 + 3 * READAHEAD_BLOCKS, nblocks)):
             pack, clen, rec = bm.entry(block)
-            if clen:
+            if clen and (pack << KEY_SHIFT | rec) not in cache:
                 far.append((pack, rec, clen))
         self._reader.submit_hints(self._cache.executor, far)
 
