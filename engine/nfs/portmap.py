@@ -133,7 +133,7 @@ class PortMapper:
 
     def pmap_set(self, m, ctx: CallContext) -> bool:
         owner = caller_owner(ctx)
-        if owner is None:
+        if owner is None or m.prot not in _NETIDS:  # TCP and UDP only: the netids rpcbind's view can name
             return False
         return self.register(m.prog, m.vers, m.prot, m.port, ctx.local or "0.0.0.0", owner)
 

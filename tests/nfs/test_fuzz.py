@@ -729,9 +729,13 @@ def test_rpcbind_dump_after_a_set_of_an_unknown_protocol(daemon_factory):
     """Found by the campaign on main: a portmap v2 SET with protocol 255 (or 0) was
     stored, and every rpcbind v3/v4 DUMP after it failed with SYSTEM_ERR and a traceback.
     Whatever SET accepts or refuses, DUMP must keep answering."""
+    from tests.nfs.test_hostile import _reserved_socket
+
     dmn = own_daemon(daemon_factory)
-    pm = dmn.status["ports"]["portmap"]
-    with socket.create_connection((dmn.addr, pm), timeout=10) as s:
+    assert dmn.status["ports"]["portmap"] == 111
+    # from a reserved port, as root: the caller the portmapper lets SET at all
+    with _reserved_socket(dmn.addr) as s:
+        s.settimeout(10)
 
         def call(vers: int, proc: int, args: bytes) -> bytes:
             xid = random.getrandbits(32)
@@ -739,8 +743,9 @@ def test_rpcbind_dump_after_a_set_of_an_unknown_protocol(daemon_factory):
             hdr = _U32.unpack(_recv_exact(s, 4))[0]
             return _recv_exact(s, hdr & 0x7FFFFFFF)
 
-        call(2, 1, mapping.encode(mapping(400123, 1, 255, 4000)))  # SET, protocol 255
-        call(2, 1, mapping.encode(mapping(400124, 1, 0, 4001)))  # SET, protocol 0
+        for prog, prot in ((400123, 255), (400124, 0)):  # SET: refused (FALSE), rpcbind knows no such netid
+            assert parse_reply(call(2, 1, mapping.encode(mapping(prog, 1, prot, 4000)))).u32() == 0
+        assert parse_reply(call(2, 1, mapping.encode(mapping(400125, 1, 6, 4002)))).u32() == 1  # TCP: taken
         for vers in (3, 4):
             parse_reply(call(vers, 4, b""))  # DUMP: raises RpcError on SYSTEM_ERR
     assert "Traceback" not in dmn.log.read_text(errors="replace")
