@@ -221,7 +221,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 async def _demo_main(cfg: dict[str, Any]) -> int:
     ready: asyncio.Future = asyncio.get_running_loop().create_future()
-    daemon = asyncio.get_running_loop().create_task(run_daemon(cfg, ready))
+    daemon = asyncio.get_running_loop().create_task(run_daemon(cfg, ready, exit_limit=SHUTDOWN_LIMIT))
     done, _ = await asyncio.wait({daemon, ready}, return_when=asyncio.FIRST_COMPLETED)
     if daemon in done:
         return daemon.result()
