@@ -112,7 +112,7 @@ from engine.errors import (
     SessionError,
     StaleHandle,
 )
-from engine.fsutil import NO_SPACE_ERRNOS, fsync_dir, pwrite_all
+from engine.fsutil import NO_SPACE_ERRNOS, pwrite_all, write_file_atomic
 from engine.repo.pins import Pin, add_pin, list_pins, remove_pin
 from engine.repo.repository import Repository, RestorePoint
 from engine.writecache import WriteCache, remove_stale_temporaries
@@ -290,23 +290,6 @@ def check_name(name: bytes) -> str:
     return os.fsdecode(name)
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)  # a full volume: leave no half-written temporary behind
-        except OSError:
-            pass
-        raise
-    fsync_dir(path.parent)
-
-
 def _open_regular(path: str, flags: int, mode: int = 0o644) -> int:
     """Open a client file that must be a regular file: never through a symbolic link, and
     never waiting (a FIFO or a device is refused, not opened for good: O_NONBLOCK, then
@@ -458,7 +441,7 @@ class HandleTable:
     def _rewrite(self, start: int) -> None:
         lines = [json.dumps(["gen", start])] + [json.dumps([ino, e.gen, e.parent, e.name]) for ino, e in self.entries.items()]
         self.close()
-        _write_atomic(self.path, ("\n".join(lines) + "\n").encode())
+        write_file_atomic(self.path, ("\n".join(lines) + "\n").encode())
         self._open()
 
     def _open(self) -> None:
@@ -704,7 +687,7 @@ class Datastore:
                     "sessions": sorted(self._persist.values(), key=lambda e: int(e.get("sid", 0))),
                 }
                 data = (json.dumps(state, indent=2) + "\n").encode()
-            _write_atomic(self.state_path, data)
+            write_file_atomic(self.state_path, data)
 
     def cache_path(self, s: Session, disk: int) -> Path:
         """Where an instant session's write cache of ``disk`` lives."""
