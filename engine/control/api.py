@@ -102,6 +102,15 @@ class Job:
         }
 
 
+def _no_space(e: BaseException | None) -> bool:
+    """Whether ``e``, or an error it was raised from, is a full volume."""
+    while e is not None:
+        if isinstance(e, NoSpace) or (isinstance(e, OSError) and e.errno in NO_SPACE_ERRNOS):
+            return True
+        e = e.__cause__
+    return False
+
+
 class BadRequest(Exception):
     """A request body the API cannot take (answered 400 with this message)."""
 
@@ -324,19 +333,16 @@ class ControlAPI:
         try:
             s = await self.ds.apublish(body["point"], name, mode=mode, cache_dir=cache_dir,
                                        reserve=None if reserve is None else int(reserve * GiB), force=force)
-        except NotFound as e:
-            return self._error(404, str(e))
-        except NoSpace as e:
-            return self._error(507, str(e))
-        except SessionError as e:
-            if isinstance(e.__cause__, NoSpace):
-                return self._error(507, str(e))
-            return self._error(409 if "already published" in str(e) else 400, str(e))
-        except InstantNFSError as e:
-            return self._error(400, str(e))
-        except OSError as e:
-            if e.errno in NO_SPACE_ERRNOS:
-                return self._error(507, f"cannot publish {body['point']}: no space left on the cache volume ({e.filename or ''})")
+        except (InstantNFSError, OSError) as e:
+            if _no_space(e):
+                return self._error(507, str(e) if isinstance(e, InstantNFSError) else
+                                   f"cannot publish {body['point']}: no space left on the cache volume ({e.filename or ''})")
+            if isinstance(e, NotFound):
+                return self._error(404, str(e))
+            if isinstance(e, SessionError):
+                return self._error(409 if "already published" in str(e) else 400, str(e))
+            if isinstance(e, InstantNFSError):
+                return self._error(400, str(e))
             log.warning("publish of %s failed: %s", body["point"], e)
             return self._error(400, f"cannot publish {body['point']}: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""))
         return web.json_response(self.session_view(s), status=201)

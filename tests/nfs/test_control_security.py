@@ -162,6 +162,19 @@ def test_publish_onto_a_full_volume_is_507(daemon_factory, images, tmp_path):
                                                        "force": True}, dmn.token)
         assert code == 507, (code, answer)
         assert "space" in answer["error"] and "\n" not in answer["error"]
+        # a volume out of inodes: the cache directory cannot even be made (mkdir fails
+        # ENOSPC, an OSError under the publish's error): 507 too
+        subprocess.run(["umount", "-l", str(vol)], check=False)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,nr_inodes=16", "tmpfs", str(vol)], check=True)
+        try:
+            for i in range(64):
+                (vol / f"i{i}").touch()
+        except OSError:
+            pass  # out of inodes
+        code, answer = _raw(dmn, "POST", "/sessions", {"point": images["point"], "name": "full2",
+                                                       "cache_dir": str(vol / "new"), "force": True}, dmn.token)
+        assert code == 507, (code, answer)
+        assert "\n" not in answer["error"]
         assert dmn.api("GET", "/sessions") == []
         assert "Traceback" not in dmn.log.read_text()
     finally:
