@@ -23,7 +23,7 @@ import os
 import stat
 from typing import Any
 
-from engine.datastore import NOW, VDISK, Attr, Datastore, Node, SetAttr
+from engine.datastore import MAX_FILE_SIZE, NOW, VDISK, Attr, Datastore, Node, SetAttr
 from engine.errors import (
     BadCookie,
     BadHandle,
@@ -119,7 +119,7 @@ from engine.nfs.xdr import (
 log = logging.getLogger("instantnfs.nfs3")
 
 MAX_IO = 1 << 20
-MAX_OFFSET = (1 << 63) - 1  # FSINFO maxfilesize: offset3 is a uint64, files end before 2^63
+MAX_OFFSET = MAX_FILE_SIZE  # FSINFO maxfilesize: offset3 is a uint64, files end before 2^63
 _STABLE = Enum(stable_how)
 
 _ERRNO = {
