@@ -1,4 +1,11 @@
-"""The decompression cache: decompressed chunks, bounded in bytes, shared, single-flight.
+"""The decompression cache: decompressed chunks, bounded in bytes, shared, single-flight;
+and each disk's readahead.
+
+``ChunkCache`` is what a ``BackupDisk`` reads through (the chunk source ``engine.stack``
+gives it): it loads a chunk with the pack reader it was built over (``read_chunk``) and
+keeps the result. ``Readahead`` is one disk's sequential-read detector: it belongs to the
+disk (``engine.stack`` makes one per disk), so two VMs reading the same chunks never
+confuse each other's streams; it prefetches through the shared cache.
 
 Keys are chunk keys (``pack << 40 | record offset``, see ``engine.blockmap``), so a chunk
 that dedup made common to several disks or restore points is one entry. Values are
@@ -32,18 +39,28 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Sequence
 from concurrent.futures import Executor, Future
+from typing import Protocol
 
-from engine.blockmap import KEY_SHIFT
+from engine.blockmap import KEY_SHIFT, BlockMap
 
-Loader = Callable[[], bytes]
+READAHEAD_BLOCKS = 8  # decompressed ahead of a sequential reader; 2x more are only hinted
+
+
+class ChunkReader(Protocol):
+    """What the cache loads from (``engine.repo.packs.PackReader``)."""
+
+    def read_chunk(self, pack: int, offset: int, clen: int) -> bytes: ...
+
+    def submit_hints(self, executor: Executor, records: Sequence[tuple[int, int, int]]) -> None: ...
 
 
 class ChunkCache:
-    def __init__(self, capacity: int, executor: Executor, max_prefetch: int = 16) -> None:
+    def __init__(self, reader: ChunkReader, capacity: int, executor: Executor, max_prefetch: int = 16) -> None:
         if capacity <= 0:
             raise ValueError("cache capacity must be positive")
+        self.reader = reader
         self.capacity = capacity
         self.executor = executor
         self.max_prefetch = max_prefetch
@@ -96,9 +113,9 @@ class ChunkCache:
         self._loading[key] = fut
         return None, fut, True
 
-    def _load(self, key: int, fut: Future[bytes], load: Loader) -> bytes:
+    def _load(self, key: int, fut: Future[bytes], pack: int, rec: int, clen: int) -> bytes:
         try:
-            data = load()
+            data = self.reader.read_chunk(pack, rec, clen)
         except BaseException as e:
             with self._lock:
                 del self._loading[key]
@@ -116,18 +133,20 @@ class ChunkCache:
         fut.set_result(data)
         return data
 
-    def get(self, key: int, load: Loader) -> bytes:
-        """The chunk, loading it in this thread on a miss (blocking)."""
+    def get(self, pack: int, rec: int, clen: int) -> bytes:
+        """The chunk stored at (pack, rec), loading it in this thread on a miss (blocking)."""
+        key = pack << KEY_SHIFT | rec
         with self._lock:
             data, fut, mine = self._claim(key)
         if data is not None:
             return data
         if mine:
-            return self._load(key, fut, load)
+            return self._load(key, fut, pack, rec, clen)
         return fut.result()
 
-    def get_future(self, key: int, load: Loader) -> Future[bytes]:
+    def get_future(self, pack: int, rec: int, clen: int) -> Future[bytes]:
         """A future of the chunk; a miss is loaded in the executor."""
+        key = pack << KEY_SHIFT | rec
         with self._lock:
             data, fut, mine = self._claim(key)
         if data is not None:
@@ -135,17 +154,18 @@ class ChunkCache:
             done.set_result(data)
             return done
         if mine:
-            self.executor.submit(self._load_quietly, key, fut, load)
+            self.executor.submit(self._load_quietly, key, fut, pack, rec, clen)
         return fut
 
-    def _load_quietly(self, key: int, fut: Future[bytes], load: Loader) -> None:
+    def _load_quietly(self, key: int, fut: Future[bytes], pack: int, rec: int, clen: int) -> None:
         try:
-            self._load(key, fut, load)
+            self._load(key, fut, pack, rec, clen)
         except Exception:
             pass  # delivered through the future to whoever waits for it
 
-    def prefetch(self, key: int, load: Loader) -> None:
+    def prefetch(self, pack: int, rec: int, clen: int) -> None:
         """Start loading a chunk that will probably be read soon; never blocks."""
+        key = pack << KEY_SHIFT | rec
         with self._lock:
             if key in self._lru or key in self._loading or len(self._loading) >= self.max_prefetch:
                 return
@@ -153,7 +173,11 @@ class ChunkCache:
             fut: Future[bytes] = Future()
             fut.set_running_or_notify_cancel()
             self._loading[key] = fut
-        self.executor.submit(self._load_quietly, key, fut, load)
+        self.executor.submit(self._load_quietly, key, fut, pack, rec, clen)
+
+    def hint(self, records: Sequence[tuple[int, int, int]]) -> None:
+        """Ask the kernel, from the executor, to read (pack, rec, clen) records ahead."""
+        self.reader.submit_hints(self.executor, records)
 
     def drop_pack(self, pack: int) -> int:
         """Forget every cached chunk of ``pack`` (it was deleted or replaced); returns how
@@ -180,3 +204,37 @@ class ChunkCache:
                 "loads": self.loads,
                 "prefetches": self.prefetches,
             }
+
+
+class Readahead:
+    """One disk's sequential-read detector: after a read that continues the previous one,
+    decompress the next ``READAHEAD_BLOCKS`` blocks and hint the kernel about twice as
+    many beyond. A hint whose races only cost a prefetch: no lock."""
+
+    def __init__(self, blockmap: BlockMap, cache: ChunkCache, blocks: int = READAHEAD_BLOCKS) -> None:
+        self.map = blockmap
+        self.cache = cache
+        self.blocks = blocks
+        self.next_block = -1  # the block after the last one read
+
+    def after(self, first: int, last: int) -> None:
+        """Blocks [first, last] were just read: prefetch what follows if that was sequential."""
+        expected, self.next_block = self.next_block, last + 1
+        if last + 1 == expected or not -1 <= first - expected <= 0:
+            return  # still in the block prefetched from, or not sequential
+        bm, cache, n = self.map, self.cache, self.blocks
+        nblocks = len(bm)
+        for block in range(last + 1, min(last + 1 + n, nblocks)):
+            pack, clen, rec = bm.entry(block)
+            if clen:
+                cache.prefetch(pack, rec, clen)
+        # further out, only ask the kernel to fetch the records: the decompressing
+        # threads then find them in the page cache instead of waiting on the device.
+        # The hint (which may open a pack) runs in the executor: this may be the loop.
+        # Chunks already decompressed need no hint (a warm disk sends none).
+        far = []
+        for block in range(last + 1 + n, min(last + 1 + 3 * n, nblocks)):
+            pack, clen, rec = bm.entry(block)
+            if clen and (pack << KEY_SHIFT | rec) not in cache:
+                far.append((pack, rec, clen))
+        cache.hint(far)

@@ -2,16 +2,18 @@
 
 ``Disk`` is the one interface between layers (size, read; writable layers add write and
 flush). ``BackupDisk`` is the bottom of the stack: one disk of one restore point, read
-through its block map and the shared decompression cache.
+through its block map and the chunk source it is given (``engine.stack`` gives it the
+shared decompression cache, ``engine.cache.ChunkCache``, and a readahead of its own).
+Nothing here knows packs, files or the repository: this module imports only the block
+map.
 
 ``BackupDisk`` assumes of the layers below that the block map never changes (restore
-points are immutable) and that the pack reader returns the same bytes for a chunk key
+points are immutable) and that the chunk source returns the same bytes for a chunk key
 every time or raises ``IntegrityError`` (pack ids are never reused: see ``engine.cache``).
 Nothing it does on the caller's thread opens a file or makes a blocking system call
 when the chunk is cached or read through ``aread``: loads and readahead hints go to the
-cache's executor. It holds no lock of its own: the cache is
-thread-safe, and the sequential-read detector is a hint whose races only cost a
-prefetch.
+source's executor. It holds no lock of its own: the source is thread-safe, and the
+sequential-read detector is a hint whose races only cost a prefetch.
 
 Reads past the end of the disk are cut at the end (a read starting at or past it is
 empty), as a file read is. ``readv`` and ``aread`` return a list of buffers (slices of
@@ -20,14 +22,10 @@ cached chunks and of a shared zero block) so a server can send them without copy
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from concurrent.futures import Future
 from typing import Protocol
 
 from engine.blockmap import KEY_SHIFT, BlockMap
-from engine.cache import ChunkCache
-from engine.repo.packs import PackReader
-
-READAHEAD_BLOCKS = 8
 
 
 class Disk(Protocol):
@@ -40,71 +38,67 @@ class Disk(Protocol):
     async def aread(self, offset: int, length: int) -> list[memoryview]: ...
 
 
+class ChunkSource(Protocol):
+    """Decompressed chunks by key (``pack << KEY_SHIFT | record offset``) or location."""
+
+    def peek(self, key: int) -> bytes | None: ...
+
+    def get(self, pack: int, rec: int, clen: int) -> bytes: ...
+
+    def get_future(self, pack: int, rec: int, clen: int) -> Future[bytes]: ...
+
+
+class SequentialHint(Protocol):
+    """A disk's readahead: told which blocks each read covered."""
+
+    next_block: int
+
+    def after(self, first: int, last: int) -> None: ...
+
+
+class _NoReadahead:
+    next_block = -1
+
+    def after(self, first: int, last: int) -> None:
+        self.next_block = last + 1
+
+
 class BackupDisk:
     """One disk of a restore point, read-only, byte-exact with the source image."""
 
-    def __init__(self, name: str, blockmap: BlockMap, reader: PackReader, cache: ChunkCache) -> None:
+    def __init__(self, name: str, blockmap: BlockMap, chunks: ChunkSource, readahead: SequentialHint | None = None) -> None:
         self.name = name
         self.map = blockmap
         self.size = blockmap.disk_size
         self.block_size = blockmap.block_size
         self._shift = blockmap.shift
         self._mask = blockmap.block_size - 1
-        self._reader = reader
-        self._cache = cache
+        self._cache = chunks
+        self._ra: SequentialHint = readahead if readahead is not None else _NoReadahead()
         self._zero = memoryview(bytes(blockmap.block_size))
-        self._next_block = -1
 
     def _clip(self, offset: int, length: int) -> int:
         if offset < 0 or length < 0:
             raise ValueError(f"negative offset or length ({offset}, {length})")
         return max(0, min(length, self.size - offset))
 
-    def _loader(self, pack: int, rec: int, clen: int) -> Callable[[], bytes]:
-        reader = self._reader
-        return lambda: reader.read_chunk(pack, rec, clen)
-
-    def _readahead(self, first: int, last: int) -> None:
-        """Prefetch the blocks after a read that continues the previous one."""
-        expected, self._next_block = self._next_block, last + 1
-        if last + 1 == expected or not -1 <= first - expected <= 0:
-            return  # still in the block prefetched from, or not sequential
-        bm = self.map
-        nblocks = len(bm)
-        for block in range(last + 1, min(last + 1 + READAHEAD_BLOCKS, nblocks)):
-            pack, clen, rec = bm.entry(block)
-            if clen:
-                self._cache.prefetch(pack << KEY_SHIFT | rec, self._loader(pack, rec, clen))
-        # further out, only ask the kernel to fetch the records: the decompressing
-        # threads then find them in the page cache instead of waiting on the device.
-        # The hint (which may open a pack) runs in the executor: this may be the loop.
-        # Chunks already decompressed need no hint (a warm disk sends none).
-        far = []
-        cache = self._cache
-        for block in range(last + 1 + READAHEAD_BLOCKS, min(last + 1 + 3 * READAHEAD_BLOCKS, nblocks)):
-            pack, clen, rec = bm.entry(block)
-            if clen and (pack << KEY_SHIFT | rec) not in cache:
-                far.append((pack, rec, clen))
-        self._reader.submit_hints(self._cache.executor, far)
-
     def read(self, offset: int, length: int) -> bytes:
         """The disk's bytes in [offset, offset + length), cut at the end of the disk."""
         key = self.map.locate(offset, length)
         if key >= 0:  # the common case: inside one stored block
             data = self._cache.peek(key)
+            block = offset >> self._shift
             if data is not None:
-                block = offset >> self._shift
-                if block != self._next_block - 1:
-                    self._readahead(block, block)
+                if block != self._ra.next_block - 1:
+                    self._ra.after(block, block)
             else:
-                block = offset >> self._shift
-                self._readahead(block, block)
+                self._ra.after(block, block)
                 pack, clen, rec = self.map.entry(block)
-                data = self._cache.get(key, self._loader(pack, rec, clen))
+                data = self._cache.get(pack, rec, clen)
             skip = offset & self._mask
             return data[skip : skip + length]  # a whole block is the cached object itself
         elif key == -1:
-            self._next_block = (offset >> self._shift) + 1
+            self._ra.next_block = (offset >> self._shift) + 1
             return bytes(length)
         length = self._clip(offset, length)
         if length == 0:
@@ -116,14 +110,14 @@ class BackupDisk:
         length = self._clip(offset, length)
         if length == 0:
             return []
-        self._readahead(offset >> self._shift, (offset + length - 1) >> self._shift)
+        self._ra.after(offset >> self._shift, (offset + length - 1) >> self._shift)
         out: list[memoryview] = []
         cache = self._cache
         for pack, rec, clen, skip, take in self.map.translate(offset, length).tolist():
             if pack < 0:
                 out.extend(self._zeros(take))
             else:
-                chunk = cache.get(pack << KEY_SHIFT | rec, self._loader(pack, rec, clen))
+                chunk = cache.get(pack, rec, clen)
                 out.append(memoryview(chunk)[skip : skip + take])
         return out
 
@@ -134,17 +128,17 @@ class BackupDisk:
             data = self._cache.peek(key)
             if data is not None:
                 block = offset >> self._shift
-                if block != self._next_block - 1:
-                    self._readahead(block, block)
+                if block != self._ra.next_block - 1:
+                    self._ra.after(block, block)
                 skip = offset & self._mask
                 return [memoryview(data)[skip : skip + length]]
         elif key == -1:
-            self._next_block = (offset >> self._shift) + 1
+            self._ra.next_block = (offset >> self._shift) + 1
             return self._zeros(length)
         length = self._clip(offset, length)
         if length == 0:
             return []
-        self._readahead(offset >> self._shift, (offset + length - 1) >> self._shift)
+        self._ra.after(offset >> self._shift, (offset + length - 1) >> self._shift)
         rows = self.map.translate(offset, length).tolist()
         cache = self._cache
         chunks: list[bytes | asyncio.Future[bytes] | None] = []
@@ -153,10 +147,9 @@ class BackupDisk:
             if pack < 0:
                 chunks.append(None)
                 continue
-            key = pack << KEY_SHIFT | rec
-            data = cache.peek(key)
+            data = cache.peek(pack << KEY_SHIFT | rec)
             if data is None:
-                chunks.append(asyncio.wrap_future(cache.get_future(key, self._loader(pack, rec, clen))))
+                chunks.append(asyncio.wrap_future(cache.get_future(pack, rec, clen)))
                 pending = True
             else:
                 chunks.append(data)

@@ -398,6 +398,15 @@ class WriteCache:
             return self._locks
         return [self._locks[i] for i in sorted({r % STRIPES for r in range(r0, r1 + 1)})]
 
+    def needs_no_copy(self, offset: int, n: int) -> bool:
+        """Whether a write covers whole granules, or dirty ones at its unaligned edges
+        (dirty bits never clear, so the answer cannot go stale)."""
+        g = self.granule
+        end = offset + n
+        if offset % g and not self.is_dirty(offset, 1):
+            return False
+        return not (end % g and end < self.size and not self.is_dirty(end - 1, 1))
+
     def is_dirty(self, offset: int, length: int) -> bool:
         """Whether any granule in the range was written."""
         length = self._clip(offset, length)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from engine.repo.repository import Repository
+from engine.stack import Stack
 from tests.cli import ok, run
 from tests.conftest import require, require_tool
 from tests.images import make_image, sha256_tree
@@ -147,8 +148,9 @@ def test_corrupt_chunk_is_an_integrity_error_and_check_names_it(tmp_path, repo):
     raw = bytearray(pack_path.read_bytes())
     raw[rec + 52 + clen // 2] ^= 0x40
     pack_path.write_bytes(raw)
-    with Repository.open(repo) as r:
-        disk = r.point(pid).open_disk(0)
+    with Stack.open(repo) as r_st:
+        r = r_st.repo
+        disk = r_st.backup_disk(r.point(pid), 0)
         from engine.errors import IntegrityError
 
         with pytest.raises(IntegrityError, match=rf"pack {pack:08x}.pack offset {rec}: checksum mismatch"):
@@ -322,14 +324,15 @@ def test_backup_disks_commits_changed_extents_over_a_parent(tmp_path, repo):
     merged[BS + 7 : BS + 20] = b"written by VM"
     merged[2 * BS + 4096 : 2 * BS + 8192] = b"\xab" * 4096
     merged[3 * BS + 5] = 0x01  # changed but NOT in the extent list: must stay the parent's
-    with Repository.open(repo) as r:
+    with Stack.open(repo) as r_st:
+        r = r_st.repo
         parent = r.point(r1["id"])
         m = backup_disks(
             r, BackupSettings(vm="app", memory_mib=512), [MemDisk("app", bytes(merged))],
             parent=parent, changed=[[(BS + 7, 13), (2 * BS + 4096, 4096)]],
         )
         assert m["parent"] == r1["id"] and m["incremental"] and m["stats"]["read_bytes"] == 2 * BS
-        got = r.point(m["id"]).open_disk(0).read(0, len(base))
+        got = r_st.backup_disk(r.point(m["id"]), 0).read(0, len(base))
     expect = bytes(merged[: 3 * BS]) + base[3 * BS :]
     assert got == expect
     assert restore_bytes(repo, r1["id"], "0", tmp_path) == base  # the parent is untouched

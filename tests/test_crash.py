@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from engine.repo.repository import Repository
+from engine.stack import Stack
 from tests.cli import ok, run
 from tests.images import make_image
 
@@ -48,9 +48,9 @@ def test_sigkill_during_backup_leaves_a_usable_repository(tmp_path):
             killed += 1
         p.wait()
         # after every crash: the repository opens and every committed point reads back exactly
-        with Repository.open(repo) as r:
-            for pt in r.points():
-                disk = pt.open_disk(0)
+        with Stack.open(repo) as stack:
+            for pt in stack.repo.points():
+                disk = stack.backup_disk(pt, 0)
                 assert disk.read(0, disk.size) == images[pt.vm], pt.vm
     assert killed >= 3, "the kills must land while backups run"
     report = run("repo", "check", "--repo", repo, "--verify-data", "--json").json()
@@ -58,9 +58,9 @@ def test_sigkill_during_backup_leaves_a_usable_repository(tmp_path):
     ok("repo", "gc", "--repo", repo)
     report = ok("repo", "check", "--repo", repo, "--verify-data", "--json").json()
     assert report["ok"] and report["garbage"] == [], report
-    with Repository.open(repo) as r:
-        for pt in r.points():
-            assert pt.open_disk(0).read(0, len(images[pt.vm])) == images[pt.vm]
+    with Stack.open(repo) as stack:
+        for pt in stack.repo.points():
+            assert stack.backup_disk(pt, 0).read(0, len(images[pt.vm])) == images[pt.vm]
 
 
 @pytest.mark.slow
@@ -105,8 +105,9 @@ def test_gc_refused_while_backup_runs_and_readers_unaffected_by_gc(tmp_path):
 
     def reader():
         nonlocal reads
-        with Repository.open(repo, cache_bytes=BS) as r:  # tiny cache: every read goes to the packs
-            disk = r.point("keep@latest").open_disk(0)
+        with Stack.open(repo, cache_bytes=BS) as r_st:  # tiny cache: every read goes to the packs
+            r = r_st.repo
+            disk = r_st.backup_disk(r.point("keep@latest"), 0)
             rng = random.Random(5)
             while not stop.is_set():
                 off = rng.randrange(len(keep))
@@ -123,5 +124,6 @@ def test_gc_refused_while_backup_runs_and_readers_unaffected_by_gc(tmp_path):
         t.join()
     assert g["chunks_removed"] == 32
     assert not errors and reads > 0
-    with Repository.open(repo) as r:
-        assert r.point("keep@latest").open_disk(0).read(0, len(keep)) == keep
+    with Stack.open(repo) as r_st:
+        r = r_st.repo
+        assert r_st.backup_disk(r.point("keep@latest"), 0).read(0, len(keep)) == keep

@@ -17,6 +17,7 @@ from engine.repo.check import gc
 from engine.repo.ingest import BackupSettings, backup
 from engine.repo.pins import Pin, add_pin, list_pins, remove_pin, stale_pins
 from engine.repo.repository import Repository
+from engine.stack import Stack
 from tests.cli import ok, run
 
 BS = 256 * 1024
@@ -160,12 +161,13 @@ def test_add_pin_and_delete_point_race(tmp_path, repo):
 def test_gc_keeps_the_chunks_of_a_pinned_point_even_half_deleted(tmp_path, repo):
     data = os.urandom(3 * BS)
     p1 = _backup(repo, tmp_path, "va", data)
-    with Repository.open(repo) as r:
+    with Stack.open(repo) as r_st:
+        r = r_st.repo
         add_pin(r, _pin(p1))
         with pytest.raises(PointPinned):
             r.delete_point(p1)
         gc(r)
-        assert r.point(p1).open_disk(0).read(0, len(data)) == data
+        assert r_st.backup_disk(r.point(p1), 0).read(0, len(data)) == data
         # a crash half way through a delete (it cannot happen to a pinned point through
         # delete_point, but gc must not rely on that): the point sits in tmp/
         os.rename(repo / "points" / p1, repo / "tmp" / f"deleted-{p1}")
@@ -173,8 +175,9 @@ def test_gc_keeps_the_chunks_of_a_pinned_point_even_half_deleted(tmp_path, repo)
         assert out["packs_removed"] == 0 and out["chunks_removed"] == 0
         assert (repo / "tmp" / f"deleted-{p1}").is_dir()
         os.rename(repo / "tmp" / f"deleted-{p1}", repo / "points" / p1)
-    with Repository.open(repo) as r:
-        assert r.point(p1).open_disk(0).read(0, len(data)) == data
+    with Stack.open(repo) as r_st:
+        r = r_st.repo
+        assert r_st.backup_disk(r.point(p1), 0).read(0, len(data)) == data
 
 
 def test_repo_check_lists_stale_pins_and_unpin_removes_them(tmp_path, repo):

@@ -14,6 +14,7 @@ from engine import _blockmap, _blockmap_py
 from engine.repo import repository as repository_mod
 from engine.repo.ingest import BackupSettings, backup
 from engine.repo.repository import Repository
+from engine.stack import Stack
 from tests.images import KINDS, make_image
 
 BS = 256 * 1024  # the smallest block size a repository allows: more blocks per image
@@ -41,9 +42,10 @@ def test_read_equals_source(impl, image, data):
         src = tmp / "disk.img"
         expect = make_image(src, kinds, BS, tail, seed)
         Repository.init(tmp / "repo", BS)
-        with Repository.open(tmp / "repo", cache_bytes=3 * BS) as repo:  # small: evictions happen
+        with Stack.open(tmp / "repo", cache_bytes=3 * BS) as stack:  # small: evictions happen
+            repo = stack.repo
             backup(repo, BackupSettings(vm="vm"), [str(src)])
-            disk = repo.point("latest").open_disk(0)
+            disk = stack.backup_disk(repo.point("latest"), 0)
             assert type(disk.map) is impl.BlockMap
             assert disk.size == len(expect)
             assert disk.read(0, disk.size) == expect
@@ -54,7 +56,7 @@ def test_read_equals_source(impl, image, data):
                 assert disk.read(off, length) == want
                 assert b"".join(disk.readv(off, length)) == want
                 assert b"".join(asyncio.run(disk.aread(off, length))) == want
-            assert repo.cache.size <= 3 * BS
+            assert stack.cache.size <= 3 * BS
 
 
 def test_dedup_and_zero_blocks_are_not_stored(tmp_path):
@@ -62,7 +64,8 @@ def test_dedup_and_zero_blocks_are_not_stored(tmp_path):
     src = tmp_path / "d.img"
     expect = make_image(src, kinds, BS, seed=7)
     Repository.init(tmp_path / "repo", BS)
-    with Repository.open(tmp_path / "repo") as repo:
+    with Stack.open(tmp_path / "repo") as stack:
+        repo = stack.repo
         m = backup(repo, BackupSettings(vm="vm"), [str(src)])
         st_ = m["stats"]
         # random, one repeated block, and the text blocks (distinct): hole and zero are not stored
@@ -71,16 +74,17 @@ def test_dedup_and_zero_blocks_are_not_stored(tmp_path):
         assert st_["zero_blocks"] == 2
         assert st_["data_blocks"] == 6
         assert m["disks"][0]["stored_blocks"] == 6
-        assert repo.point("latest").open_disk(0).read(0, len(expect)) == expect
+        assert stack.backup_disk(repo.point("latest"), 0).read(0, len(expect)) == expect
 
 
 def test_concurrent_misses_decompress_once(tmp_path):
     src = tmp_path / "d.img"
     expect = make_image(src, ["text"] * 4, BS, seed=3)
     Repository.init(tmp_path / "repo", BS)
-    with Repository.open(tmp_path / "repo") as repo:
+    with Stack.open(tmp_path / "repo") as stack:
+        repo = stack.repo
         backup(repo, BackupSettings(vm="vm"), [str(src)])
-        disk = repo.point("latest").open_disk(0)
+        disk = stack.backup_disk(repo.point("latest"), 0)
         calls: list[tuple[int, int]] = []
         real = repo.reader.read_chunk
 
@@ -104,30 +108,32 @@ def test_cache_is_bounded_and_shared_between_points(tmp_path):
     src = tmp_path / "d.img"
     expect = make_image(src, ["random"] * 6, BS, seed=4)
     Repository.init(tmp_path / "repo", BS)
-    with Repository.open(tmp_path / "repo", cache_bytes=2 * BS) as repo:
+    with Stack.open(tmp_path / "repo", cache_bytes=2 * BS) as stack:
+        repo = stack.repo
         backup(repo, BackupSettings(vm="a"), [str(src)])
         backup(repo, BackupSettings(vm="b"), [str(src)])  # all dedup'd: same chunks
-        a = repo.point("a@latest").open_disk(0)
-        b = repo.point("b@latest").open_disk(0)
+        a = stack.backup_disk(repo.point("a@latest"), 0)
+        b = stack.backup_disk(repo.point("b@latest"), 0)
         assert a.read(0, 100) == expect[:100]
-        loads = repo.cache.loads
+        loads = stack.cache.loads
         assert b.read(0, 100) == expect[:100]
-        assert repo.cache.loads == loads  # one cache entry serves both restore points
+        assert stack.cache.loads == loads  # one cache entry serves both restore points
         for i in range(6):
             a.read(i * BS, 10)
-        assert repo.cache.size <= 2 * BS
+        assert stack.cache.size <= 2 * BS
 
 
 def test_sequential_reads_prefetch(tmp_path):
     src = tmp_path / "d.img"
     expect = make_image(src, ["text"] * 12, BS, seed=5)
     Repository.init(tmp_path / "repo", BS)
-    with Repository.open(tmp_path / "repo") as repo:
+    with Stack.open(tmp_path / "repo") as stack:
+        repo = stack.repo
         backup(repo, BackupSettings(vm="vm"), [str(src)])
-        disk = repo.point("latest").open_disk(0)
+        disk = stack.backup_disk(repo.point("latest"), 0)
         for off in range(0, 3 * BS, 64 * 1024):
             assert disk.read(off, 64 * 1024) == expect[off : off + 64 * 1024]
-        assert repo.cache.prefetches > 0
+        assert stack.cache.prefetches > 0
         rng = random.Random(1)
         for _ in range(50):
             off = rng.randrange(len(expect))

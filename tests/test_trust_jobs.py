@@ -19,6 +19,7 @@ import pytest
 
 from engine.repo.ingest import BackupSettings, backup, backup_disks, dirty_extents
 from engine.repo.repository import Repository
+from engine.stack import Stack
 from engine.writecache import WriteCache
 from tests.nfs.conftest import ROOT, Daemon, give_address, take_address
 
@@ -65,30 +66,32 @@ def run_with_hang_detector(fn, timeout: float = HANG):
 def test_commit_of_a_cold_cache_with_one_decompression_worker_finishes(tmp_path):
     repo_dir, point_id, img = make_repo(tmp_path, 32 << 20)
     expected = bytearray(img)
-    with Repository.open(repo_dir) as r:
-        wc = WriteCache.create(tmp_path / "wc", r.point(point_id).open_disk(0))
+    with Stack.open(repo_dir) as r_st:
+        r = r_st.repo
+        wc = WriteCache.create(tmp_path / "wc", r_st.backup_disk(r.point(point_id), 0))
         for b in (1, 2, 3, 4, 5, 6, 7, 8, 12, 20, 31):  # runs of consecutive blocks: readahead
             data = bytes([b]) * 4096
             wc.write(b * BS + 4096, data)
             expected[b * BS + 4096 : b * BS + 8192] = data
         wc.close()
     # a restarted daemon: a cold chunk cache, one decompression thread
-    repo = Repository.open(repo_dir, workers=1)
+    stack = Stack.open(repo_dir, workers=1)
+    repo = stack.repo
     hung = True
     try:
         point = repo.point(point_id)
-        wc = WriteCache.open(tmp_path / "wc", point.open_disk(0))
+        wc = WriteCache.open(tmp_path / "wc", stack.backup_disk(point, 0))
         m = run_with_hang_detector(lambda: backup_disks(repo, BackupSettings(vm="big"), [wc], parent=point,
                                                          changed=[dirty_extents(wc)]))
         hung = False
         wc.close()
-        got = repo.point(m["id"]).open_disk(0).read(0, len(img))
+        got = stack.backup_disk(repo.point(m["id"]), 0).read(0, len(img))
         assert got == bytes(expected)
     finally:
         if hung:
-            repo.executor.shutdown(wait=False)
+            stack.executor.shutdown(wait=False)
         else:
-            repo.close()
+            stack.close()
 
 
 async def _nfs_write(dmn: Daemon, session: str, disk: str, writes: list[tuple[int, bytes]]) -> None:
@@ -153,8 +156,9 @@ def test_cli_commit_after_a_restart_finishes(tmp_path, addr):
     expected = bytearray(img)
     for off, data in writes:
         expected[off : off + len(data)] = data
-    with Repository.open(repo) as r2:
-        assert r2.point(new).open_disk(0).read(0, len(img)) == bytes(expected)
+    with Stack.open(repo) as r2_st:
+        r2 = r2_st.repo
+        assert r2_st.backup_disk(r2.point(new), 0).read(0, len(img)) == bytes(expected)
 
 
 # -- 3. a commit is the disks at one instant -------------------------------------------------
@@ -171,9 +175,10 @@ def test_commit_while_a_writer_runs_is_one_generation(tmp_path):
     repo_dir, point_id, img = make_repo(tmp_path, 32 << 20)
     from engine.repo.ingest import commit_caches
 
-    with Repository.open(repo_dir) as repo:
+    with Stack.open(repo_dir) as stack:
+        repo = stack.repo
         point = repo.point(point_id)
-        wc = WriteCache.create(tmp_path / "wc", point.open_disk(0))
+        wc = WriteCache.create(tmp_path / "wc", stack.backup_disk(point, 0))
         wc.write(0, _stamp(1))
         written = [1]
         stop = threading.Event()
@@ -210,11 +215,11 @@ def test_commit_while_a_writer_runs_is_one_generation(tmp_path):
             stop.set()
             t.join(30)
         assert len(written) > 2, "the writer wrote during the commit: else the test proves nothing"
-        got = np.frombuffer(repo.point(m["id"]).open_disk(0).read(0, STAMPED * BS), dtype="<u8")
+        got = np.frombuffer(stack.backup_disk(repo.point(m["id"]), 0).read(0, STAMPED * BS), dtype="<u8")
         gens = np.unique(got)
         assert len(gens) == 1, f"the committed point mixes generations {gens.tolist()[:10]}: it is torn"
         assert int(gens[0]) in written
-        assert bytes(repo.point(m["id"]).open_disk(0).read(STAMPED * BS, len(img) - STAMPED * BS)) == img[STAMPED * BS :]
+        assert bytes(stack.backup_disk(repo.point(m["id"]), 0).read(STAMPED * BS, len(img) - STAMPED * BS)) == img[STAMPED * BS :]
         assert info["passes"] >= 2
         wc.close()
 
@@ -227,10 +232,10 @@ def test_paused_writes_of_one_cache_do_not_starve_another(tmp_path):
     repo_dir, point_id, _img = make_repo(tmp_path, 8 << 20)
     threads = 4  # the shared write-cache I/O pool (IO_THREADS in the daemon)
     pool = ThreadPoolExecutor(threads)
-    with Repository.open(repo_dir) as repo:
-        point = repo.point(point_id)
-        a = WriteCache.create(tmp_path / "a", point.open_disk(0), executor=pool)
-        b = WriteCache.create(tmp_path / "b", point.open_disk(0), executor=pool)
+    with Stack.open(repo_dir) as stack:
+        point = stack.repo.point(point_id)
+        a = WriteCache.create(tmp_path / "a", stack.backup_disk(point, 0), executor=pool)
+        b = WriteCache.create(tmp_path / "b", stack.backup_disk(point, 0), executor=pool)
         paused, release = threading.Event(), threading.Event()
 
         def exporter() -> None:  # what an export or commit of session a does
@@ -270,9 +275,9 @@ def test_paused_writes_of_one_cache_do_not_starve_another(tmp_path):
 def small_disk(tmp_path):
     (tmp_path / "r").mkdir()
     repo_dir, point_id, img = make_repo(tmp_path / "r", 4 << 20)
-    repo = Repository.open(repo_dir)
-    yield repo.point(point_id).open_disk(0), img
-    repo.close()
+    stack = Stack.open(repo_dir)
+    yield stack.backup_disk(stack.repo.point(point_id), 0), img
+    stack.close()
 
 
 def test_export_output_rules(small_disk, tmp_path):

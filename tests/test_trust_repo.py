@@ -22,6 +22,7 @@ from engine.errors import IntegrityError
 from engine.repo.check import gc
 from engine.repo.ingest import BackupSettings, backup
 from engine.repo.repository import Repository
+from engine.stack import Stack
 from tests.cli import ok, run
 
 BS = 256 * 1024
@@ -66,9 +67,10 @@ def test_delete_gc_backup_with_a_long_lived_reader_reads_the_new_bytes(tmp_path,
     b = _image(tmp_path / "b.img", b"B")
     with Repository.open(repo) as w:
         pa = backup(w, BackupSettings(vm="va"), [str(tmp_path / "a.img")])
-    served = Repository.open(repo)
+    served_st = Stack.open(repo)
+    served = served_st.repo
     try:
-        disk = served.point("va@latest").open_disk(0)
+        disk = served_st.backup_disk(served.point("va@latest"), 0)
         assert disk.read(0, SIZE) == a
         old_packs = _pack_ids(repo)
         with Repository.open(repo) as w:
@@ -76,7 +78,7 @@ def test_delete_gc_backup_with_a_long_lived_reader_reads_the_new_bytes(tmp_path,
             assert gc(w)["packs_removed"] == len(old_packs)
             backup(w, BackupSettings(vm="vb"), [str(tmp_path / "b.img")])
         assert not old_packs & _pack_ids(repo), "a new pack took the id of a pack gc removed"
-        vb = served.point("vb@latest").open_disk(0)
+        vb = served_st.backup_disk(served.point("vb@latest"), 0)
         assert vb.read(0, SIZE) == b
         assert b"".join(vb.readv(0, SIZE)) == b
 
@@ -85,7 +87,7 @@ def test_delete_gc_backup_with_a_long_lived_reader_reads_the_new_bytes(tmp_path,
 
         assert asyncio.run(aread()) == b
     finally:
-        served.close()
+        served_st.close()
 
 
 def test_pack_ids_come_from_a_persisted_counter(tmp_path, repo):
@@ -123,9 +125,10 @@ def test_a_pack_that_is_not_the_one_its_id_names_is_refused(tmp_path, repo):
     good_idx = idx_path.read_bytes()
 
     def read_fails(match: str) -> None:
-        with Repository.open(repo) as r:
+        with Stack.open(repo) as r_st:
+            r = r_st.repo
             with pytest.raises(IntegrityError, match=match):
-                r.point("va@latest").open_disk(0).read(0, SIZE)
+                r_st.backup_disk(r.point("va@latest"), 0).read(0, SIZE)
 
     # the index names another uid (a different pack behind the same id)
     raw = bytearray(good_idx)
@@ -143,8 +146,9 @@ def test_a_pack_that_is_not_the_one_its_id_names_is_refused(tmp_path, repo):
     read_fails("another repository")
     pack_path.write_bytes(good_pack)
     idx_path.write_bytes(good_idx)
-    with Repository.open(repo) as r:
-        assert r.point("va@latest").open_disk(0).read(0, SIZE) == b"A" * SIZE
+    with Stack.open(repo) as r_st:
+        r = r_st.repo
+        assert r_st.backup_disk(r.point("va@latest"), 0).read(0, SIZE) == b"A" * SIZE
 
 
 def test_version_1_packs_and_indexes_stay_readable(tmp_path):
@@ -200,22 +204,23 @@ def test_a_pack_removed_by_gc_is_closed_and_its_cache_entries_dropped(tmp_path, 
         backup(w, BackupSettings(vm="vb"), [str(tmp_path / "b.img")])
     (apack,) = {e for e in _pack_ids(repo) if e == min(_pack_ids(repo))}
     apath = repo / "packs" / f"{apack:08x}.pack"
-    served = Repository.open(repo)
+    served_st = Stack.open(repo)
+    served = served_st.repo
     try:
-        assert served.point("va@latest").open_disk(0).read(0, SIZE) == a
+        assert served_st.backup_disk(served.point("va@latest"), 0).read(0, SIZE) == a
         assert _fds_to(apath) == 1
         with Repository.open(repo) as w:
             w.delete_point(pa["id"])
             gc(w)
         assert not apath.exists()
         served.reader._next_sweep = 0.0  # the sweep is due (it runs every few seconds)
-        assert served.point("vb@latest").open_disk(0).read(0, SIZE) == b
+        assert served_st.backup_disk(served.point("vb@latest"), 0).read(0, SIZE) == b
         assert _fds_to(apath) == 0, "the daemon keeps a pack gc deleted open: its space is never freed"
         assert not served.reader.is_open(apack)
         assert served.reader.closed_deleted == 1
-        assert not [k for k in served.cache._lru if k >> 40 == apack]
+        assert not [k for k in served_st.cache._lru if k >> 40 == apack]
     finally:
-        served.close()
+        served_st.close()
 
 
 def test_an_idle_reader_closes_a_pack_removed_by_gc(tmp_path, repo, monkeypatch):
@@ -230,8 +235,9 @@ def test_an_idle_reader_closes_a_pack_removed_by_gc(tmp_path, repo, monkeypatch)
     (apack,) = _pack_ids(repo)
     apath = repo / "packs" / f"{apack:08x}.pack"
     monkeypatch.setattr(packs, "SWEEP_INTERVAL", 0.05)
-    with Repository.open(repo) as served:
-        assert served.point(pa["id"]).open_disk(0).read(0, SIZE) == a
+    with Stack.open(repo) as served_st:
+        served = served_st.repo
+        assert served_st.backup_disk(served.point(pa["id"]), 0).read(0, SIZE) == a
         assert _fds_to(apath) == 1
         with Repository.open(repo) as w:
             w.delete_point(pa["id"])
@@ -281,8 +287,9 @@ def test_reads_on_the_event_loop_never_open_packs_or_fadvise(tmp_path, repo, mon
 
     monkeypatch.setattr(os, "open", spy_open)
     monkeypatch.setattr(os, "posix_fadvise", spy_fadvise)
-    with Repository.open(repo) as r:
-        disk = r.point("vr@latest").open_disk(0)
+    with Stack.open(repo) as r_st:
+        r = r_st.repo
+        disk = r_st.backup_disk(r.point("vr@latest"), 0)
 
         async def main() -> int:
             loop_thread = threading.get_ident()
@@ -306,16 +313,17 @@ def test_a_warm_disk_sends_no_readahead_hints(tmp_path, repo, monkeypatch):
     with Repository.open(repo) as w:
         backup(w, BackupSettings(vm="vw"), [str(img)])
     data = img.read_bytes()
-    with Repository.open(repo) as r:
-        disk = r.point("vw@latest").open_disk(0)
+    with Stack.open(repo) as r_st:
+        r = r_st.repo
+        disk = r_st.backup_disk(r.point("vw@latest"), 0)
         assert disk.read(0, len(data)) == data  # the first pass decompresses (and may hint)
         fadvised: list[int] = []
         real = os.posix_fadvise
         monkeypatch.setattr(os, "posix_fadvise", lambda fd, off, n, advice: (fadvised.append(off), real(fd, off, n, advice)))
-        disk2 = r.point("vw@latest").open_disk(0)  # a new reader of the same cache
+        disk2 = r_st.backup_disk(r.point("vw@latest"), 0)  # a new reader of the same cache
         for off in range(0, len(data), 4096):
             assert disk2.read(off, 4096) == data[off : off + 4096]
-        r.executor.submit(lambda: None).result(timeout=10)  # queued hint tasks have run
+        r_st.executor.submit(lambda: None).result(timeout=10)  # queued hint tasks have run
     assert fadvised == []
 
 
@@ -340,8 +348,9 @@ def test_restore_writes_everything_despite_short_writes(tmp_path, repo, monkeypa
         return real(fd, view, offset)
 
     monkeypatch.setattr(os, "pwrite", half)
-    with Repository.open(repo) as r:
-        restore_disk(r.point("vs@latest"), 0, str(tmp_path / "out.img"))
+    with Stack.open(repo) as stack:
+        point = stack.repo.point("vs@latest")
+        restore_disk(point, stack.backup_disk(point, 0), str(tmp_path / "out.img"))
     assert short
     assert (tmp_path / "out.img").read_bytes() == img.read_bytes()
 

@@ -243,7 +243,7 @@ class ControlAPI:
     def status_view(self) -> dict:
         p = self.services.ports
         srv = self.cfg["server"]
-        cache = self.ds.repo.cache
+        cache = self.ds.stack.cache
         return {
             "pid": os.getpid(),
             "uptime_s": round(time.time() - self.started, 1),

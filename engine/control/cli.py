@@ -232,12 +232,13 @@ def _unpublish_for_delete(args: argparse.Namespace, pin) -> None:
 
 def cmd_restore(args: argparse.Namespace) -> int:
     from engine.repo.restore import restore_disk
+    from engine.stack import Stack
 
-    with _open_repo(args) as repo:
+    with _open_repo(args) as repo, Stack(repo) as stack:
         pt = repo.point(args.point)
         info = pt.disk_info(args.disk)
         with Progress(f"restore {info.name}", False if (args.json or args.quiet) else None) as bar:
-            out = restore_disk(pt, args.disk, args.output, args.force, bar.start(info.size))
+            out = restore_disk(pt, stack.backup_disk(pt, args.disk), args.output, args.force, bar.start(info.size))
     if args.json:
         _emit_json(out)
     else:

@@ -94,11 +94,11 @@ async def run_daemon(cfg: dict[str, Any], ready: asyncio.Future | None = None, e
     from engine.control.api import ControlAPI
     from engine.datastore import Datastore
     from engine.nfs.server import NFSServices
-    from engine.repo.repository import Repository
+    from engine.stack import Stack
 
-    repo = Repository.open(cfg["repo"]["path"], cache_bytes=cfg["cache"]["chunk_cache_mib"] << 20)
+    stack = Stack.open(cfg["repo"]["path"], cache_bytes=cfg["cache"]["chunk_cache_mib"] << 20)
     try:
-        ds = Datastore(repo, cfg["cache"]["dir"], cfg["cache"]["write_dir"] or None, int(cfg["cache"]["reserve_gib"] * (1 << 30)))
+        ds = Datastore(stack, cfg["cache"]["dir"], cfg["cache"]["write_dir"] or None, int(cfg["cache"]["reserve_gib"] * (1 << 30)))
         ds.load()
         services = NFSServices(ds, cfg["server"])
         ports = await services.start()
@@ -112,7 +112,7 @@ async def run_daemon(cfg: dict[str, Any], ready: asyncio.Future | None = None, e
         pm = f"{bind}:{ports.portmap}" if ports.portmap else (f"registered with the portmapper on port {ports.portmap_external}" if ports.portmap_external else "off")
         log.info(
             "instantnfs serving %s: portmap %s, mount %s:%d (tcp+udp), nfs %s:%d (tcp), control http://%s:%d%s, %d session(s)",
-            repo.path, pm, bind, ports.mount, bind, ports.nfs, cfg["control"]["bind"], control_port, "/api/v1",
+            stack.repo.path, pm, bind, ports.mount, bind, ports.nfs, cfg["control"]["bind"], control_port, "/api/v1",
             len(ds.sessions),
         )
         stop = asyncio.Event()
@@ -129,7 +129,7 @@ async def run_daemon(cfg: dict[str, Any], ready: asyncio.Future | None = None, e
         await services.stop()
         await ds.aclose(timeout=DRAIN_TIMEOUT)
     finally:
-        repo.close()
+        stack.close()
     log.info("stopped")
     return 0
 

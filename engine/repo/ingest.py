@@ -17,7 +17,7 @@ removes what it wrote itself and leaves no restore point (``Cancelled``).
 Pools (the rule: no task ever waits for work queued behind itself in its own pool): the
 ingest workers hash and compress in the run's own ``ingest`` pool and read the sources;
 a source that is a published disk (a write cache over a ``BackupDisk``) loads chunk
-misses in the repository's decompression pool (``repo.executor``), whose tasks never
+misses in the stack's decompression pool (``engine.stack.Stack.executor``), whose tasks never
 wait for anything. Sharing one pool deadlocked: workers waited for readahead loads
 queued behind themselves.
 
@@ -420,7 +420,7 @@ def _ingest(
                 advance(length)
         return done_bytes
 
-    # the run's own pool: its workers may wait for chunk loads in repo.executor, never
+    # the run's own pool: its workers may wait for chunk loads in the stack's decompression pool, never
     # for work queued in this pool (see the design note)
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ingest")
     try:

@@ -18,7 +18,7 @@ are shared across threads and reference-counted, so one is never closed under a 
 
 Packs that gc deleted: every ``SWEEP_INTERVAL`` seconds the open descriptors are
 fstat()ed and those whose file has no link left are closed (their space is then freed),
-and ``on_close`` is told (the chunk cache drops the pack's entries). The sweep runs on a
+and every ``on_close`` listener is told (a chunk cache above drops the pack's entries). The sweep runs on a
 reading thread when one is due, and on a small thread of its own (started with the
 first open pack, stopped by ``close``) so an idle daemon frees the space too; never on
 an event loop. Nothing here opens a file
@@ -222,7 +222,8 @@ class PackReader:
         self.dir = packs_dir
         self.block_size = block_size
         self.repo_uid = repo_uid  # None: the repository id is not checked (tools, tests)
-        self.on_close = on_close  # told the pack id of a pack closed because gc removed it
+        # told the pack id of a pack closed because gc removed it (or replaced behind its id)
+        self.on_close: list[Callable[[int], object]] = [on_close] if on_close is not None else []
         self._open: dict[int, _Open] = {}
         self._uids: dict[int, bytes | None] = {}  # uid of each pack opened so far
         self._lock = threading.Lock()
@@ -306,8 +307,9 @@ class PackReader:
             h.users += 1
         if fd >= 0:
             os.close(fd)  # another thread opened it first
-        if changed and self.on_close is not None:
-            self.on_close(pack)  # a different pack behind a known id: forget the old bytes
+        if changed:
+            for listener in self.on_close:
+                listener(pack)  # a different pack behind a known id: forget the old bytes
         return h
 
     def _release(self, h: _Open) -> None:
@@ -342,9 +344,9 @@ class PackReader:
                     os.close(h.fd)
                 self.closed_deleted += 1
             gone.append(pack)
-        if self.on_close is not None:
-            for pack in gone:
-                self.on_close(pack)
+        for pack in gone:
+            for listener in self.on_close:
+                listener(pack)
         return gone
 
     def _sweep_loop(self) -> None:

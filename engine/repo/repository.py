@@ -23,14 +23,11 @@ import os
 import shutil
 import uuid
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from engine.blockmap import BlockMap
-from engine.cache import ChunkCache
-from engine.disk import BackupDisk
 from engine.errors import (
     NotFound,
     PointPinned,
@@ -54,8 +51,6 @@ from engine.repo.format import (
 )
 from engine.repo.packs import PackReader, PackWriter
 from engine.repo.pins import describe_pins, pins_locked, point_pins
-
-DEFAULT_CACHE_BYTES = 1 << 30
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,10 +95,6 @@ class RestorePoint:
             raise RepositoryError(f"block map {self.path / info.map_file} does not match its manifest")
         return BlockMap(entries, mapinfo.block_size, mapinfo.disk_size)
 
-    def open_disk(self, which: str | int) -> BackupDisk:
-        info = self.disk_info(which)
-        return BackupDisk(info.name, self.open_blockmap(which), self.repo.reader, self.repo.cache)
-
     def to_json(self) -> dict:
         m = self.manifest
         return {
@@ -121,7 +112,7 @@ class RestorePoint:
 
 
 class Repository:
-    def __init__(self, path: Path, config: dict, cache_bytes: int, workers: int | None) -> None:
+    def __init__(self, path: Path, config: dict) -> None:
         self.path = path
         self.config = config
         self.block_size: int = config["block_size"]
@@ -130,9 +121,7 @@ class Repository:
         self.points_dir = path / "points"
         self.tmp_dir = path / "tmp"
         self.uid = repo_uid(self.id)
-        self.executor = ThreadPoolExecutor(max_workers=workers or max(2, os.cpu_count() or 2), thread_name_prefix="chunk")
-        self.cache = ChunkCache(cache_bytes, self.executor)
-        self.reader = PackReader(self.packs_dir, self.block_size, self.uid, on_close=self.cache.drop_pack)
+        self.reader = PackReader(self.packs_dir, self.block_size, self.uid)
 
     # -- creation and opening ------------------------------------------------------------
 
@@ -160,7 +149,7 @@ class Repository:
         return p
 
     @classmethod
-    def open(cls, path: str | os.PathLike, cache_bytes: int = DEFAULT_CACHE_BYTES, workers: int | None = None) -> Repository:
+    def open(cls, path: str | os.PathLike) -> Repository:
         p = Path(path)
         cfg_path = p / "config.json"
         try:
@@ -186,10 +175,9 @@ class Repository:
         for sub in ("packs", "points", "tmp"):
             if not (p / sub).is_dir():
                 raise RepositoryError(f"repository {p} is damaged: {sub}/ is missing")
-        return cls(p, config, cache_bytes, workers)
+        return cls(p, config)
 
     def close(self) -> None:
-        self.executor.shutdown(wait=True)
         self.reader.close()
 
     def __enter__(self) -> Repository:

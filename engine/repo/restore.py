@@ -2,29 +2,42 @@
 
 To a regular file the output is sparse: the file is sized first and zero blocks are
 never written. To a block device every block is written, zeros included, because the
-device may hold old data. Blocks are read through the disk's normal read path, so the
-chunk cache's readahead decompresses ahead on the other core while this thread writes.
+device may hold old data. The caller gives the disk to read (``engine.stack`` composes
+it over the chunk cache, whose readahead decompresses ahead on the other core while
+this thread writes); this module only needs its block map and ``readv``, so storage
+stays below the read path.
 """
 from __future__ import annotations
 
 import os
 import stat
 from collections.abc import Callable
+from typing import Protocol
 
-from engine.blockmap import ZERO_PACK
+from engine.blockmap import ZERO_PACK, BlockMap
 from engine.errors import UsageError
 from engine.fsutil import no_space, pwrite_all
 from engine.repo.repository import RestorePoint
 
 
+class PointDisk(Protocol):
+    """One disk of a restore point, readable (``engine.disk.BackupDisk``)."""
+
+    name: str
+    size: int
+    block_size: int
+    map: BlockMap
+
+    def readv(self, offset: int, length: int) -> list[memoryview]: ...
+
+
 def restore_disk(
     point: RestorePoint,
-    which: str | int,
+    disk: PointDisk,
     out_path: str,
     force: bool = False,
     progress: Callable[[int], None] | None = None,
 ) -> dict:
-    disk = point.open_disk(which)
     entries = disk.map.entries
     bs = disk.block_size
     try:

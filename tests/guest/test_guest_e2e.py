@@ -17,6 +17,7 @@ import pytest
 
 from engine.repo.ingest import BackupSettings, backup
 from engine.repo.repository import Repository
+from engine.stack import Stack
 from tests.conftest import require, require_tool
 from tests.guest import make_guest_disk as mgd
 from tests.guest.boot import boot_guest, read_guest_file
@@ -30,8 +31,9 @@ MIB = 1 << 20
 def _restore(repo_dir: Path, out: Path) -> str:
     """Write disk 0 of the latest point to a sparse raw file; returns its sha256."""
     h = hashlib.sha256()
-    with Repository.open(repo_dir) as repo:
-        disk = repo.point("latest").open_disk(0)
+    with Stack.open(repo_dir) as stack:
+        repo = stack.repo
+        disk = stack.backup_disk(repo.point("latest"), 0)
         with open(out, "wb") as f:
             f.truncate(disk.size)
             for off in range(0, disk.size, MIB):

@@ -18,7 +18,7 @@ from engine.nfs.mount import Mount3
 from engine.nfs.nfs3 import NFS3
 from engine.nfs.rpc import RpcServer, RpcStreamProtocol
 from engine.nfs.xdr import UnionValue, Unpacker
-from engine.repo.repository import Repository
+from engine.stack import Stack
 
 # -- a strategy for any XDR type, from its declaration ----------------------------------------
 
@@ -193,8 +193,8 @@ def test_record_over_the_cap_closes_the_connection(size: int, cuts: list[int]) -
 
 @pytest.fixture(scope="module")
 def dispatcher(images: dict, tmp_path_factory: pytest.TempPathFactory):
-    repo = Repository.open(images["repo"])
-    ds = Datastore(repo, tmp_path_factory.mktemp("fuzzcache"), reserve=0)
+    stack = Stack.open(images["repo"])
+    ds = Datastore(stack, tmp_path_factory.mktemp("fuzzcache"), reserve=0)
     ds.load()
     ds.publish(images["point"], "fuzz")
     rpc = RpcServer()
@@ -203,7 +203,7 @@ def dispatcher(images: dict, tmp_path_factory: pytest.TempPathFactory):
     loop = asyncio.new_event_loop()
     yield rpc, loop
     loop.close()
-    repo.close()
+    stack.close()
 
 
 def _answer(rpc: RpcServer, loop: asyncio.AbstractEventLoop, data: bytes) -> Any:

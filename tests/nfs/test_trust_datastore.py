@@ -41,6 +41,7 @@ from engine.nfs.xdr import (
 from engine.repo.ingest import BackupSettings, backup
 from engine.repo.pins import list_pins
 from engine.repo.repository import Repository
+from engine.stack import Stack
 from tests.conftest import require
 from tests.images import make_image
 from tests.nfs.conftest import BLOCK, run
@@ -80,8 +81,8 @@ def small_repo(tmp_path: Path) -> dict[str, Any]:
 
 
 def test_reused_inode_is_stale_in_the_datastore(tmp_path, images, monkeypatch):
-    with Repository.open(images["repo"]) as repo:
-        ds = Datastore(repo, tmp_path / "cache", reserve=0)
+    with Stack.open(images["repo"]) as stack:
+        ds = Datastore(stack, tmp_path / "cache", reserve=0)
         ds.load()
         try:
             s = ds.publish(images["point"], "gen")
@@ -116,7 +117,7 @@ def test_reused_inode_is_stale_in_the_datastore(tmp_path, images, monkeypatch):
             assert len(ds.handle(sdir)) == 32 and ds.resolve(ds.handle(sdir)).path == str(s.dir)
             old_style = struct.pack(">BBHIQ", 1, REAL, 0, s.sid, reused.ino)
             with pytest.raises(StaleHandle):  # a client file's handle without a generation
-                ds.resolve(old_style + ds._mac(old_style))
+                ds.resolve(old_style + ds.handles._mac(old_style))
         finally:
             ds.close()
 
@@ -325,8 +326,8 @@ def test_publish_unpublish_and_client_files_run_off_the_loop(tmp_path, images, m
         assert not (s.cache_parent / f"{s.name}.{s.sid}").exists()
         await ds.aclose()
 
-    with Repository.open(images["repo"]) as repo:
-        ds = Datastore(repo, tmp_path / "cache", reserve=0)
+    with Stack.open(images["repo"]) as stack:
+        ds = Datastore(stack, tmp_path / "cache", reserve=0)
         ds.load()
         run(main(ds))
     assert on_loop == [], f"blocking calls on the event loop: {sorted(set(on_loop))}"
@@ -405,13 +406,13 @@ def test_daemon_starts_on_a_full_cache_volume(daemon_factory, images, small_volu
 
 
 def test_load_does_not_rewrite_unchanged_state(tmp_path, images):
-    with Repository.open(images["repo"]) as repo:
-        ds = Datastore(repo, tmp_path / "cache", reserve=0)
+    with Stack.open(images["repo"]) as stack:
+        ds = Datastore(stack, tmp_path / "cache", reserve=0)
         ds.load()
         ds.publish(images["point"], "same")
         ds.close()
         st = (tmp_path / "cache" / "state.json").stat()
-        ds2 = Datastore(repo, tmp_path / "cache", reserve=0)
+        ds2 = Datastore(stack, tmp_path / "cache", reserve=0)
         ds2.load()
         try:
             st2 = (tmp_path / "cache" / "state.json").stat()
@@ -425,8 +426,9 @@ def test_load_does_not_rewrite_unchanged_state(tmp_path, images):
 
 
 def test_publish_pins_and_unpublish_unpins(tmp_path, small_repo):
-    with Repository.open(small_repo["repo"]) as repo:
-        ds = Datastore(repo, tmp_path / "cache", reserve=0)
+    with Stack.open(small_repo["repo"]) as stack:
+        repo = stack.repo
+        ds = Datastore(stack, tmp_path / "cache", reserve=0)
         ds.load()
         try:
             s = ds.publish(small_repo["point"], "pinned")
@@ -446,8 +448,9 @@ def test_publish_pins_and_unpublish_unpins(tmp_path, small_repo):
 def test_load_repins_and_drops_pins_of_gone_sessions(tmp_path, small_repo):
     from engine.repo.pins import Pin, add_pin, remove_pin
 
-    with Repository.open(small_repo["repo"]) as repo:
-        ds = Datastore(repo, tmp_path / "cache", reserve=0)
+    with Stack.open(small_repo["repo"]) as stack:
+        repo = stack.repo
+        ds = Datastore(stack, tmp_path / "cache", reserve=0)
         ds.load()
         s = ds.publish(small_repo["point"], "inst")
         ds.publish(small_repo["point"], "sand", mode="sandbox")
@@ -460,7 +463,7 @@ def test_load_repins_and_drops_pins_of_gone_sessions(tmp_path, small_repo):
         add_pin(repo, other)
         for c in s.caches + ds.sessions["sand"].caches:
             c.close()
-        ds2 = Datastore(repo, tmp_path / "cache", reserve=0)
+        ds2 = Datastore(stack, tmp_path / "cache", reserve=0)
         ds2.load()
         try:
             assert ds2.daemon_id == daemon
@@ -471,15 +474,16 @@ def test_load_repins_and_drops_pins_of_gone_sessions(tmp_path, small_repo):
 
 
 def test_session_of_a_force_deleted_point_is_not_restored(tmp_path, small_repo, caplog):
-    with Repository.open(small_repo["repo"]) as repo:
-        ds = Datastore(repo, tmp_path / "cache", reserve=0)
+    with Stack.open(small_repo["repo"]) as stack:
+        repo = stack.repo
+        ds = Datastore(stack, tmp_path / "cache", reserve=0)
         ds.load()
         ds.publish(small_repo["point"], "doomed")
         ds.close()
         from engine.repo.pins import remove_pin
         remove_pin(repo, small_repo["point"], ds.daemon_id, "doomed")  # what --force does first
         repo.delete_point(small_repo["point"])
-        ds2 = Datastore(repo, tmp_path / "cache", reserve=0)
+        ds2 = Datastore(stack, tmp_path / "cache", reserve=0)
         with caplog.at_level(logging.ERROR, logger="instantnfs.datastore"):
             ds2.load()
         try:
@@ -501,8 +505,8 @@ def test_a_failed_write_cache_shows_in_the_session_view(tmp_path, small_repo, mo
     def eio(fd: int) -> None:
         raise OSError(_errno.EIO, os.strerror(_errno.EIO))
 
-    with Repository.open(small_repo["repo"]) as repo:
-        ds = Datastore(repo, tmp_path / "cache", reserve=0)
+    with Stack.open(small_repo["repo"]) as stack:
+        ds = Datastore(stack, tmp_path / "cache", reserve=0)
         ds.load()
         try:
             s = ds.publish(small_repo["point"], "f")

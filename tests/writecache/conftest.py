@@ -9,6 +9,7 @@ import pytest
 
 from engine.repo.ingest import BackupSettings, backup
 from engine.repo.repository import Repository
+from engine.stack import Stack
 from tests.images import sha256_tree
 
 DISK_SIZE = 16 << 20
@@ -35,13 +36,14 @@ def make_image(path: Path, size: int, seed: int) -> bytes:
 
 
 class Backup:
-    def __init__(self, root: Path, image: bytes, repo: Repository) -> None:
+    def __init__(self, root: Path, image: bytes, stack: Stack) -> None:
         self.root = root
         self.image = image
-        self.repo = repo
+        self.stack = stack
+        self.repo = stack.repo
 
     def disk(self):
-        return self.repo.point("latest").open_disk(0)
+        return self.stack.backup_disk(self.repo.point("latest"), 0)
 
 
 @pytest.fixture(scope="session")
@@ -57,8 +59,8 @@ def backup_repo(tmp_path_factory):
     with Repository.open(repo_dir) as repo:
         backup(repo, BackupSettings(vm="wc"), [str(img_path)])
     before = sha256_tree(repo_dir)
-    repo = Repository.open(repo_dir, cache_bytes=64 << 20)
-    yield Backup(repo_dir, image, repo)
-    repo.close()
+    stack = Stack.open(repo_dir, cache_bytes=64 << 20)
+    yield Backup(repo_dir, image, stack)
+    stack.close()
     after = sha256_tree(repo_dir)
     assert after == before, "the repository changed under the write cache tests"

@@ -18,7 +18,7 @@ import hashlib
 import json
 import sys
 
-from engine.repo.repository import Repository
+from engine.stack import Stack
 from engine.writecache import WriteCache
 from tests.writecache.model import pattern
 
@@ -32,8 +32,8 @@ def main() -> None:
 
         sim = PowerLossOS(0)
         engine.writecache.os = sim  # type: ignore[assignment]
-    repo = Repository.open(repo_dir, cache_bytes=32 << 20)
-    base = repo.point("latest").open_disk(0)
+    stack = Stack.open(repo_dir, cache_bytes=32 << 20)
+    base = stack.backup_disk(stack.repo.point("latest"), 0)
     if mode == "create":
         wc = WriteCache.create(cache_dir, base, granule=int(granule))
     else:
