@@ -87,12 +87,13 @@ def _arm_watchdog(limit: float) -> None:
 async def run_daemon(cfg: dict[str, Any], ready: asyncio.Future | None = None, exit_limit: float | None = None) -> int:
     """The daemon: open the repository, restore sessions, start services, wait for a signal.
 
-    Stopping: jobs cancelled (``ControlAPI.stop``, bounded), services stopped, disk
+    Stopping: jobs cancelled (``Jobs.stop``, bounded), services stopped, disk
     operations in flight given ``DRAIN_TIMEOUT``, caches committed and closed. With
     ``exit_limit`` (the ``serve`` command), a watchdog ends the process that long after
     the signal whatever still runs."""
     from engine.control.api import ControlAPI
     from engine.datastore import Datastore
+    from engine.jobs import Jobs
     from engine.nfs.server import NFSServices
     from engine.repo.repository import Repository
 
@@ -102,7 +103,8 @@ async def run_daemon(cfg: dict[str, Any], ready: asyncio.Future | None = None, e
         ds.load()
         services = NFSServices(ds, cfg["server"])
         ports = await services.start()
-        api = ControlAPI(ds, services, cfg)
+        jobs = Jobs(ds, cfg["server"].get("export_dirs"))
+        api = ControlAPI(ds, services, jobs, cfg)
         try:
             control_port = await api.start(cfg["control"]["bind"], cfg["control"]["port"])
         except OSError as e:
@@ -125,6 +127,7 @@ async def run_daemon(cfg: dict[str, Any], ready: asyncio.Future | None = None, e
         log.info("stopping")
         if exit_limit is not None:
             _arm_watchdog(exit_limit)
+        await jobs.stop()
         await api.stop()
         await services.stop()
         await ds.aclose(timeout=DRAIN_TIMEOUT)
