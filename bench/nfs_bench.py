@@ -5,7 +5,7 @@ and 2049 are ours alone; re-executes itself under ``unshare --net --mount``):
 
 - the input: a generated 2 GiB disk (``bench/gen_disk.py``, seed 1: holes, random, text,
   repeated blocks), backed up into an instantnfs repository (1 MiB blocks, LZ4, dedup);
-- instantnfs: ``engine.control.server_cli serve`` on 127.0.0.2 (portmapper on 111),
+- instantnfs: ``engine.control.cli serve`` on 127.0.0.2 (portmapper on 111),
   uvloop, block map build as reported, chunk cache sized to hold the whole disk for the
   "warm" figures; the "cold" figure restarts the daemon first (empty chunk cache; the
   pack files may still be in the kernel page cache: decompression is what is measured);
@@ -146,7 +146,7 @@ def start_ours(work: Path, m: dict) -> tuple[Proc, int]:
     cache_mib = max(1024, int(m["bytes"] * 1.25) >> 20)
     cfg.write_text(f"[cache]\nchunk_cache_mib = {cache_mib}\nreserve_gib = 0\n")  # a benchmark, not a VM: no free-space reserve
     shutil.rmtree(work / "cache", ignore_errors=True)  # no sessions left from an earlier run
-    p = Proc([PY, "-m", "engine.control.server_cli", "serve", "--repo", m["repo"], "--cache-dir", str(work / "cache"),
+    p = Proc([PY, "-m", "engine.control.cli", "serve", "--repo", m["repo"], "--cache-dir", str(work / "cache"),
               "--bind", OURS, "--control-bind", OURS, "--config", str(cfg)], work / "instantnfs.log", "instantnfs serving")
     return p, cache_mib
 

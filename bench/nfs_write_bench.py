@@ -147,7 +147,7 @@ class Ours:
         cfg.write_text(f"[cache]\nchunk_cache_mib = {self.cache_mib}\nreserve_gib = 0\n")
         self.cache = work / "write-cache"
         shutil.rmtree(self.cache, ignore_errors=True)
-        self.proc = nb.Proc([nb.PY, "-m", "engine.control.server_cli", "serve", "--repo", m["repo"], "--cache-dir", str(self.cache),
+        self.proc = nb.Proc([nb.PY, "-m", "engine.control.cli", "serve", "--repo", m["repo"], "--cache-dir", str(self.cache),
                              "--bind", nb.OURS, "--control-bind", nb.OURS, "--config", str(cfg)], work / "instantnfs-write.log",
                             "instantnfs serving")
         st = nb.api("GET", "/status")

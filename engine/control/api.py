@@ -9,20 +9,10 @@ a running job). Errors are ``{"error": "<one line>"}`` with 400 (bad request), 4
 export output outside the export directories, or existing), 404 (no such thing), 409
 (name taken, session busy, job already ended).
 
-Jobs (export, commit) run in a small thread pool of their own (long jobs: nothing else
-runs there, and they wait only for the write-cache, ingest and decompression pools),
-never on the loop: an export copies the merged disk while the client keeps writing
-(``engine.export``, into a new file in one of ``server.export_dirs``), a commit stores
-the merged disks as a new restore point equal to them at one instant through
-``engine.repo.ingest.commit_caches`` (parent: the session's point), under the
-repository's writer lock. A session with a running job cannot be unpublished. Jobs are
-kept in memory until the daemon stops.
-
-Every job has a cancel event, checked between blocks: ``DELETE jobs/{id}`` and the
-daemon's stop set it, and the job ends "cancelled" leaving nothing (no output file, no
-restore point). ``stop`` waits for the jobs a bounded time (``JOB_STOP_TIMEOUT``).
-Test seam (tests only, never set in production): ``INSTANTNFS_TEST_JOB_DELAY`` seconds
-each job waits at every progress step, so a test can stop a daemon in the middle of one.
+Jobs (export, commit) are ``engine.jobs``'s: a handler checks the request, starts one
+there and answers 202 with its state; ``GET jobs/{id}`` reports it, ``DELETE jobs/{id}``
+cancels it (waiting ``CANCEL_WAIT`` for it to end: 200 if it has, else 202). A session
+with a running job cannot be unpublished (409).
 
 Access: every request but ``GET openapi.json`` needs ``Authorization: Bearer <token>``,
 from loopback too (``engine.control.auth`` says where the token comes from and where
@@ -38,30 +28,25 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import itertools
 import logging
 import os
 import socket
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
 
 from engine.control import auth as authmod
 from engine.datastore import MODES, Datastore, GiB, Session
-from engine.errors import Cancelled, InstantNFSError, NoSpace, NotFound, OutputRefused, SessionError
-from engine.export import FORMATS, export_disk, open_output_dir
+from engine.errors import InstantNFSError, NoSpace, NotFound, OutputRefused, SessionError
+from engine.export import FORMATS
 from engine.fsutil import NO_SPACE_ERRNOS
+from engine.jobs import Jobs
 from engine.nfs.server import NFSServices
-from engine.repo.ingest import BackupSettings, commit_caches
 
 log = logging.getLogger("instantnfs.api")
 
 API = "/api/v1"
-JOB_STOP_TIMEOUT = 5.0  # seconds stop() waits for cancelled jobs to end
 CANCEL_WAIT = 5.0  # seconds DELETE jobs/{id} waits for the job to end before answering 202
 
 
@@ -74,32 +59,6 @@ def advertised_host(bind: str) -> str:
             return s.getsockname()[0]
     except OSError:
         return "127.0.0.1"
-
-
-@dataclass
-class Job:
-    """An export or commit running in the job pool; progress fields are set by its thread."""
-
-    id: str
-    kind: str  # "export" | "commit"
-    session: str
-    state: str = "running"  # running | done | failed | cancelled
-    phase: str = ""
-    done: int = 0
-    total: int = 0
-    started: float = field(default_factory=time.time)
-    finished: float | None = None
-    result: dict | None = None
-    error: str | None = None
-    cancel: threading.Event = field(default_factory=threading.Event)
-    task: asyncio.Task | None = None
-
-    def view(self) -> dict:
-        return {
-            "id": self.id, "kind": self.kind, "session": self.session, "state": self.state, "phase": self.phase,
-            "done": self.done, "total": self.total, "started": self.started, "finished": self.finished,
-            "result": self.result, "error": self.error, "cancel_requested": self.cancel.is_set(),
-        }
 
 
 def _no_space(e: BaseException | None) -> bool:
@@ -200,9 +159,10 @@ OPENAPI: dict[str, Any] = {
 
 
 class ControlAPI:
-    def __init__(self, ds: Datastore, services: NFSServices, cfg: dict[str, Any]) -> None:
+    def __init__(self, ds: Datastore, services: NFSServices, jobs: Jobs, cfg: dict[str, Any]) -> None:
         self.ds = ds
         self.services = services
+        self.jobs = jobs
         self.cfg = cfg
         self.started = time.time()
         self.port = 0
@@ -210,13 +170,6 @@ class ControlAPI:
         self.token: str = cfg["control"]["token"] or authmod.new_token()
         self._token_files: list = []
         self.host = advertised_host(cfg["server"]["bind"])
-        self.jobs: dict[str, Job] = {}
-        self._job_ids = itertools.count(1)
-        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="job")
-        self._tasks: set[asyncio.Task] = set()
-        self.export_dirs: list[str] = list(cfg["server"].get("export_dirs") or [str(ds.cache_dir / "exports")])
-        self._default_export_dir = str(ds.cache_dir / "exports")
-        self._test_delay = float(os.environ.get("INSTANTNFS_TEST_JOB_DELAY") or 0)  # tests only: see the design note
 
     # -- views -------------------------------------------------------------------------------
 
@@ -357,55 +310,13 @@ class ControlAPI:
             return self._error(409, str(e))
         return web.json_response({"unpublished": name})
 
-    # -- jobs --------------------------------------------------------------------------------
-
-    def _start_job(self, kind: str, s: Session, fn: Any) -> Job:
-        """Run ``fn(job)`` in the job pool; the session counts it until it ends."""
-        job = Job(f"{kind}-{next(self._job_ids)}", kind, s.name)
-        self.jobs[job.id] = job
-        s.jobs += 1
-
-        async def run() -> None:
-            try:
-                job.result = await asyncio.get_running_loop().run_in_executor(self._pool, fn, job)
-                job.state = "done"
-                log.info("job %s on session %s done: %s", job.id, s.name, job.result)
-            except Cancelled as e:
-                job.state, job.error = "cancelled", str(e)
-                log.info("job %s on session %s cancelled", job.id, s.name)
-            except InstantNFSError as e:
-                job.state, job.error = "failed", str(e)
-                log.error("job %s on session %s failed: %s", job.id, s.name, e)
-            except Exception as e:  # noqa: BLE001 - a bug: logged with its traceback, reported
-                job.state, job.error = "failed", f"internal error: {e!r}"
-                log.exception("job %s on session %s failed", job.id, s.name)
-            finally:
-                job.finished = time.time()
-                s.jobs -= 1
-
-        task = asyncio.get_running_loop().create_task(run())
-        job.task = task
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return job
-
-    def _step(self, job: Job) -> None:
-        """Every progress step of a job (tests only: a delay, cut short by a cancel)."""
-        if self._test_delay:
-            job.cancel.wait(self._test_delay)
+    # -- jobs ----------------------------------------------------------------------------------
 
     def _job_session(self, req: web.Request) -> Session:
         s = self.ds.sessions.get(req.match_info["name"])
         if s is None:
             raise NotFound(f"no published session {req.match_info['name']!r}")
         return s
-
-    def _check_output(self, out: str) -> None:
-        """In a thread (the path is the client's): the export output may be written."""
-        if self._default_export_dir in self.export_dirs:
-            os.makedirs(self._default_export_dir, exist_ok=True)
-        dfd, _name = open_output_dir(out, self.export_dirs)
-        os.close(dfd)
 
     async def h_export(self, req: web.Request) -> web.Response:
         try:
@@ -423,37 +334,14 @@ class ControlAPI:
             return self._error(400, f"'format' must be one of {', '.join(FORMATS)}")
         if not isinstance(out, str) or not os.path.isabs(out) or "\0" in out:
             return self._error(400, "'output' must be an absolute path on the daemon's host")
-        which = str(body.get("disk", ""))
-        names = [d.name for d in s.disks]
-        if which in names:
-            i = names.index(which)
-        elif which.isdigit() and int(which) < len(names):
-            i = int(which)
-        else:
-            return self._error(404, f"session {s.name!r} has no disk {which!r} (disks: {', '.join(names)})")
         try:
-            await asyncio.get_running_loop().run_in_executor(None, self._check_output, out)
+            job = await self.jobs.export(s, str(body.get("disk", "")), out, fmt)
+        except NotFound as e:
+            return self._error(404, str(e))
         except OutputRefused as e:
             return self._error(403, str(e))
         except InstantNFSError as e:
             return self._error(400, str(e))
-        except OSError as e:
-            return self._error(400, f"cannot create the export directory {self._default_export_dir}: {e.strerror}")
-        if s.name not in self.ds.sessions or self.ds.sessions[s.name] is not s:
-            return self._error(404, f"no published session {s.name!r}")
-        cache = s.caches[i]
-        dirs = list(self.export_dirs)
-
-        def work(job: Job) -> dict:
-            def progress(phase: str, done: int, total: int) -> None:
-                job.phase, job.done, job.total = phase, done, total
-                self._step(job)
-
-            r = export_disk(cache, out, fmt, progress, cancel=job.cancel, allowed_dirs=dirs)
-            return {"path": r.path, "format": r.format, "size": r.size, "data_bytes": r.data_bytes,
-                    "passes": r.passes, "recopied_bytes": r.recopied_bytes, "seconds": round(r.seconds, 3)}
-
-        job = self._start_job("export", s, work)
         return web.json_response(job.view(), status=202)
 
     async def h_commit(self, req: web.Request) -> web.Response:
@@ -465,39 +353,10 @@ class ControlAPI:
             await self._body(req, {}, (), "{} (commit takes no options)")
         except BadRequest as e:
             return self._error(400, str(e))
-        repo, point = self.ds.repo, s.point
-        m = point.manifest
-        settings = BackupSettings(vm=point.vm, cpus=m.get("cpus") or 1, memory_mib=m.get("memory_mib") or 1024,
-                                  firmware=m.get("firmware") or "bios", guest_os=m.get("guest_os") or "other-64")
-        caches = list(s.caches)
-
-        def work(job: Job) -> dict:
-            job.phase = "store"
-
-            def start(total: int) -> Any:
-                job.total = total
-
-                def advance(n: int) -> None:
-                    job.done += n
-                    self._step(job)
-                return advance
-
-            def phase(name: str) -> None:
-                job.phase = name
-
-            manifest, info = commit_caches(repo, settings, caches, point, progress_start=start, cancel=job.cancel,
-                                           on_phase=phase)
-            return {
-                "point": manifest["id"], "vm": manifest["vm"], "parent": manifest["parent"],
-                "changed_bytes": info["changed_bytes"], "passes": info["passes"],
-                "reread_bytes": info["reread_bytes"],
-            }
-
-        job = self._start_job("commit", s, work)
-        return web.json_response(job.view(), status=202)
+        return web.json_response(self.jobs.commit(s).view(), status=202)
 
     async def h_jobs(self, req: web.Request) -> web.Response:
-        return web.json_response([j.view() for j in self.jobs.values()])
+        return web.json_response([j.view() for j in self.jobs.all()])
 
     async def h_job(self, req: web.Request) -> web.Response:
         j = self.jobs.get(req.match_info["id"])
@@ -511,10 +370,7 @@ class ControlAPI:
             return self._error(404, f"no job {req.match_info['id']!r}")
         if j.state != "running":
             return self._error(409, f"job {j.id} has already ended ({j.state})")
-        j.cancel.set()
-        log.info("job %s on session %s: cancel requested", j.id, j.session)
-        if j.task is not None:
-            await asyncio.wait({j.task}, timeout=CANCEL_WAIT)
+        await self.jobs.cancel(j, CANCEL_WAIT)
         return web.json_response(j.view(), status=200 if j.state != "running" else 202)
 
     async def h_openapi(self, req: web.Request) -> web.Response:
@@ -579,21 +435,10 @@ class ControlAPI:
                         "or set control.token in the configuration")
         return self.port
 
-    async def stop(self, timeout: float = JOB_STOP_TIMEOUT) -> None:
-        """Cancel the running jobs and wait for them (at most ``timeout``), so that they
-        end before their caches close; then stop answering."""
-        running = [j for j in self.jobs.values() if j.state == "running"]
-        for j in running:
-            j.cancel.set()
-        if running:
-            log.info("cancelling %d running job(s): %s", len(running), ", ".join(j.id for j in running))
-        tasks = set(self._tasks)
-        if tasks:
-            _done, late = await asyncio.wait(tasks, timeout=timeout)
-            if late:
-                log.error("%d job(s) did not end within %.0f s of their cancel; stopping without them", len(late), timeout)
+    async def stop(self) -> None:
+        """Stop answering (the daemon has stopped the jobs first: ``Jobs.stop``) and remove
+        the per-user token index entries."""
         if self._runner is not None:
             await self._runner.cleanup()
         for path in self._token_files[1:]:  # the index entry; token_file stays for the next start
             authmod.remove_token(path, self.token)
-        self._pool.shutdown(wait=False, cancel_futures=True)

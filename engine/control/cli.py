@@ -1,20 +1,25 @@
-"""The instantnfs command line.
+"""The instantnfs command line: the one argparse home of every command, and ``main``.
 
-Every command prints a one-line error and exits non-zero on an expected failure
-(``engine.errors``); ``--json`` commands print exactly one JSON document on stdout.
-Long operations show a progress bar on a terminal.
+The commands live beside it: ``repo_cli`` (repository, backup, points, restore: no
+daemon), ``daemon`` (serve), ``demo``, ``client`` (the commands that call a running
+daemon's control API). Every command prints a one-line error and exits non-zero on an
+expected failure (``engine.errors``); ``--json`` commands print exactly one JSON
+document on stdout. Long operations show a progress bar on a terminal.
+``python -m engine.control.cli`` is the ``instantnfs`` command.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
-from engine.control.progress import Progress
-from engine.errors import InstantNFSError, UsageError
+from engine.control import client, repo_cli
+from engine.control.daemon import cmd_serve
+from engine.control.demo import cmd_demo
+from engine.errors import InstantNFSError
 from engine.tuning import tune_malloc
 
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b)?\s*$", re.I)
@@ -28,226 +33,7 @@ def parse_size(text: str) -> int:
     return int(m.group(1)) << (10 * " kmgt".index((m.group(2) or " ").lower()))
 
 
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return str(n)
-
-
-def _emit_json(obj: object) -> None:
-    json.dump(obj, sys.stdout, indent=2)
-    sys.stdout.write("\n")
-
-
-def _open_repo(args: argparse.Namespace):
-    from engine.repo.repository import Repository
-
-    if not args.repo:
-        raise UsageError("no repository given: use --repo PATH or set INSTANTNFS_REPO")
-    return Repository.open(args.repo)
-
-
-# -- repo --------------------------------------------------------------------------------
-
-
-def cmd_repo_init(args: argparse.Namespace) -> int:
-    from engine.repo.repository import Repository
-
-    path = Repository.init(args.path, args.block_size)
-    print(f"created repository {path} (block size {_human(args.block_size)})")
-    return 0
-
-
-def cmd_repo_check(args: argparse.Namespace) -> int:
-    from engine.repo.check import check
-
-    with _open_repo(args) as repo:
-        with Progress("verifying", None if not args.json else False) as bar:
-            total = sum(p.stat().st_size for p in repo.packs_dir.glob("*.pack")) if args.verify_data else 0
-            report = check(repo, args.verify_data, bar.start(total) if args.verify_data else None)
-        removed = []
-        if args.remove_stale_pins:
-            from engine.repo.pins import remove_pin
-
-            for pin in report.stale_pins:
-                remove_pin(repo, pin.point, pin.daemon, pin.session)
-                removed.append(pin)
-    if args.json:
-        _emit_json({**report.to_json(), "removed_pins": [p.to_json() for p in removed]})
-    else:
-        what = f"{report.points} restore points, {report.chunks} chunks"
-        if args.verify_data:
-            what += f", {report.chunks_verified} chunks read and verified"
-        for e in report.errors:
-            print(f"ERROR: {e}")
-        for b in report.bad_chunks:
-            print(f"BAD CHUNK: {b.error}")
-            for pid, disk, off in b.users:
-                print(f"    used by restore point {pid} disk {disk} at offset {off}")
-            if not b.users:
-                print("    used by no restore point")
-        for g in report.garbage:
-            print(f"garbage: {g}")
-        if report.garbage:
-            print("(garbage is harmless; 'instantnfs repo gc' removes it)")
-        stale = set(report.stale_pins)
-        for pin in report.pins:
-            if pin in removed:
-                print(f"removed stale pin: restore point {pin.point} was pinned by {pin.describe()}, which no longer serves it")
-            elif pin in stale:
-                print(f"STALE PIN: restore point {pin.point} pinned by {pin.describe()}, which no longer serves it; "
-                      f"remove with 'instantnfs repo unpin {pin.point} --session {pin.session} --daemon {pin.daemon}' "
-                      "or 'instantnfs repo check --remove-stale-pins'")
-            else:
-                print(f"pin: restore point {pin.point} is published as {pin.describe()}")
-        print(f"{'OK' if report.ok else 'DAMAGED'}: {what}")
-    return 0 if report.ok else 1
-
-
-def cmd_repo_unpin(args: argparse.Namespace) -> int:
-    from engine.errors import NotFound
-    from engine.repo.pins import list_pins, pin_is_stale, remove_pin
-
-    with _open_repo(args) as repo:
-        pins = [p for p in list_pins(repo) if p.point.startswith(args.point) and p.session == args.session
-                and (args.daemon is None or p.daemon == args.daemon)]
-        if not pins:
-            raise NotFound(f"no pin of restore point {args.point!r} by session {args.session!r} (see 'instantnfs repo check')")
-        if len({(p.point, p.daemon) for p in pins}) > 1:
-            raise UsageError(f"{len(pins)} pins match: name the point in full and the daemon with --daemon")
-        pin = pins[0]
-        if not pin_is_stale(pin) and not args.force:
-            raise UsageError(
-                f"the pin of {pin.point} by {pin.describe()} is live (or cannot be judged from this host): "
-                "unpublish the session instead, or pass --force if that daemon is really gone"
-            )
-        remove_pin(repo, pin.point, pin.daemon, pin.session)
-    print(f"removed the pin of restore point {pin.point} by {pin.describe()}")
-    return 0
-
-
-def cmd_repo_gc(args: argparse.Namespace) -> int:
-    from engine.repo.check import gc
-
-    with _open_repo(args) as repo:
-        out = gc(repo)
-    if args.json:
-        _emit_json(out)
-    else:
-        for note in out["notes"]:
-            print(f"note: {note}")
-        print(
-            f"removed {out['chunks_removed']} unused chunks, {out['packs_removed']} packs, "
-            f"{out['tmp_removed']} leftovers; reclaimed {_human(out['bytes_reclaimed'])}"
-        )
-    return 0
-
-
-# -- backup, points, restore -------------------------------------------------------------
-
-
-def cmd_backup(args: argparse.Namespace) -> int:
-    from engine.repo.ingest import BackupSettings, backup
-
-    settings = BackupSettings(
-        vm=args.vm, cpus=args.cpus, memory_mib=args.memory, firmware=args.firmware, guest_os=args.guest_os
-    )
-    with _open_repo(args) as repo:
-        with Progress(f"backup {args.vm}", False if (args.json or args.quiet) else None) as bar:
-            manifest = backup(repo, settings, args.disks, args.changed_extents, bar.start)
-    st = manifest["stats"]
-    result = {
-        "id": manifest["id"],
-        "vm": manifest["vm"],
-        "parent": manifest["parent"],
-        "disks": [{"name": d["name"], "size": d["size"], "source": d["source"]} for d in manifest["disks"]],
-        **{k: st[k] for k in st},
-    }
-    if args.json:
-        _emit_json(result)
-        return 0
-    ratio = lambda r: f"{r:.2f}x" if r else "n/a (nothing new stored)"  # noqa: E731
-    secs = st["elapsed_s"] or 1e-9
-    print(f"restore point {manifest['id']} of VM {manifest['vm']}")
-    print(f"  logical size   {_human(st['logical_bytes'])} in {len(manifest['disks'])} disk(s)")
-    print(f"  read           {_human(st['read_bytes'])} in {st['elapsed_s']:.2f} s ({_human(st['read_bytes'] / secs)}/s)")
-    print(f"  new stored     {_human(st['stored_bytes'])} ({st['new_chunks']} new chunks)")
-    print(f"  dedup          {ratio(st['dedup_ratio'])}   compression {ratio(st['compression_ratio'])}")
-    return 0
-
-
-def cmd_points_list(args: argparse.Namespace) -> int:
-    from engine.repo.pins import list_pins
-
-    with _open_repo(args) as repo:
-        points = [p.to_json() for p in repo.points(args.vm)]
-        pins = list_pins(repo)
-    for p in points:
-        p["pinned_by"] = [pin.to_json() for pin in pins if pin.point == p["id"]]
-    if args.json:
-        _emit_json(points)
-        return 0
-    if not points:
-        print("no restore points" + (f" of VM {args.vm}" if args.vm else ""))
-        return 0
-    print(f"{'ID':<24} {'VM':<20} {'CREATED':<21} {'DISKS':<28} {'STORED':>10}")
-    for p in points:
-        disks = ", ".join(f"{d['name']} {_human(d['size'])}" for d in p["disks"])
-        stored = _human(p["stats"].get("stored_bytes", 0))
-        print(f"{p['id']:<24} {p['vm']:<20} {p['created']:<21} {disks:<28} {stored:>10}")
-        for pin in p["pinned_by"]:
-            print(f"    published as session {pin['session']} by daemon {pin['daemon']} ({pin['host']}:{pin['cache_dir']})")
-    return 0
-
-
-def cmd_points_delete(args: argparse.Namespace) -> int:
-    from engine.repo.pins import list_pins, remove_pin
-
-    with _open_repo(args) as repo:
-        if args.force:
-            point = repo.point(args.point).id
-            for pin in list_pins(repo, point):
-                _unpublish_for_delete(args, pin)
-                remove_pin(repo, pin.point, pin.daemon, pin.session)  # the daemon normally did
-        pt = repo.delete_point(args.point)
-    print(f"deleted restore point {pt.id} of VM {pt.vm}; run 'instantnfs repo gc' to reclaim its space")
-    return 0
-
-
-def _unpublish_for_delete(args: argparse.Namespace, pin) -> None:
-    """Unpublish a pinned point's session through its daemon's control API, or refuse."""
-    from engine.control.server_cli import api_call, server_url
-
-    try:
-        api_call(args, "DELETE", f"/sessions/{pin.session}")
-    except InstantNFSError as e:
-        raise UsageError(
-            f"cannot unpublish {pin.describe()} through the daemon at {server_url(args)} ({e}); "
-            "the restore point was not deleted (give that daemon's --server, or unpublish it there)"
-        ) from None
-    print(f"unpublished {pin.describe()}")
-
-
-def cmd_restore(args: argparse.Namespace) -> int:
-    from engine.repo.restore import restore_disk
-    from engine.stack import Stack
-
-    with _open_repo(args) as repo, Stack(repo) as stack:
-        pt = repo.point(args.point)
-        info = pt.disk_info(args.disk)
-        with Progress(f"restore {info.name}", False if (args.json or args.quiet) else None) as bar:
-            out = restore_disk(pt, stack.backup_disk(pt, args.disk), args.output, args.force, bar.start(info.size))
-    if args.json:
-        _emit_json(out)
-    else:
-        print(f"restored disk {out['disk']} of {out['point']} to {out['output']} ({_human(out['size'])}, "
-              f"{_human(out['data_bytes'])} of data)")
-    return 0
-
-
-# -- parser ------------------------------------------------------------------------------
+# -- the parser (repository commands here, the daemon's and its clients' below) ---------------
 
 
 def _repo_opt(p: argparse.ArgumentParser) -> None:
@@ -274,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--block-size", type=parse_size, default=1 << 20, metavar="SIZE",
         help="dedup and compression unit: a power of two from 256K to 4M (default 1M)",
     )
-    p.set_defaults(func=cmd_repo_init)
+    p.set_defaults(func=repo_cli.cmd_repo_init)
     p = rsub.add_parser(
         "check", help="verify the repository's structure (and data)",
         description="Verify configuration, manifests, block maps and pack indexes. With --verify-data, "
@@ -286,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--remove-stale-pins", action="store_true",
                    help="remove the pins of daemons that are gone (see 'repo unpin' for one pin)")
-    p.set_defaults(func=cmd_repo_check)
+    p.set_defaults(func=repo_cli.cmd_repo_check)
     p = rsub.add_parser(
         "gc", help="remove chunks no restore point uses and reclaim their space",
         description="Delete unused packs, punch unused chunks out of partly used packs, and remove "
@@ -294,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _repo_opt(p)
     p.add_argument("--json", action="store_true", help="print what was done as JSON")
-    p.set_defaults(func=cmd_repo_gc)
+    p.set_defaults(func=repo_cli.cmd_repo_gc)
     p = rsub.add_parser(
         "unpin", help="remove the pin of a daemon that is gone",
         description="Remove a pin (a published restore point's protection against deletion) whose daemon "
@@ -305,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--session", required=True, help="the session name the pin names")
     p.add_argument("--daemon", metavar="ID", help="the daemon id the pin names (needed when several match)")
     p.add_argument("--force", action="store_true", help="remove the pin even if its daemon seems to serve it")
-    p.set_defaults(func=cmd_repo_unpin)
+    p.set_defaults(func=repo_cli.cmd_repo_unpin)
 
     p = sub.add_parser(
         "backup", help="store a restore point of a VM",
@@ -327,13 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.add_argument("disks", nargs="+", metavar="DISK", help="disk image files or block devices, in VM order")
-    p.set_defaults(func=cmd_backup)
+    p.set_defaults(func=repo_cli.cmd_backup)
 
     p = sub.add_parser("points", help="list (or delete) restore points", description="List restore points, oldest first.")
     _repo_opt(p)
     p.add_argument("--vm", help="only this VM's restore points")
     p.add_argument("--json", action="store_true", help="print the list as JSON")
-    p.set_defaults(func=cmd_points_list)
+    p.set_defaults(func=repo_cli.cmd_points_list)
     psub = p.add_subparsers(dest="points_command", metavar="ACTION")
     d = psub.add_parser(
         "delete", help="delete a restore point",
@@ -344,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("point", metavar="POINT", help="restore point id (or a unique prefix)")
     d.add_argument("--force", action="store_true", help="unpublish the point's sessions through the daemon first")
     d.add_argument("--server", help="the daemon's control API URL (default: $INSTANTNFS_SERVER, else the config's)")
-    d.set_defaults(func=cmd_points_delete)
+    d.set_defaults(func=repo_cli.cmd_points_delete)
 
     p = sub.add_parser(
         "restore", help="write a disk of a restore point to a raw file",
@@ -357,15 +143,117 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="overwrite an existing file")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_restore)
+    p.set_defaults(func=repo_cli.cmd_restore)
 
-    try:
-        from engine.control import server_cli
-    except ImportError:
-        server_cli = None  # type: ignore[assignment]
-    if server_cli is not None and hasattr(server_cli, "add_commands"):
-        server_cli.add_commands(sub)
+    _daemon_commands(sub)
     return parser
+
+
+# -- daemon and client commands ---------------------------------------------------------
+
+
+def _client_opts(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--server", help="control API URL, e.g. http://127.0.0.1:6161 (default: $INSTANTNFS_SERVER, else the config's control address)")
+    p.add_argument("--config", help="TOML configuration file")
+    p.add_argument("--token-file", help="file holding the control API token (default: the one the daemon wrote for this "
+                                        "server under ~/.local/state/instantnfs/tokens/, else control.token_file; "
+                                        "or set $INSTANTNFS_TOKEN)")
+
+
+def _serve_opts(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="TOML configuration file")
+    p.add_argument("--bind", help="address for portmap, MOUNT and NFS (default 0.0.0.0)")
+    p.add_argument("--portmap", choices=("on", "off"), help="run a portmapper (or register with the one on its port)")
+    p.add_argument("--portmap-port", type=int, help="portmapper port (default 111)")
+    p.add_argument("--mount-port", type=int, help="MOUNT port (default 1058, next free if taken)")
+    p.add_argument("--nfs-port", type=int, help="NFS port (default 2049, next free if taken)")
+    p.add_argument("--export", help="export path (default /instantnfs)")
+    p.add_argument("--allow", action="append", metavar="CIDR", help="allowed client network (repeatable)")
+    p.add_argument("--read-only", action="store_true", default=None, help="refuse every change (NFS3ERR_ROFS)")
+    p.add_argument("--export-dir", action="append", metavar="DIR",
+                   help="directory exports may write into (repeatable; default <cache-dir>/exports)")
+    p.add_argument("--cache-dir", help="session state and client files (default ~/.cache/instantnfs)")
+    p.add_argument("--write-dir", help="default directory of the write caches (default <cache-dir>/writecache)")
+    p.add_argument("--reserve-gib", type=int, help="free space a publish needs on the write-cache volume (default 100)")
+    p.add_argument("--control-bind", help="control API address (default 127.0.0.1)")
+    p.add_argument("--control-port", type=int, help="control API port (default 6161)")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def _daemon_commands(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "serve", help="run the NFS daemon in the foreground",
+        description="Run the NFS daemon in the foreground (SIGTERM or Ctrl-C stops it).",
+        epilog="The control API needs a bearer token on every request, from loopback too: control.token "
+               "from the config, else a random one made at each start. The daemon writes it (mode 0600) to "
+               "control.token_file (default <cache-dir>/control.token) and to "
+               "~/.local/state/instantnfs/tokens/<control-bind>_<port>, where the CLI of the same user finds it.")
+    p.add_argument("--repo", help="repository to serve")
+    _serve_opts(p)
+    p.set_defaults(func=cmd_serve)
+
+    p = subparsers.add_parser(
+        "demo", help="make a demo repository from a generated disk (reused later), serve it and publish it"
+    )
+    p.add_argument("--dir", help="demo repository and cache (default ~/.cache/instantnfs-demo)")
+    _serve_opts(p)
+    p.set_defaults(func=cmd_demo)
+
+    p = subparsers.add_parser("publish", help="publish a restore point in the running daemon's export")
+    p.add_argument("point", help="restore point id, unique prefix, 'latest' or 'VM@latest'")
+    p.add_argument("--name", help="session name (directory in the export)")
+    p.add_argument("--mode", choices=("instant", "sandbox"), default="instant",
+                   help="instant (default): the write cache survives daemon restarts; sandbox: a temporary cache removed at unpublish or stop")
+    p.add_argument("--cache-dir", help="directory for this session's write caches (default: the daemon's)")
+    p.add_argument("--reserve-gib", type=float, help="free space the cache volume must have (default: the daemon's, 100)")
+    p.add_argument("--force", action="store_true", help="publish even when the cache volume has less free space than the reserve")
+    p.add_argument("--json", action="store_true", help="print the session as JSON")
+    _client_opts(p)
+    p.set_defaults(func=client.cmd_publish)
+
+    p = subparsers.add_parser("unpublish", help="remove a session from the export")
+    p.add_argument("name")
+    _client_opts(p)
+    p.set_defaults(func=client.cmd_unpublish)
+
+    p = subparsers.add_parser("sessions", help="list published sessions with their nfs:// URLs")
+    p.add_argument("--json", action="store_true")
+    _client_opts(p)
+    p.set_defaults(func=client.cmd_sessions)
+
+    p = subparsers.add_parser("export", help="write a published disk (backup + write cache) to a raw or qcow2 file, while the VM runs")
+    p.add_argument("session")
+    p.add_argument("disk", help="disk name or index (0 = first)")
+    p.add_argument("-o", "--output", required=True, metavar="FILE",
+                   help="new file to write on the daemon's host, in one of its export directories (server.export_dirs)")
+    p.add_argument("--format", choices=("raw", "qcow2"), default="raw")
+    p.add_argument("--force", action="store_true", help=argparse.SUPPRESS)  # refused: exports never overwrite
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _client_opts(p)
+    p.set_defaults(func=client.cmd_export)
+
+    p = subparsers.add_parser("commit", help="store a session's disks (backup + write cache) as a new restore point")
+    p.add_argument("session")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _client_opts(p)
+    p.set_defaults(func=client.cmd_commit)
+
+    p = subparsers.add_parser("jobs", help="the running daemon's export and commit jobs")
+    p.add_argument("--json", action="store_true")
+    _client_opts(p)
+    p.set_defaults(func=client.cmd_jobs)
+
+    p = subparsers.add_parser("cancel", help="cancel a running export or commit job (it leaves nothing behind)")
+    p.add_argument("job", help="job id, as 'instantnfs jobs' lists it")
+    _client_opts(p)
+    p.set_defaults(func=client.cmd_cancel)
+
+    p = subparsers.add_parser("status", help="the running daemon's ports and counters")
+    p.add_argument("--json", action="store_true")
+    _client_opts(p)
+    p.set_defaults(func=client.cmd_status)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -48,7 +48,7 @@ def _serve(repo: Path, work: Path, addr: str) -> tuple[subprocess.Popen, str, Pa
     log = work / "daemon.log"
     with open(log, "wb") as logf:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "engine.control.server_cli", "serve", "--repo", str(repo),
+            [sys.executable, "-m", "engine.control.cli", "serve", "--repo", str(repo),
              "--cache-dir", str(work / "cache"), "--reserve-gib", "0", "--bind", addr, "--control-bind", addr, "--portmap-port", "111",
              "--export-dir", str(work)],
             cwd=ROOT, stdout=logf, stderr=subprocess.STDOUT)
@@ -95,7 +95,7 @@ def test_guest_boots_over_instantnfs(tmp_path):
     exported = tmp_path / "exported.img"
     try:
         out = subprocess.run(
-            [sys.executable, "-m", "engine.control.server_cli", "publish", "latest", "--name", "boot",
+            [sys.executable, "-m", "engine.control.cli", "publish", "latest", "--name", "boot",
              "--server", control, "--json"], cwd=ROOT, capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stderr
         session = json.loads(out.stdout)
@@ -110,11 +110,11 @@ def test_guest_boots_over_instantnfs(tmp_path):
         assert result.datacheck_ok, result.console_log[-2000:]
         assert proc.poll() is None, log.read_text()[-2000:]
         out = subprocess.run(
-            [sys.executable, "-m", "engine.control.server_cli", "export", "boot", disk["name"], "-o", str(exported),
+            [sys.executable, "-m", "engine.control.cli", "export", "boot", disk["name"], "-o", str(exported),
              "--server", control, "--json"], cwd=ROOT, capture_output=True, text=True, timeout=300)
         assert out.returncode == 0, out.stderr
         sessions = json.loads(subprocess.run(
-            [sys.executable, "-m", "engine.control.server_cli", "sessions", "--server", control, "--json"],
+            [sys.executable, "-m", "engine.control.cli", "sessions", "--server", control, "--json"],
             cwd=ROOT, capture_output=True, text=True, timeout=60, check=True).stdout)
         assert sessions[0]["disks"][0]["dirty_bytes"] > 0  # the guest wrote into the cache
     finally:

@@ -1,6 +1,6 @@
 """Fixtures for the NFS server tests: a repository of generated images, and daemons.
 
-Every daemon runs as a subprocess (``python -m engine.control.server_cli serve``) on a
+Every daemon runs as a subprocess (``python -m engine.control.cli serve``) on a
 loopback address of its own from 127.0.0.61-127.0.0.84 (the range kept for these tests;
 127.0.0.85-90 belong to the guest test), with its portmapper on port 111
 of that address (QEMU's libnfs always asks port 111 of the URL's host), MOUNT, NFS and
@@ -82,7 +82,7 @@ class Daemon:
 
     def start(self, timeout: float = 20.0) -> Daemon:
         cmd = [
-            sys.executable, "-m", "engine.control.server_cli", "serve",
+            sys.executable, "-m", "engine.control.cli", "serve",
             "--repo", str(self.repo), "--cache-dir", str(self.cache_dir),
             "--bind", self.addr, "--control-bind", self.addr,
             "--portmap-port", str(self.portmap_port), "--reserve-gib", "0", *self.extra,

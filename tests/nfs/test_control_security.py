@@ -8,13 +8,17 @@ traceback; ``INSTANTNFS_SERVER=http://host:port/api/v1`` (as the docs print it) 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import socket
 import stat
 import subprocess
 import sys
+import threading
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -179,3 +183,124 @@ def test_publish_onto_a_full_volume_is_507(daemon_factory, images, tmp_path):
         assert "Traceback" not in dmn.log.read_text()
     finally:
         subprocess.run(["umount", "-l", str(vol)], check=False)
+
+
+# -- the CLI's one request/print/error path (issue 9) ----------------------------------------
+#
+# Before: each command that calls the daemon repeated its own print and JSON tail, and an
+# answer that was not JSON, or not HTTP at all, escaped as a traceback (JSONDecodeError,
+# BadStatusLine) from every one of them.
+
+
+def _command(capsys: Any, monkeypatch: Any, *argv: str) -> tuple[int, str, str]:
+    """One CLI command run in this process, as the parser dispatches it (not through
+    ``main``, whose own catch would hide a command that lets an error out)."""
+    from engine.control.cli import build_parser
+
+    monkeypatch.delenv("INSTANTNFS_TOKEN", raising=False)
+    monkeypatch.delenv("INSTANTNFS_SERVER", raising=False)
+    args = build_parser().parse_args(list(argv))
+    rc = args.func(args)
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+@contextlib.contextmanager
+def _answering(addr: str, reply: bytes) -> Iterator[str]:
+    """A loopback TCP server that reads each request (headers and body) and answers
+    ``reply`` whatever was asked; its URL."""
+    srv = socket.socket()
+    srv.bind((addr, 0))
+    srv.listen(8)
+    srv.settimeout(0.2)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = srv.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.settimeout(5)
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    got = conn.recv(65536)
+                    if not got:
+                        break
+                    data += got
+                head, _, body = data.partition(b"\r\n\r\n")
+                length = next((int(h.split(b":")[1]) for h in head.split(b"\r\n") if h.lower().startswith(b"content-length:")), 0)
+                while len(body) < length:
+                    got = conn.recv(65536)
+                    if not got:
+                        break
+                    body += got
+                conn.sendall(reply)
+                conn.shutdown(socket.SHUT_WR)
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        yield f"http://{addr}:{srv.getsockname()[1]}"
+    finally:
+        stop.set()
+        t.join(10)
+        srv.close()
+
+
+def test_client_commands_print_json_or_their_human_form(daemon_factory, images, capsys, monkeypatch):
+    dmn = daemon_factory()
+    dmn.api("POST", "/sessions", {"point": images["point"], "name": "shown"})
+    sessions = dmn.api("GET", "/sessions")
+    s = sessions[0]
+    rc, out, err = _command(capsys, monkeypatch, "sessions", "--json", "--server", dmn.url)
+    assert (rc, err) == (0, "")
+    assert out == json.dumps(sessions, indent=2) + "\n"  # exactly the API's document
+    rc, out, err = _command(capsys, monkeypatch, "sessions", "--server", dmn.url)
+    assert (rc, err) == (0, "")
+    lines = out.splitlines()
+    assert lines[0] == f"shown  VM {s['vm']}  point {s['point'][:12]}  {s['path']}"
+    assert f"    QEMU:       {s['disks'][0]['url']}" in lines and "{" not in out
+    rc, out, err = _command(capsys, monkeypatch, "status", "--json", "--server", dmn.url)
+    assert (rc, err) == (0, "")
+    st = json.loads(out)
+    assert out == json.dumps(st, indent=2) + "\n" and st["ports"] == dmn.status["ports"] and st["sessions"] == 1
+    rc, out, err = _command(capsys, monkeypatch, "status", "--server", dmn.url)
+    assert (rc, err) == (0, "")
+    p = st["ports"]
+    lines = out.splitlines()
+    assert len(lines) == 3 and lines[0].startswith(f"instantnfs pid {st['pid']}, up ")
+    assert lines[1] == f"  export /instantnfs on {dmn.addr}: portmap 111, mount {p['mount']}, nfs {p['nfs']}, control {p['control']}"
+    assert lines[2].startswith("  sessions 1, NFS calls ")
+
+
+# every command that calls the daemon, with and without --json
+_CLIENT_COMMANDS = [("sessions", "--json"), ("sessions",), ("status", "--json"), ("jobs",), ("publish", "p", "--json"),
+                    ("unpublish", "x"), ("commit", "s", "-q"), ("export", "s", "0", "-o", "/tmp/never-written.raw", "--json"),
+                    ("cancel", "export-1")]
+
+
+def test_client_without_a_daemon_or_with_something_else_is_one_line(capsys, monkeypatch):
+    addr = take_address()
+    try:
+        s = socket.socket()
+        s.bind((addr, 0))
+        url = f"http://{addr}:{s.getsockname()[1]}"
+        s.close()  # bound, never listening: the port refuses connections
+        for argv in _CLIENT_COMMANDS:
+            rc, out, err = _command(capsys, monkeypatch, *argv, "--server", url)
+            assert (rc, out) == (2, ""), argv
+            assert err == f"instantnfs: no instantnfs daemon at {url} ([Errno 111] Connection refused); " \
+                          "start one with 'instantnfs serve'\n", argv
+        # something that answers 200 but not JSON, something that does not speak HTTP
+        for reply, says in ((b"HTTP/1.0 200 OK\r\nContent-Type: text/html\r\n\r\n<html>hello</html>", "not JSON"),
+                            (b"SSH-2.0-OpenSSH_9.6\r\n", "did not answer")):
+            with _answering(addr, reply) as url:
+                for argv in _CLIENT_COMMANDS:
+                    rc, out, err = _command(capsys, monkeypatch, *argv, "--server", url)
+                    assert (rc, out) == (2, ""), (argv, err)
+                    assert err.startswith(f"instantnfs: {url} ") and err.count("\n") == 1, (argv, err)
+                    assert says in err and "is it an instantnfs daemon?" in err, (argv, err)
+    finally:
+        give_address(addr)

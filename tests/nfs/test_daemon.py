@@ -36,7 +36,7 @@ from tests.nfs.conftest import ROOT, give_address, run, take_address
 
 
 def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "engine.control.server_cli", *args], cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "engine.control.cli", *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=60, env=env)
 
 
@@ -184,7 +184,7 @@ def test_fixed_portmap_port_held_by_something_else(images, tmp_path):
         s.bind((addr, 111))
         s.listen(1)
         r = subprocess.run(
-            [sys.executable, "-m", "engine.control.server_cli", "serve", "--repo", str(images["repo"]),
+            [sys.executable, "-m", "engine.control.cli", "serve", "--repo", str(images["repo"]),
              "--cache-dir", str(tmp_path / "c"), "--bind", addr, "--control-bind", addr],
             cwd=ROOT, capture_output=True, text=True, timeout=60,
         )
@@ -350,7 +350,7 @@ def test_demo_sets_up_serves_and_reuses(tmp_path):
     addr = take_address()
     try:
         for expect in ("created", "reusing"):
-            cmd = [sys.executable, "-m", "engine.control.server_cli", "demo", "--dir", str(tmp_path / "demo"),
+            cmd = [sys.executable, "-m", "engine.control.cli", "demo", "--dir", str(tmp_path / "demo"),
                    "--bind", addr, "--control-bind", addr]
             p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
             try:

@@ -108,7 +108,7 @@ def test_qemu_img_info_compare_convert_bench(served, images, tmp_path):
 def test_sessions_json_gives_urls_that_work(served, images):
     require_tool("qemu-img", "nfs-cat")
     out = subprocess.run(
-        [sys.executable, "-m", "engine.control.server_cli", "sessions", "--json", "--server", served.url],
+        [sys.executable, "-m", "engine.control.cli", "sessions", "--json", "--server", served.url],
         cwd=ROOT, capture_output=True, check=True, timeout=30,
     ).stdout
     sessions = json.loads(out)

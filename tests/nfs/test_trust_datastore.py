@@ -499,7 +499,7 @@ def test_a_failed_write_cache_shows_in_the_session_view(tmp_path, small_repo, mo
     import errno as _errno
 
     from engine import writecache
-    from engine.control.server_cli import _print_session
+    from engine.control.client import _print_session
     from engine.errors import WriteCacheError
 
     def eio(fd: int) -> None:
