@@ -14,15 +14,11 @@ from typing import Any
 
 from engine.datastore import Datastore
 from engine.errors import DatastoreError
-from engine.nfs.rpc import CallContext, Proc, ProcError, Program
-from engine.nfs.xdr import (
+from engine.nfs.mount_types import (
     MNTPATHLEN,
     MOUNT_PROGRAM,
     MOUNT_V3,
     MOUNTPROC3,
-    Packer,
-    Unpacker,
-    auth_flavor,
     dirpath,
     exportnode,
     exports,
@@ -32,6 +28,9 @@ from engine.nfs.xdr import (
     mountres3_ok,
     mountstat3,
 )
+from engine.nfs.rpc import CallContext, Proc, ProcError, Program
+from engine.nfs.rpc_types import auth_flavor
+from engine.nfs.xdr import Packer, Unpacker
 
 log = logging.getLogger("instantnfs.mount")
 

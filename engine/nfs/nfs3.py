@@ -2,8 +2,9 @@
 
 Each ``nfs3_<proc>`` receives decoded arguments and the call context and returns the
 procedure's ``<PROC>3resok`` value, or raises: ``ProcError(status)``, a datastore error
-or an ``OSError``. ``status_of`` is the one place that maps those to ``nfsstat3``; the
-RPC dispatcher then writes the status and the procedure's mandatory failure body
+or an ``OSError``. ``nfs3_convert.status_of`` is the one place that maps those to
+``nfsstat3`` (``nfs3_convert`` also turns datastore attributes into ``fattr3``); the RPC
+dispatcher then writes the status and the procedure's mandatory failure body
 (``fail_<kind>`` below, computed from the arguments: post_op_attr or wcc_data).
 
 The table ``NFS3.procs`` holds, per procedure, the decoder, the handler, the success and
@@ -17,35 +18,15 @@ datastore and puts them into the reply uncopied.
 """
 from __future__ import annotations
 
-import errno
-import logging
 import os
 import stat
 from typing import Any
 
-from engine.datastore import MAX_FILE_SIZE, NOW, VDISK, Attr, Datastore, Node, SetAttr
-from engine.errors import (
-    BadCookie,
-    BadHandle,
-    BadType,
-    FileTooLarge,
-    IntegrityError,
-    NoSpace,
-    StaleHandle,
-    TooSmall,
-    WriteCacheError,
-)
-from engine.nfs.rpc import (
-    CAN_BE_DUP,
-    MAKES_IO,
-    MAKES_WRITE,
-    NEEDS_AUTH,
-    CallContext,
-    Proc,
-    ProcError,
-    Program,
-)
-from engine.nfs.xdr import (
+from engine.datastore import MAX_FILE_SIZE, VDISK, Datastore, Node
+from engine.errors import TooSmall
+from engine.nfs.nfs3_convert import nfstime as _time  # the name the disk-attribute lines below use
+from engine.nfs.nfs3_convert import status_of, to_fattr3, to_setattr
+from engine.nfs.nfs3_types import (
     ACCESS3_DELETE,
     ACCESS3_EXECUTE,
     ACCESS3_EXTEND,
@@ -65,7 +46,6 @@ from engine.nfs.xdr import (
     COMMIT3resok,
     CREATE3args,
     CREATE3resok,
-    Enum,
     FSINFO3args,
     FSINFO3resok,
     FSSTAT3args,
@@ -78,7 +58,6 @@ from engine.nfs.xdr import (
     LOOKUP3resok,
     MKDIR3args,
     MKNOD3args,
-    Packer,
     PATHCONF3args,
     PATHCONF3resok,
     READ3args,
@@ -95,119 +74,36 @@ from engine.nfs.xdr import (
     SETATTR3args,
     SETATTR3resok,
     SYMLINK3args,
-    Unpacker,
     WRITE3resok,
-    XDRError,
     createmode3,
     dirlist3,
     dirlistplus3,
     entry3,
     entryplus3,
-    fattr3,
     ftype3,
     nfs_fh3,
     nfsstat3,
     nfstime3,
     post_op_attr,
-    specdata3,
     stable_how,
-    time_how,
     wcc_attr,
     wcc_data,
 )
-
-log = logging.getLogger("instantnfs.nfs3")
+from engine.nfs.rpc import (
+    CAN_BE_DUP,
+    MAKES_IO,
+    MAKES_WRITE,
+    NEEDS_AUTH,
+    CallContext,
+    Proc,
+    ProcError,
+    Program,
+)
+from engine.nfs.xdr import Enum, Packer, Unpacker
 
 MAX_IO = 1 << 20
 MAX_OFFSET = MAX_FILE_SIZE  # FSINFO maxfilesize: offset3 is a uint64, files end before 2^63
 _STABLE = Enum(stable_how)
-
-_ERRNO = {
-    errno.EPERM: nfsstat3.NFS3ERR_PERM,
-    errno.ENOENT: nfsstat3.NFS3ERR_NOENT,
-    errno.EIO: nfsstat3.NFS3ERR_IO,
-    errno.ENXIO: nfsstat3.NFS3ERR_NXIO,
-    errno.EACCES: nfsstat3.NFS3ERR_ACCES,
-    errno.EEXIST: nfsstat3.NFS3ERR_EXIST,
-    errno.EXDEV: nfsstat3.NFS3ERR_XDEV,
-    errno.ENODEV: nfsstat3.NFS3ERR_NODEV,
-    errno.ENOTDIR: nfsstat3.NFS3ERR_NOTDIR,
-    errno.EISDIR: nfsstat3.NFS3ERR_ISDIR,
-    errno.EINVAL: nfsstat3.NFS3ERR_INVAL,
-    errno.ELOOP: nfsstat3.NFS3ERR_INVAL,
-    errno.EFBIG: nfsstat3.NFS3ERR_FBIG,
-    errno.ENOSPC: nfsstat3.NFS3ERR_NOSPC,
-    errno.EROFS: nfsstat3.NFS3ERR_ROFS,
-    errno.EMLINK: nfsstat3.NFS3ERR_MLINK,
-    errno.ENAMETOOLONG: nfsstat3.NFS3ERR_NAMETOOLONG,
-    errno.ENOTEMPTY: nfsstat3.NFS3ERR_NOTEMPTY,
-    errno.EDQUOT: nfsstat3.NFS3ERR_DQUOT,
-    errno.ENOTSUP: nfsstat3.NFS3ERR_NOTSUPP,
-}
-
-
-def status_of(e: BaseException) -> nfsstat3 | None:
-    """The nfsstat3 for an expected error, None for a bug (the dispatcher logs it)."""
-    if isinstance(e, StaleHandle):
-        return nfsstat3.NFS3ERR_STALE
-    if isinstance(e, BadHandle):
-        return nfsstat3.NFS3ERR_BADHANDLE
-    if isinstance(e, BadCookie):
-        return nfsstat3.NFS3ERR_BAD_COOKIE
-    if isinstance(e, TooSmall):
-        return nfsstat3.NFS3ERR_TOOSMALL
-    if isinstance(e, BadType):
-        return nfsstat3.NFS3ERR_BADTYPE
-    if isinstance(e, NoSpace):
-        log.warning("write refused, no space: %s", e)
-        return nfsstat3.NFS3ERR_NOSPC
-    if isinstance(e, FileTooLarge):
-        return nfsstat3.NFS3ERR_FBIG
-    if isinstance(e, (IntegrityError, WriteCacheError)):
-        log.error("I/O error sent to the client: %s", e)
-        return nfsstat3.NFS3ERR_IO
-    if isinstance(e, OSError):
-        st = _ERRNO.get(e.errno or 0)
-        if st is None:
-            log.error("unexpected OS error sent as NFS3ERR_IO: %s", e)
-            return nfsstat3.NFS3ERR_IO
-        log.debug("nfs error %s: %s", st.name, e)
-        return st
-    return None
-
-
-_FTYPE = {
-    stat.S_IFREG: ftype3.NF3REG,
-    stat.S_IFDIR: ftype3.NF3DIR,
-    stat.S_IFBLK: ftype3.NF3BLK,
-    stat.S_IFCHR: ftype3.NF3CHR,
-    stat.S_IFLNK: ftype3.NF3LNK,
-    stat.S_IFSOCK: ftype3.NF3SOCK,
-    stat.S_IFIFO: ftype3.NF3FIFO,
-}
-
-
-def _time(ns: int) -> Any:
-    return nfstime3((ns // 1_000_000_000) & 0xFFFFFFFF, ns % 1_000_000_000)
-
-
-def to_fattr3(a: Attr, fsid: int) -> Any:
-    return fattr3(
-        _FTYPE.get(stat.S_IFMT(a.mode), ftype3.NF3REG), a.mode & 0o7777, a.nlink, a.uid, a.gid, a.size, a.used,
-        specdata3(os.major(a.rdev), os.minor(a.rdev)), fsid, a.fileid, _time(a.atime_ns), _time(a.mtime_ns), _time(a.ctime_ns),
-    )
-
-
-def _settime(v: Any) -> int | str | None:
-    if v.tag == time_how.DONT_CHANGE:
-        return None
-    if v.tag == time_how.SET_TO_SERVER_TIME:
-        return NOW
-    return v.body.seconds * 1_000_000_000 + v.body.nseconds
-
-
-def to_setattr(s: Any) -> SetAttr:
-    return SetAttr(s.mode, s.uid, s.gid, s.size, _settime(s.atime), _settime(s.mtime))
 
 
 def _decode_read(u: Unpacker) -> Any:
@@ -571,4 +467,4 @@ class NFS3:
         return Program(NFS_PROGRAM, "nfs", {NFS_V3: self.procs}, map_error=status_of)
 
 
-__all__ = ["NFS3", "status_of", "to_fattr3", "XDRError"]
+__all__ = ["NFS3"]

@@ -31,21 +31,19 @@ import struct
 import time
 from dataclasses import dataclass
 
-from engine.nfs.rpc import CallContext, Proc, Program
-from engine.nfs.xdr import (
+from engine.nfs.portmap_types import (
     IPPROTO_TCP,
     IPPROTO_UDP,
     PMAP_PROG,
     PMAPPROC,
     RPCBPROC,
-    Packer,
-    Unpacker,
     mapping,
     pmaplist,
     rp__list,
     rpcb,
-    uint32,
 )
+from engine.nfs.rpc import CallContext, Proc, Program
+from engine.nfs.xdr import Packer, Unpacker, uint32
 
 _NETIDS = {IPPROTO_TCP: b"tcp", IPPROTO_UDP: b"udp"}
 _PROTOS = {b"tcp": IPPROTO_TCP, b"udp": IPPROTO_UDP, b"tcp6": IPPROTO_TCP, b"udp6": IPPROTO_UDP}

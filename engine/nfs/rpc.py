@@ -51,11 +51,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.nfs.xdr import (
+from engine.nfs.rpc_types import (
     RPC_VERSION,
-    Packer,
-    Unpacker,
-    XDRError,
     accept_stat,
     auth_flavor,
     auth_stat,
@@ -64,6 +61,7 @@ from engine.nfs.xdr import (
     reject_stat,
     reply_stat,
 )
+from engine.nfs.xdr import Packer, Unpacker, XDRError
 
 log = logging.getLogger("instantnfs.rpc")
 

@@ -21,21 +21,17 @@ from typing import Any
 import pytest
 
 from engine.nfs.client import NFSClient, RpcClient, auth_sys, build_call, frame
-from engine.nfs.xdr import (
+from engine.nfs.mount_types import MOUNT_PROGRAM, MOUNTPROC3, mountstat3
+from engine.nfs.nfs3_types import (
     DONT_CHANGE_TIME,
-    MOUNT_PROGRAM,
-    MOUNTPROC3,
     NFS_PROGRAM,
     NFSPROC3,
-    PMAP_PROG,
-    PMAPPROC,
     SATTR3_NONE,
     COMMIT3args,
     CREATE3args,
     LINK3args,
     LOOKUP3args,
     MKDIR3args,
-    Packer,
     READ3args,
     READDIR3args,
     READDIRPLUS3args,
@@ -43,18 +39,16 @@ from engine.nfs.xdr import (
     RENAME3args,
     SETATTR3args,
     SYMLINK3args,
-    UnionValue,
     WRITE3args,
     createmode3,
     diropargs3,
-    mapping,
-    mountstat3,
     nfs_fh3,
     nfsstat3,
     sattr3,
     symlinkdata3,
-    uint32,
 )
+from engine.nfs.portmap_types import PMAP_PROG, PMAPPROC, mapping
+from engine.nfs.xdr import Packer, UnionValue, uint32
 from tests.conftest import require_tool
 from tests.nfs.conftest import run
 
@@ -138,7 +132,7 @@ def test_long_names_are_nametoolong_not_garbage_args(served, n):
                 "SYMLINK target": (NFSPROC3.SYMLINK, SYMLINK3args(dirop(d, b"sl"), symlinkdata3(SATTR3_NONE, name))),
                 "LINK": (NFSPROC3.LINK, LINK3args(nfs_fh3(f), dirop(d, name))),
             }
-            from engine.nfs.client import RES
+            from engine.nfs.nfs3_types import RES
             for what, (proc, args) in calls.items():
                 if what == "SYMLINK target" and n < 4096:
                     continue  # a 256-byte target is a valid symlink

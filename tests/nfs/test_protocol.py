@@ -11,20 +11,23 @@ from typing import Any
 import pytest
 
 from engine.nfs.client import AUTH_NONE, NFSClient, RpcClient, auth_sys, build_call, frame
-from engine.nfs.xdr import (
+from engine.nfs.mount_types import (
+    MOUNT_PROGRAM,
+    MOUNTPROC3,
+    exports,
+    mountlist,
+    mountres3,
+    mountstat3,
+)
+from engine.nfs.nfs3_types import (
     ACCESS3_EXECUTE,
     ACCESS3_EXTEND,
     ACCESS3_LOOKUP,
     ACCESS3_MODIFY,
     ACCESS3_READ,
     DONT_CHANGE_TIME,
-    MOUNT_PROGRAM,
-    MOUNTPROC3,
     NFS_PROGRAM,
     NFSPROC3,
-    PMAP_PROG,
-    PMAPPROC,
-    RPCBPROC,
     SATTR3_NONE,
     ACCESS3args,
     COMMIT3args,
@@ -35,7 +38,6 @@ from engine.nfs.xdr import (
     LOOKUP3args,
     MKDIR3args,
     MKNOD3args,
-    Packer,
     PATHCONF3args,
     READ3args,
     READDIR3args,
@@ -44,27 +46,28 @@ from engine.nfs.xdr import (
     RENAME3args,
     SETATTR3args,
     SYMLINK3args,
-    UnionValue,
     createmode3,
     devicedata3,
     diropargs3,
-    exports,
     ftype3,
-    mapping,
-    mountlist,
-    mountres3,
-    mountstat3,
     nfs_fh3,
     nfsstat3,
     nfstime3,
-    rp__list,
-    rpcb,
     sattr3,
     specdata3,
     symlinkdata3,
     time_how,
-    uint32,
 )
+from engine.nfs.portmap_types import (
+    PMAP_PROG,
+    PMAPPROC,
+    RPCBPROC,
+    mapping,
+    pmaplist,
+    rp__list,
+    rpcb,
+)
+from engine.nfs.xdr import Packer, UnionValue, uint32
 from tests.nfs.conftest import run
 
 X = 0x11223344
@@ -288,7 +291,7 @@ async def _read_disk(served: Any, session: str, disk: str, off: int, n: int) -> 
 
 
 def _write_args(fh: bytes, off: int, data: bytes, stable: int = 2) -> Any:
-    from engine.nfs.xdr import WRITE3args
+    from engine.nfs.nfs3_types import WRITE3args
 
     return WRITE3args(fh3(fh), off, len(data), stable, data)
 
@@ -452,7 +455,7 @@ def test_duplicate_request_cache_on_retransmitted_remove(served):
         fresh = build_call(0x5EED0002, NFS_PROGRAM, 3, NFSPROC3.REMOVE, p.getvalue(), cred=auth_sys())
         assert (await c.rpc.call_raw(fresh))[24:28] == words(nfsstat3.NFS3ERR_NOENT)
         # a retransmitted CREATE gets its original reply too (not EXIST)
-        from engine.nfs.xdr import CREATE3args
+        from engine.nfs.nfs3_types import CREATE3args
 
         p = Packer()
         CREATE3args.pack(p, CREATE3args(dirop(w, "once"), UnionValue(createmode3.GUARDED, SATTR3_NONE)))
@@ -538,7 +541,7 @@ def test_portmapper_v2_and_rpcbind(served):
             assert port == served.mount_port
             assert uint32.unpack(await c.call(PMAP_PROG, 2, PMAPPROC.GETPORT, mapping.encode(mapping(123456, 1, 6, 0)))) == 0
             dump = [(m.prog, m.vers, m.prot, m.port) for m in
-                    __import__("engine.nfs.xdr", fromlist=["pmaplist"]).pmaplist.unpack(await c.call(PMAP_PROG, 2, PMAPPROC.DUMP))]
+                    pmaplist.unpack(await c.call(PMAP_PROG, 2, PMAPPROC.DUMP))]
             assert (NFS_PROGRAM, 3, 6, served.nfs_port) in dump and (PMAP_PROG, 2, 17, 111) in dump
             for v in (3, 4):
                 u = await c.call(PMAP_PROG, v, RPCBPROC.GETADDR, rpcb.encode(rpcb(NFS_PROGRAM, 3, b"tcp", b"", b"")))
