@@ -296,7 +296,8 @@ async def serve_standalone(bind: str, port: int, unix: str | None = None) -> Non
     """Only the portmapper, TCP and UDP, until SIGTERM/SIGINT: for peer servers in benchmarks."""
     import signal
 
-    from engine.nfs.rpc import RpcDatagramProtocol, RpcServer, RpcStreamProtocol
+    from engine.nfs.rpc import RpcServer
+    from engine.nfs.transport import RpcDatagramProtocol, RpcStreamProtocol
 
     pm = PortMapper()
     rpc = RpcServer()

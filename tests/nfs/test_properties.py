@@ -17,7 +17,8 @@ from engine.nfs.client import build_call
 from engine.nfs.mount import Mount3
 from engine.nfs.nfs3 import NFS3
 from engine.nfs.nfs3_types import RES
-from engine.nfs.rpc import RpcServer, RpcStreamProtocol
+from engine.nfs.rpc import RpcServer
+from engine.nfs.transport import RpcStreamProtocol
 from engine.nfs.xdr import UnionValue, Unpacker
 from engine.repo.repository import Repository
 
