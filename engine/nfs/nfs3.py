@@ -8,10 +8,11 @@ dispatcher then writes the status and the procedure's mandatory failure body
 (``fail_<kind>`` below, computed from the arguments: post_op_attr or wcc_data).
 
 The table ``NFS3.procs`` holds, per procedure, the decoder, the handler, the success and
-failure encoders and the flags: ``MAKES_WRITE`` (refused with NFS3ERR_ROFS on a
-read-only export, before the handler runs), ``CAN_BE_DUP`` (duplicate request cache),
-``MAKES_IO`` (statistics), ``NEEDS_AUTH`` (clients outside the allowed list get
-AUTH_ERROR). Only NULL is open to everyone.
+failure encoders and the flags, which the dispatcher applies (engine.nfs.rpc):
+``MAKES_WRITE`` (refused with NFS3ERR_ROFS on a read-only export, before the handler
+runs), ``CAN_BE_DUP`` (duplicate request cache), ``MAKES_IO`` (statistics),
+``NEEDS_AUTH`` (clients outside the allowed list get AUTH_ERROR). Only NULL is open to
+everyone.
 
 Nothing here knows how a file's bytes are stored: READ gets a list of buffers from the
 datastore and puts them into the reply uncopied.
@@ -420,15 +421,6 @@ class NFS3:
 
     # -- the table -----------------------------------------------------------------------------
 
-    def _guard(self, proc: Proc) -> Proc:
-        """Apply the flags that act before the handler (read-only export)."""
-        if not (proc.flags & MAKES_WRITE and self.read_only):
-            return proc
-
-        def refuse(args: Any, ctx: CallContext) -> Any:
-            raise ProcError(nfsstat3.NFS3ERR_ROFS)
-        return Proc(proc.name, proc.decode, refuse, proc.encode_ok, proc.encode_fail, proc.flags)
-
     def _table(self) -> dict[int, Proc]:
         A = NEEDS_AUTH
         W = MAKES_WRITE | NEEDS_AUTH
@@ -458,13 +450,14 @@ class NFS3:
             NFSPROC3.PATHCONF: Proc("PATHCONF", PATHCONF3args.unpack, self.nfs3_pathconf, PATHCONF3resok.pack, self._fail_attr("object"), A),
             NFSPROC3.COMMIT: Proc("COMMIT", COMMIT3args.unpack, self.nfs3_commit, COMMIT3resok.pack, wcc_of(lambda a: a.file), W),
         }
-        return {int(k): self._guard(v) for k, v in t.items()}
+        return {int(k): v for k, v in t.items()}
 
     def _fail_dirattr(self, p: Packer, args: Any, ctx: CallContext) -> None:
         post_op_attr.pack(p, self.post_op_fh(args.what.dir))
 
     def program(self) -> Program:
-        return Program(NFS_PROGRAM, "nfs", {NFS_V3: self.procs}, map_error=status_of)
+        return Program(NFS_PROGRAM, "nfs", {NFS_V3: self.procs}, map_error=status_of,
+                       refuse_write=nfsstat3.NFS3ERR_ROFS if self.read_only else None)
 
 
 __all__ = ["NFS3"]

@@ -7,9 +7,17 @@ arguments GARBAGE_ARGS, an RPC version other than 2 a denied RPC_MISMATCH (2, 2)
 unsupported or malformed credential a denied AUTH_ERROR. A handler raising
 ``ProcError`` (or an error its program maps to a status) gets the status and the
 procedure's mandatory failure body; anything else is a bug: logged with its traceback
-and answered SYSTEM_ERR. Procedures flagged ``CAN_BE_DUP`` go through the duplicate
-request cache: a retransmission (same client address, xid, program, version, procedure
-and argument bytes) gets the original reply, or nothing while the original is running.
+and answered SYSTEM_ERR.
+
+Each procedure declares flags and this dispatcher applies them, once, for every program:
+``NEEDS_AUTH``: a client outside the allowed list is refused (AUTH_ERROR / AUTH_TOOWEAK
+before its arguments are decoded, or, for a program with ``refuse_client``, that status
+and the failure body: MOUNT's MNT3ERR_ACCES); ``MAKES_WRITE``: a program with
+``refuse_write`` (a read-only NFS export) answers that status without running the
+handler; ``CAN_BE_DUP``: the call goes through the duplicate request cache, so a
+retransmission (same client address, xid, program, version, procedure and argument
+bytes) gets the original reply, or nothing while the original is running; ``MAKES_IO``:
+counted in ``io_calls``. Programs only declare; none checks a flag itself.
 
 """
 from __future__ import annotations
@@ -103,10 +111,19 @@ class Proc:
 
 @dataclass
 class Program:
+    """One RPC program: its procedures per version and how the dispatcher applies the flags.
+
+    ``refuse_client``: the status a ``NEEDS_AUTH`` procedure answers a client outside the
+    allowed list with (MOUNT: MNT3ERR_ACCES); None (NFS) rejects the call as a whole,
+    AUTH_ERROR / AUTH_TOOWEAK. ``refuse_write``: the status a ``MAKES_WRITE`` procedure
+    answers when the program serves read-only (NFS3ERR_ROFS); None: it runs."""
+
     prog: int
     name: str
     versions: dict[int, dict[int, Proc]]
     map_error: Callable[[BaseException], int | None] = lambda e: None
+    refuse_client: int | None = None
+    refuse_write: int | None = None
     stats: dict[str, int] = field(default_factory=dict)
 
 
@@ -282,7 +299,8 @@ class RpcServer:
             return [accepted_head(xid, accept_stat.PROC_UNAVAIL)]
         host, port = client[0], client[1]
         ctx = CallContext(xid, prog, vers, procnum, cred, host, port, host in self.allow, local)
-        if proc.flags & NEEDS_AUTH and not ctx.allowed:
+        refused = proc.flags & NEEDS_AUTH and not ctx.allowed
+        if refused and program.refuse_client is None:
             return [reply_auth_error(xid, auth_stat.AUTH_TOOWEAK)]
         try:
             args = proc.decode(u)
@@ -300,6 +318,11 @@ class RpcServer:
         program.stats[proc.name] = program.stats.get(proc.name, 0) + 1
         if proc.flags & MAKES_IO:
             self.io_calls += 1
+        if refused and program.refuse_client is not None:  # a program that answers them with a status (MOUNT)
+            log.warning("%s %s from %s refused: not an allowed client", program.name, proc.name, host)
+            return self._finish_error(program, proc, args, ctx, key, ProcError(program.refuse_client))
+        if proc.flags & MAKES_WRITE and program.refuse_write is not None:
+            return self._finish_error(program, proc, args, ctx, key, ProcError(program.refuse_write))
         try:
             res = proc.handler(args, ctx)
         except BaseException as e:  # noqa: BLE001 - mapped below, bugs logged

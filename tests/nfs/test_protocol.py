@@ -5,20 +5,30 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import stat
 import struct
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
+from engine.errors import BadHandle
 from engine.nfs.client import AUTH_NONE, NFSClient, RpcClient, auth_sys, build_call, frame
+from engine.nfs.mount import Mount3
 from engine.nfs.mount_types import (
     MOUNT_PROGRAM,
     MOUNTPROC3,
+    dirpath,
+    exportnode,
     exports,
+    groupnode,
+    mountbody,
     mountlist,
     mountres3,
+    mountres3_ok,
     mountstat3,
 )
+from engine.nfs.nfs3 import NFS3
 from engine.nfs.nfs3_types import (
     ACCESS3_EXECUTE,
     ACCESS3_EXTEND,
@@ -57,6 +67,7 @@ from engine.nfs.nfs3_types import (
     specdata3,
     symlinkdata3,
     time_how,
+    wcc_data,
 )
 from engine.nfs.portmap_types import (
     PMAP_PROG,
@@ -67,6 +78,7 @@ from engine.nfs.portmap_types import (
     rp__list,
     rpcb,
 )
+from engine.nfs.rpc import NEEDS_AUTH, AllowList, RpcServer
 from engine.nfs.xdr import Packer, UnionValue, uint32
 from tests.nfs.conftest import run
 
@@ -631,8 +643,6 @@ def test_allowed_clients(daemon_factory, images):
     rep = udp_call(dmn.addr, dmn.mount_port, build_call(X, MOUNT_PROGRAM, 3, MOUNTPROC3.MNT, p.getvalue(), cred=auth_sys()))
     assert rep == words(X, 1, 0, 0, 0, 0, mountstat3.MNT3ERR_ACCES)
     # the dispatcher's answer to NFS from a refused address: AUTH_ERROR / AUTH_TOOWEAK (NULL stays open)
-    from engine.nfs.nfs3 import NFS3
-    from engine.nfs.rpc import AllowList, RpcServer
     rpc = RpcServer(AllowList(["10.9.0.0/16"]))
     rpc.add(NFS3(None).program())  # type: ignore[arg-type]
 
@@ -686,3 +696,67 @@ def test_rpc_client_sees_replies_out_of_order_cleanly(served):
     a, b = run(main())
     assert a == words(1, 1, 0, 0, 0, 0) and b == words(2, 1, 0, 0, 0, 0)
     assert frame(b"abcd") == b"\x80\x00\x00\x04abcd"
+
+
+# -- flags: declared by each program, applied by the dispatcher ------------------------------
+
+
+class _NoHandles:
+    """A datastore stand-in for dispatcher tests: one export directory, no valid NFS handle."""
+
+    fsid = 1
+
+    def root(self) -> str:
+        return "root"
+
+    def getattr(self, node: Any) -> Any:
+        return SimpleNamespace(mode=stat.S_IFDIR | 0o755)
+
+    def handle(self, node: Any) -> bytes:
+        return b"H" * 16
+
+    def resolve(self, fh: bytes) -> Any:
+        raise BadHandle()
+
+
+def dispatch(rpc: RpcServer, record: bytes, client: str = "127.0.0.1") -> bytes:
+    return b"".join(bytes(b) for b in run(rpc.handle(record, (client, 900))))
+
+
+def test_mount_declares_its_flags_and_the_dispatcher_applies_them():
+    """MNT is NEEDS_AUTH: a refused client gets MNT3ERR_ACCES from the dispatcher (the handler
+    does not run); NULL, DUMP, UMNT, UMNTALL and EXPORT stay open to every client."""
+    prog = Mount3(_NoHandles(), "/instantnfs", ["10.9.0.0/16"]).program()  # type: ignore[arg-type]
+    procs = prog.versions[3]
+    assert procs[MOUNTPROC3.MNT].flags & NEEDS_AUTH
+    open_procs = (MOUNTPROC3.NULL, MOUNTPROC3.DUMP, MOUNTPROC3.UMNT, MOUNTPROC3.UMNTALL, MOUNTPROC3.EXPORT)
+    assert not any(procs[p].flags & NEEDS_AUTH for p in open_procs)
+    rpc = RpcServer(AllowList(["10.9.0.0/16"]))
+    rpc.add(prog)
+    path = dirpath.encode(b"/instantnfs")
+    ok = words(X, 1, 0, 0, 0, 0)
+
+    def call(proc: int, args: bytes = b"", client: str = "127.0.0.1") -> bytes:
+        return dispatch(rpc, build_call(X, MOUNT_PROGRAM, 3, proc, args, cred=auth_sys()), client)
+
+    assert call(MOUNTPROC3.MNT, path) == ok[:-4] + words(0, mountstat3.MNT3ERR_ACCES)
+    assert call(MOUNTPROC3.DUMP) == ok + mountlist.encode([])  # the refused MNT was not recorded
+    assert call(MOUNTPROC3.EXPORT) == ok + exports.encode([exportnode(b"/instantnfs", [groupnode(b"10.9.0.0/16")])])
+    assert call(MOUNTPROC3.NULL) == ok and call(MOUNTPROC3.UMNT, path) == ok and call(MOUNTPROC3.UMNTALL) == ok
+    # an allowed client gets past the flag to the handler
+    assert call(MOUNTPROC3.MNT, path, "10.9.1.2") == ok + words(0) + mountres3_ok.encode(mountres3_ok(b"H" * 16, [1, 0]))
+    assert call(MOUNTPROC3.DUMP) == ok + mountlist.encode([mountbody(b"10.9.1.2", b"/instantnfs")])
+
+
+def test_read_only_is_applied_by_the_dispatcher():
+    """The NFS table holds the handlers themselves; a read-only program refuses MAKES_WRITE
+    procedures with NFS3ERR_ROFS and the failure body, before the handler runs."""
+    remove = REMOVE3args.encode(REMOVE3args(dirop(b"\0" * 32, "x")))
+    rec = build_call(X, NFS_PROGRAM, 3, NFSPROC3.REMOVE, remove, cred=auth_sys())
+    empty_wcc = wcc_data.encode(wcc_data(None, None))
+    for read_only, status in ((True, nfsstat3.NFS3ERR_ROFS), (False, nfsstat3.NFS3ERR_BADHANDLE)):
+        nfs = NFS3(_NoHandles(), read_only=read_only)  # type: ignore[arg-type]
+        assert nfs.procs[NFSPROC3.REMOVE].handler == nfs.nfs3_remove
+        rpc = RpcServer()
+        rpc.add(nfs.program())
+        assert dispatch(rpc, rec) == words(X, 1, 0, 0, 0, 0, status) + empty_wcc
