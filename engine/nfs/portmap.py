@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import ipaddress
 import os
 import socket
 import struct
@@ -42,7 +41,7 @@ from engine.nfs.portmap_types import (
     rp__list,
     rpcb,
 )
-from engine.nfs.rpc import CallContext, Proc, Program
+from engine.nfs.rpc import CallContext, Proc, Program, is_local
 from engine.nfs.xdr import Packer, Unpacker, uint32
 
 _NETIDS = {IPPROTO_TCP: b"tcp", IPPROTO_UDP: b"udp"}
@@ -59,18 +58,6 @@ class Registration:
     owner: bytes = b"instantnfs"
 
 
-def _is_local(addr: str) -> bool:
-    if addr == "unix":  # a caller on our AF_UNIX socket (the rpcbind.sock way of local servers)
-        return True
-    try:
-        ip = ipaddress.ip_address(addr)
-    except ValueError:
-        return False
-    if ip.version == 6 and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return ip.is_loopback
-
-
 SUPERUSER = b"superuser"
 
 
@@ -82,7 +69,7 @@ def caller_owner(ctx: CallContext) -> bytes | None:
         if ctx.port == 0:
             return SUPERUSER
         return str(ctx.port).encode() if ctx.port > 0 else None
-    if _is_local(ctx.client) and 0 < ctx.port < 1024:
+    if is_local(ctx.client) and 0 < ctx.port < 1024:
         return SUPERUSER
     return None
 

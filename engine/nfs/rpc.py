@@ -127,6 +127,26 @@ class Program:
     stats: dict[str, int] = field(default_factory=dict)
 
 
+def client_ip(addr: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The caller's address as the transport names it, an IPv4-mapped IPv6 address as
+    its IPv4 address; None when it is no IP address ("unix": our AF_UNIX socket)."""
+    try:
+        ip = ipaddress.ip_address(addr)
+    except ValueError:
+        return None
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+def is_local(addr: str) -> bool:
+    """A caller on this host: a loopback address, or a process on our AF_UNIX socket."""
+    if addr == "unix":
+        return True
+    ip = client_ip(addr)
+    return ip is not None and ip.is_loopback
+
+
 class AllowList:
     """Client addresses allowed to mount and use the export (CIDR networks)."""
 
@@ -143,13 +163,8 @@ class AllowList:
         return v
 
     def _check(self, addr: str) -> bool:
-        try:
-            ip = ipaddress.ip_address(addr)
-        except ValueError:
-            return False
-        if ip.version == 6 and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
-        return any(ip in n for n in self.nets)
+        ip = client_ip(addr)
+        return ip is not None and any(ip in n for n in self.nets)
 
 
 # -- reply encoders (also used by golden tests) ----------------------------------------

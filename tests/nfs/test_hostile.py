@@ -41,7 +41,6 @@ from engine.nfs.nfs3_types import (
     SYMLINK3args,
     WRITE3args,
     createmode3,
-    diropargs3,
     nfs_fh3,
     nfsstat3,
     sattr3,
@@ -51,12 +50,9 @@ from engine.nfs.portmap_types import PMAP_PROG, PMAPPROC, mapping
 from engine.nfs.xdr import Packer, UnionValue, uint32
 from tests.conftest import require_tool
 from tests.nfs.conftest import run
+from tests.nfs.rawrpc import dirop, raw, status_of_reply, workdir
 
 MiB = 1 << 20
-
-
-def dirop(d: bytes, name: bytes) -> Any:
-    return diropargs3(nfs_fh3(d), name)
 
 
 def rss_kib(pid: int) -> int:
@@ -76,35 +72,6 @@ def config_file(tmp_path: Path, **server: Any) -> list[str]:
     f = tmp_path / "hostile.toml"
     f.write_text("[server]\n" + "".join(f"{k} = {v!r}\n" for k, v in server.items()))
     return ["--config", str(f)]
-
-
-def accept_stat_of(rep: bytes) -> tuple[int, int]:
-    """(reply_stat, accept_stat or reject_stat) of a reply record."""
-    _xid, _mtype, rstat = struct.unpack_from(">III", rep)
-    if rstat != 0:
-        return rstat, struct.unpack_from(">I", rep, 12)[0]
-    vlen = struct.unpack_from(">I", rep, 16)[0]
-    return 0, struct.unpack_from(">I", rep, 20 + vlen + (-vlen & 3))[0]
-
-
-def status_of_reply(rep: bytes) -> int:
-    """The procedure's status word; fails when the call was not accepted (an RPC reject)."""
-    rstat, astat = accept_stat_of(rep)
-    assert (rstat, astat) == (0, 0), f"RPC-level reject {rstat}/{astat}, not a procedure status"
-    vlen = struct.unpack_from(">I", rep, 16)[0]
-    return struct.unpack_from(">I", rep, 24 + vlen + (-vlen & 3))[0]
-
-
-async def raw(c: RpcClient, prog: int, proc: int, args: bytes, vers: int = 3) -> bytes:
-    return await c.call_raw(build_call(c.next_xid(), prog, vers, proc, args, auth_sys()))
-
-
-async def workdir(c: NFSClient, sess: bytes, name: str) -> bytes:
-    r = await c.call(NFSPROC3.MKDIR, MKDIR3args(dirop(sess, name.encode()), SATTR3_NONE), check=False)
-    if r.tag == nfsstat3.NFS3ERR_EXIST:
-        return await c.lookup(sess, name)
-    assert r.tag == nfsstat3.NFS3_OK
-    return r.body.obj.data
 
 
 # -- finding 6: any name length is an NFS status --------------------------------------------

@@ -3,17 +3,22 @@ do not reach. Golden, byte-exact replies for every RPC reject path."""
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import os
-import socket
-import stat
 import struct
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
-from engine.errors import BadHandle
-from engine.nfs.client import AUTH_NONE, NFSClient, RpcClient, auth_sys, build_call, frame
+from engine.nfs.client import (
+    AUTH_NONE,
+    NFSClient,
+    RpcClient,
+    auth_sys,
+    build_call,
+    frame,
+    parse_reply,
+)
 from engine.nfs.mount import Mount3
 from engine.nfs.mount_types import (
     MOUNT_PROGRAM,
@@ -38,9 +43,11 @@ from engine.nfs.nfs3_types import (
     DONT_CHANGE_TIME,
     NFS_PROGRAM,
     NFSPROC3,
+    RES,
     SATTR3_NONE,
     ACCESS3args,
     COMMIT3args,
+    CREATE3args,
     FSINFO3args,
     FSSTAT3args,
     GETATTR3args,
@@ -51,24 +58,27 @@ from engine.nfs.nfs3_types import (
     PATHCONF3args,
     READ3args,
     READDIR3args,
+    READDIRPLUS3args,
     READLINK3args,
     REMOVE3args,
     RENAME3args,
     SETATTR3args,
     SYMLINK3args,
+    WRITE3args,
     createmode3,
     devicedata3,
-    diropargs3,
     ftype3,
     nfs_fh3,
     nfsstat3,
     nfstime3,
     sattr3,
     specdata3,
+    stable_how,
     symlinkdata3,
     time_how,
     wcc_data,
 )
+from engine.nfs.portmap import SUPERUSER, caller_owner
 from engine.nfs.portmap_types import (
     PMAP_PROG,
     PMAPPROC,
@@ -78,9 +88,10 @@ from engine.nfs.portmap_types import (
     rp__list,
     rpcb,
 )
-from engine.nfs.rpc import NEEDS_AUTH, AllowList, RpcServer
+from engine.nfs.rpc import NEEDS_AUTH, AllowList, CallContext, Cred, RpcServer, client_ip, is_local
 from engine.nfs.xdr import Packer, UnionValue, uint32
 from tests.nfs.conftest import run
+from tests.nfs.rawrpc import NoHandles, dirop, dispatch, raw_exchange, udp_call, words, workdir
 
 X = 0x11223344
 
@@ -101,38 +112,11 @@ def fh3(b: bytes) -> Any:
     return nfs_fh3(b)
 
 
-def dirop(d: bytes, name: str | bytes) -> Any:
-    return diropargs3(nfs_fh3(d), name.encode() if isinstance(name, str) else name)
-
-
 async def status(c: NFSClient, proc: int, args: Any) -> nfsstat3:
     return nfsstat3((await c.call(proc, args, check=False)).tag)
 
 
-async def workdir(c: NFSClient, sess: bytes, name: str) -> bytes:
-    r = await c.call(NFSPROC3.MKDIR, MKDIR3args(dirop(sess, name), SATTR3_NONE), check=False)
-    if r.tag == nfsstat3.NFS3ERR_EXIST:
-        return await c.lookup(sess, name)
-    assert r.tag == nfsstat3.NFS3_OK
-    return r.body.obj.data
-
-
 # -- golden reject replies --------------------------------------------------------------------
-
-
-def raw_exchange(served: Any, port: int, record: bytes) -> bytes:
-    async def main() -> bytes:
-        c = await RpcClient.connect(served.addr, port)
-        try:
-            return await c.call_raw(record)
-        finally:
-            await c.close()
-
-    return run(main())
-
-
-def words(*w: int) -> bytes:
-    return struct.pack(f">{len(w)}I", *w)
 
 
 def test_golden_rejects(served):
@@ -303,7 +287,6 @@ async def _read_disk(served: Any, session: str, disk: str, off: int, n: int) -> 
 
 
 def _write_args(fh: bytes, off: int, data: bytes, stable: int = 2) -> Any:
-    from engine.nfs.nfs3_types import WRITE3args
 
     return WRITE3args(fh3(fh), off, len(data), stable, data)
 
@@ -467,7 +450,6 @@ def test_duplicate_request_cache_on_retransmitted_remove(served):
         fresh = build_call(0x5EED0002, NFS_PROGRAM, 3, NFSPROC3.REMOVE, p.getvalue(), cred=auth_sys())
         assert (await c.rpc.call_raw(fresh))[24:28] == words(nfsstat3.NFS3ERR_NOENT)
         # a retransmitted CREATE gets its original reply too (not EXIST)
-        from engine.nfs.nfs3_types import CREATE3args
 
         p = Packer()
         CREATE3args.pack(p, CREATE3args(dirop(w, "once"), UnionValue(createmode3.GUARDED, SATTR3_NONE)))
@@ -531,13 +513,6 @@ def test_mount_procedures(served):
     p.opaque(b"/instantnfs")
     rep = udp_call(served.addr, served.mount_port, build_call(77, MOUNT_PROGRAM, 3, MOUNTPROC3.MNT, p.getvalue()))
     assert rep[:24] == words(77, 1, 0, 0, 0, 0) and rep[24:28] == words(0)
-
-
-def udp_call(host: str, port: int, record: bytes) -> bytes:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.settimeout(5)
-        s.sendto(record, (host, port))
-        return s.recv(65536)
 
 
 def test_portmapper_v2_and_rpcbind(served):
@@ -701,32 +676,10 @@ def test_rpc_client_sees_replies_out_of_order_cleanly(served):
 # -- flags: declared by each program, applied by the dispatcher ------------------------------
 
 
-class _NoHandles:
-    """A datastore stand-in for dispatcher tests: one export directory, no valid NFS handle."""
-
-    fsid = 1
-
-    def root(self) -> str:
-        return "root"
-
-    def getattr(self, node: Any) -> Any:
-        return SimpleNamespace(mode=stat.S_IFDIR | 0o755)
-
-    def handle(self, node: Any) -> bytes:
-        return b"H" * 16
-
-    def resolve(self, fh: bytes) -> Any:
-        raise BadHandle()
-
-
-def dispatch(rpc: RpcServer, record: bytes, client: str = "127.0.0.1") -> bytes:
-    return b"".join(bytes(b) for b in run(rpc.handle(record, (client, 900))))
-
-
 def test_mount_declares_its_flags_and_the_dispatcher_applies_them():
     """MNT is NEEDS_AUTH: a refused client gets MNT3ERR_ACCES from the dispatcher (the handler
     does not run); NULL, DUMP, UMNT, UMNTALL and EXPORT stay open to every client."""
-    prog = Mount3(_NoHandles(), "/instantnfs", ["10.9.0.0/16"]).program()  # type: ignore[arg-type]
+    prog = Mount3(NoHandles(), "/instantnfs", ["10.9.0.0/16"]).program()  # type: ignore[arg-type]
     procs = prog.versions[3]
     assert procs[MOUNTPROC3.MNT].flags & NEEDS_AUTH
     open_procs = (MOUNTPROC3.NULL, MOUNTPROC3.DUMP, MOUNTPROC3.UMNT, MOUNTPROC3.UMNTALL, MOUNTPROC3.EXPORT)
@@ -755,8 +708,77 @@ def test_read_only_is_applied_by_the_dispatcher():
     rec = build_call(X, NFS_PROGRAM, 3, NFSPROC3.REMOVE, remove, cred=auth_sys())
     empty_wcc = wcc_data.encode(wcc_data(None, None))
     for read_only, status in ((True, nfsstat3.NFS3ERR_ROFS), (False, nfsstat3.NFS3ERR_BADHANDLE)):
-        nfs = NFS3(_NoHandles(), read_only=read_only)  # type: ignore[arg-type]
+        nfs = NFS3(NoHandles(), read_only=read_only)  # type: ignore[arg-type]
         assert nfs.procs[NFSPROC3.REMOVE].handler == nfs.nfs3_remove
         rpc = RpcServer()
         rpc.add(nfs.program())
         assert dispatch(rpc, rec) == words(X, 1, 0, 0, 0, 0, status) + empty_wcc
+
+
+def test_every_failure_body_decodes_with_the_declared_result():
+    """nfs3_types.RES, what the client decodes with, matches the failure body the server
+    writes for every procedure (an unknown handle: NFS3ERR_BADHANDLE, nothing left over)."""
+    fh = nfs_fh3(b"\0" * 32)
+    d = dirop(b"\0" * 32, "x")
+    verf = b"\0" * 8
+    args = {
+        NFSPROC3.GETATTR: GETATTR3args(fh),
+        NFSPROC3.SETATTR: SETATTR3args(fh, SATTR3_NONE, None),
+        NFSPROC3.LOOKUP: LOOKUP3args(d),
+        NFSPROC3.ACCESS: ACCESS3args(fh, 0x3F),
+        NFSPROC3.READLINK: READLINK3args(fh),
+        NFSPROC3.READ: READ3args(fh, 0, 10),
+        NFSPROC3.WRITE: WRITE3args(fh, 0, 3, stable_how.FILE_SYNC, b"abc"),
+        NFSPROC3.CREATE: CREATE3args(d, UnionValue(createmode3.UNCHECKED, SATTR3_NONE)),
+        NFSPROC3.MKDIR: MKDIR3args(d, SATTR3_NONE),
+        NFSPROC3.SYMLINK: SYMLINK3args(d, symlinkdata3(SATTR3_NONE, b"t")),
+        NFSPROC3.MKNOD: MKNOD3args(d, UnionValue(ftype3.NF3FIFO, SATTR3_NONE)),
+        NFSPROC3.REMOVE: REMOVE3args(d),
+        NFSPROC3.RMDIR: REMOVE3args(d),
+        NFSPROC3.RENAME: RENAME3args(d, d),
+        NFSPROC3.LINK: LINK3args(fh, d),
+        NFSPROC3.READDIR: READDIR3args(fh, 0, verf, 4096),
+        NFSPROC3.READDIRPLUS: READDIRPLUS3args(fh, 0, verf, 4096, 4096),
+        NFSPROC3.FSSTAT: FSSTAT3args(fh),
+        NFSPROC3.FSINFO: FSINFO3args(fh),
+        NFSPROC3.PATHCONF: PATHCONF3args(fh),
+        NFSPROC3.COMMIT: COMMIT3args(fh, 0, 0),
+    }
+    assert set(args) | {NFSPROC3.NULL} == set(RES)
+    rpc = RpcServer()
+    rpc.add(NFS3(NoHandles()).program())  # type: ignore[arg-type]
+    for proc, a in args.items():
+        argt, rest = RES[proc]
+        u = parse_reply(dispatch(rpc, build_call(X, NFS_PROGRAM, 3, proc, argt.encode(a), cred=auth_sys())))
+        res = rest.unpack(u)
+        assert (NFSPROC3(proc).name, res.tag, u.remaining()) == (NFSPROC3(proc).name, nfsstat3.NFS3ERR_BADHANDLE, 0)
+
+
+# -- who is local, who is allowed: one reading of a caller's address ---------------------------
+
+
+@pytest.mark.parametrize(("addr", "local"), [
+    ("127.0.0.1", True), ("127.3.4.5", True), ("::1", True), ("::ffff:127.0.0.1", True), ("unix", True),
+    ("10.9.1.2", False), ("::ffff:10.9.1.2", False), ("fe80::1", False), ("", False), ("localhost", False),
+])
+def test_is_local(addr, local):
+    assert is_local(addr) is local
+
+
+def test_allow_list_and_portmap_read_a_caller_alike():
+    """The allowed list and the portmapper's SET/UNSET check share client_ip: an IPv4-mapped
+    address is its IPv4 address for both; a name or the AF_UNIX marker is no IP address."""
+    assert client_ip("::ffff:10.9.1.2") == ipaddress.IPv4Address("10.9.1.2")
+    assert client_ip("::1") == ipaddress.IPv6Address("::1")
+    assert client_ip("unix") is None and client_ip("localhost") is None
+    allow = AllowList(["10.9.0.0/16"])
+    assert "10.9.1.2" in allow and "::ffff:10.9.1.2" in allow
+    assert "10.8.1.2" not in allow and "::ffff:10.8.1.2" not in allow and "unix" not in allow
+    assert "unix" not in AllowList(["0.0.0.0/0", "::/0"])  # the AF_UNIX socket is no allowed network client
+
+    def owner(client: str, port: int) -> bytes | None:
+        return caller_owner(CallContext(1, PMAP_PROG, 2, 1, Cred(0), client, port, True))
+
+    assert owner("127.0.0.1", 700) == owner("::ffff:127.0.0.1", 700) == SUPERUSER
+    assert owner("127.0.0.1", 2000) is None and owner("10.9.1.2", 700) is None
+    assert owner("unix", 0) == SUPERUSER and owner("unix", 1000) == b"1000"
