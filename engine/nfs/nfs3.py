@@ -5,10 +5,10 @@ procedure's ``<PROC>3resok`` value, or raises: ``ProcError(status)``, a datastor
 or an ``OSError``. ``nfs3_convert.status_of`` is the one place that maps those to
 ``nfsstat3`` (``nfs3_convert`` also turns datastore attributes into ``fattr3``); the RPC
 dispatcher then writes the status and the procedure's mandatory failure body
-(``fail_<kind>`` below, computed from the arguments: post_op_attr or wcc_data).
+(computed from the arguments: post_op_attr or wcc_data, see ``procedures``).
 
-The table ``NFS3.procs`` holds, per procedure, the decoder, the handler, the success and
-failure encoders and the flags, which the dispatcher applies (engine.nfs.rpc):
+The table ``NFS3.procs`` (built by ``procedures``) holds, per procedure, the decoder, the
+handler, the success and failure encoders and the flags, which the dispatcher applies:
 ``MAKES_WRITE`` (refused with NFS3ERR_ROFS on a read-only export, before the handler
 runs), ``CAN_BE_DUP`` (duplicate request cache), ``MAKES_IO`` (statistics),
 ``NEEDS_AUTH`` (clients outside the allowed list get AUTH_ERROR). Only NULL is open to
@@ -133,7 +133,7 @@ class NFS3:
         self.read_only = read_only
         self._vattrs: dict[tuple[int, int, int], Any] = {}
         self._vwcc: dict[tuple[int, int, int], Any] = {}
-        self.procs = self._table()
+        self.procs = procedures(self)
 
     # -- helpers -------------------------------------------------------------------------------
 
@@ -385,79 +385,80 @@ class NFS3:
         await self.ds.commit(node)
         return COMMIT3resok(self.wcc(before, node), self.ds.write_verf)
 
-    # -- encoders ------------------------------------------------------------------------------
-
-    @staticmethod
-    def _enc_read(p: Packer, res: Any) -> None:
-        attrs, n, eof, bufs = res
-        post_op_attr.pack(p, attrs)
-        p.u32(n)
-        p.bool(eof)
-        p.append_buffers(bufs, n)
-
-    # -- failure bodies (the mandatory part after a non-OK status) -----------------------------
-
-    def _fail_attr(self, field: str) -> Any:
-        def enc(p: Packer, args: Any, ctx: CallContext) -> None:
-            post_op_attr.pack(p, self.post_op_fh(getattr(args, field)))
-        return enc
-
-    def _fail_wcc(self, get: Any) -> Any:
-        def enc(p: Packer, args: Any, ctx: CallContext) -> None:
-            wcc_data.pack(p, self.wcc_fh(get(args)))
-        return enc
-
-    def _fail_rename(self, p: Packer, args: Any, ctx: CallContext) -> None:
-        wcc_data.pack(p, self.wcc_fh(args.from_.dir))
-        wcc_data.pack(p, self.wcc_fh(args.to.dir))
-
-    def _fail_link(self, p: Packer, args: Any, ctx: CallContext) -> None:
-        post_op_attr.pack(p, self.post_op_fh(args.file))
-        wcc_data.pack(p, self.wcc_fh(args.link.dir))
-
-    @staticmethod
-    def _fail_void(p: Packer, args: Any, ctx: CallContext) -> None:
-        return None
-
-    # -- the table -----------------------------------------------------------------------------
-
-    def _table(self) -> dict[int, Proc]:
-        A = NEEDS_AUTH
-        W = MAKES_WRITE | NEEDS_AUTH
-        D = CAN_BE_DUP
-        wcc_of = self._fail_wcc
-        t = {
-            NFSPROC3.NULL: Proc("NULL", lambda u: None, self.nfs3_null, lambda p, v: None, None, 0),
-            NFSPROC3.GETATTR: Proc("GETATTR", _decode_getattr, self.nfs3_getattr, GETATTR3resok.pack, self._fail_void, A),
-            NFSPROC3.SETATTR: Proc("SETATTR", SETATTR3args.unpack, self.nfs3_setattr, SETATTR3resok.pack, wcc_of(lambda a: a.object), W),
-            NFSPROC3.LOOKUP: Proc("LOOKUP", LOOKUP3args.unpack, self.nfs3_lookup, LOOKUP3resok.pack, self._fail_dirattr, A),
-            NFSPROC3.ACCESS: Proc("ACCESS", ACCESS3args.unpack, self.nfs3_access, ACCESS3resok.pack, self._fail_attr("object"), A),
-            NFSPROC3.READLINK: Proc("READLINK", READLINK3args.unpack, self.nfs3_readlink, READLINK3resok.pack, self._fail_attr("symlink"), A),
-            NFSPROC3.READ: Proc("READ", _decode_read, self.nfs3_read, self._enc_read, self._fail_attr("file"), A | MAKES_IO),
-            NFSPROC3.WRITE: Proc("WRITE", _decode_write, self.nfs3_write, WRITE3resok.pack, wcc_of(lambda a: a[0]), W | MAKES_IO),
-            NFSPROC3.CREATE: Proc("CREATE", CREATE3args.unpack, self.nfs3_create, CREATE3resok.pack, wcc_of(lambda a: a.where.dir), W | D),
-            NFSPROC3.MKDIR: Proc("MKDIR", MKDIR3args.unpack, self.nfs3_mkdir, CREATE3resok.pack, wcc_of(lambda a: a.where.dir), W | D),
-            NFSPROC3.SYMLINK: Proc("SYMLINK", SYMLINK3args.unpack, self.nfs3_symlink, CREATE3resok.pack, wcc_of(lambda a: a.where.dir), W | D),
-            NFSPROC3.MKNOD: Proc("MKNOD", MKNOD3args.unpack, self.nfs3_mknod, CREATE3resok.pack, wcc_of(lambda a: a.where.dir), W | D),
-            NFSPROC3.REMOVE: Proc("REMOVE", REMOVE3args.unpack, self.nfs3_remove, REMOVE3resok.pack, wcc_of(lambda a: a.object.dir), W | D),
-            NFSPROC3.RMDIR: Proc("RMDIR", REMOVE3args.unpack, self.nfs3_rmdir, REMOVE3resok.pack, wcc_of(lambda a: a.object.dir), W | D),
-            NFSPROC3.RENAME: Proc("RENAME", RENAME3args.unpack, self.nfs3_rename, RENAME3resok.pack, self._fail_rename, W | D),
-            NFSPROC3.LINK: Proc("LINK", LINK3args.unpack, self.nfs3_link, LINK3resok.pack, self._fail_link, W | D),
-            NFSPROC3.READDIR: Proc("READDIR", READDIR3args.unpack, self.nfs3_readdir, READDIR3resok.pack, self._fail_attr("dir"), A),
-            NFSPROC3.READDIRPLUS: Proc("READDIRPLUS", READDIRPLUS3args.unpack, self.nfs3_readdirplus, READDIRPLUS3resok.pack, self._fail_attr("dir"), A),
-            NFSPROC3.FSSTAT: Proc("FSSTAT", FSSTAT3args.unpack, self.nfs3_fsstat, FSSTAT3resok.pack, self._fail_attr("fsroot"), A),
-            NFSPROC3.FSINFO: Proc("FSINFO", FSINFO3args.unpack, self.nfs3_fsinfo, FSINFO3resok.pack, self._fail_attr("fsroot"), A),
-            NFSPROC3.PATHCONF: Proc("PATHCONF", PATHCONF3args.unpack, self.nfs3_pathconf, PATHCONF3resok.pack, self._fail_attr("object"), A),
-            NFSPROC3.COMMIT: Proc("COMMIT", COMMIT3args.unpack, self.nfs3_commit, COMMIT3resok.pack, wcc_of(lambda a: a.file), W),
-        }
-        return {int(k): v for k, v in t.items()}
-
-    def _fail_dirattr(self, p: Packer, args: Any, ctx: CallContext) -> None:
-        post_op_attr.pack(p, self.post_op_fh(args.what.dir))
-
     def program(self) -> Program:
         return Program(NFS_PROGRAM, "nfs", {NFS_V3: self.procs}, map_error=status_of,
                        refuse_write=nfsstat3.NFS3ERR_ROFS if self.read_only else None)
 
 
-__all__ = ["NFS3"]
+# -- the table -------------------------------------------------------------------------------
+
+
+def _enc_read(p: Packer, res: Any) -> None:
+    attrs, n, eof, bufs = res
+    post_op_attr.pack(p, attrs)
+    p.u32(n)
+    p.bool(eof)
+    p.append_buffers(bufs, n)
+
+
+def _fail_void(p: Packer, args: Any, ctx: CallContext) -> None:
+    return None
+
+
+def procedures(nfs: NFS3) -> dict[int, Proc]:
+    """``NFS3.procs``: per procedure the decoder, the handler, the success and failure
+    encoders and the flags. A failure body (the mandatory part after a non-OK status) is
+    computed from the arguments: the post_op_attr / wcc_data of the objects they name."""
+
+    def attr_of(field: str) -> Any:
+        def enc(p: Packer, args: Any, ctx: CallContext) -> None:
+            post_op_attr.pack(p, nfs.post_op_fh(getattr(args, field)))
+        return enc
+
+    def wcc_of(get: Any) -> Any:
+        def enc(p: Packer, args: Any, ctx: CallContext) -> None:
+            wcc_data.pack(p, nfs.wcc_fh(get(args)))
+        return enc
+
+    def fail_dirattr(p: Packer, args: Any, ctx: CallContext) -> None:
+        post_op_attr.pack(p, nfs.post_op_fh(args.what.dir))
+
+    def fail_rename(p: Packer, args: Any, ctx: CallContext) -> None:
+        wcc_data.pack(p, nfs.wcc_fh(args.from_.dir))
+        wcc_data.pack(p, nfs.wcc_fh(args.to.dir))
+
+    def fail_link(p: Packer, args: Any, ctx: CallContext) -> None:
+        post_op_attr.pack(p, nfs.post_op_fh(args.file))
+        wcc_data.pack(p, nfs.wcc_fh(args.link.dir))
+
+    A = NEEDS_AUTH
+    W = MAKES_WRITE | NEEDS_AUTH
+    D = CAN_BE_DUP
+    t = {
+        NFSPROC3.NULL: Proc("NULL", lambda u: None, nfs.nfs3_null, lambda p, v: None, None, 0),
+        NFSPROC3.GETATTR: Proc("GETATTR", _decode_getattr, nfs.nfs3_getattr, GETATTR3resok.pack, _fail_void, A),
+        NFSPROC3.SETATTR: Proc("SETATTR", SETATTR3args.unpack, nfs.nfs3_setattr, SETATTR3resok.pack, wcc_of(lambda a: a.object), W),
+        NFSPROC3.LOOKUP: Proc("LOOKUP", LOOKUP3args.unpack, nfs.nfs3_lookup, LOOKUP3resok.pack, fail_dirattr, A),
+        NFSPROC3.ACCESS: Proc("ACCESS", ACCESS3args.unpack, nfs.nfs3_access, ACCESS3resok.pack, attr_of("object"), A),
+        NFSPROC3.READLINK: Proc("READLINK", READLINK3args.unpack, nfs.nfs3_readlink, READLINK3resok.pack, attr_of("symlink"), A),
+        NFSPROC3.READ: Proc("READ", _decode_read, nfs.nfs3_read, _enc_read, attr_of("file"), A | MAKES_IO),
+        NFSPROC3.WRITE: Proc("WRITE", _decode_write, nfs.nfs3_write, WRITE3resok.pack, wcc_of(lambda a: a[0]), W | MAKES_IO),
+        NFSPROC3.CREATE: Proc("CREATE", CREATE3args.unpack, nfs.nfs3_create, CREATE3resok.pack, wcc_of(lambda a: a.where.dir), W | D),
+        NFSPROC3.MKDIR: Proc("MKDIR", MKDIR3args.unpack, nfs.nfs3_mkdir, CREATE3resok.pack, wcc_of(lambda a: a.where.dir), W | D),
+        NFSPROC3.SYMLINK: Proc("SYMLINK", SYMLINK3args.unpack, nfs.nfs3_symlink, CREATE3resok.pack, wcc_of(lambda a: a.where.dir), W | D),
+        NFSPROC3.MKNOD: Proc("MKNOD", MKNOD3args.unpack, nfs.nfs3_mknod, CREATE3resok.pack, wcc_of(lambda a: a.where.dir), W | D),
+        NFSPROC3.REMOVE: Proc("REMOVE", REMOVE3args.unpack, nfs.nfs3_remove, REMOVE3resok.pack, wcc_of(lambda a: a.object.dir), W | D),
+        NFSPROC3.RMDIR: Proc("RMDIR", REMOVE3args.unpack, nfs.nfs3_rmdir, REMOVE3resok.pack, wcc_of(lambda a: a.object.dir), W | D),
+        NFSPROC3.RENAME: Proc("RENAME", RENAME3args.unpack, nfs.nfs3_rename, RENAME3resok.pack, fail_rename, W | D),
+        NFSPROC3.LINK: Proc("LINK", LINK3args.unpack, nfs.nfs3_link, LINK3resok.pack, fail_link, W | D),
+        NFSPROC3.READDIR: Proc("READDIR", READDIR3args.unpack, nfs.nfs3_readdir, READDIR3resok.pack, attr_of("dir"), A),
+        NFSPROC3.READDIRPLUS: Proc("READDIRPLUS", READDIRPLUS3args.unpack, nfs.nfs3_readdirplus, READDIRPLUS3resok.pack, attr_of("dir"), A),
+        NFSPROC3.FSSTAT: Proc("FSSTAT", FSSTAT3args.unpack, nfs.nfs3_fsstat, FSSTAT3resok.pack, attr_of("fsroot"), A),
+        NFSPROC3.FSINFO: Proc("FSINFO", FSINFO3args.unpack, nfs.nfs3_fsinfo, FSINFO3resok.pack, attr_of("fsroot"), A),
+        NFSPROC3.PATHCONF: Proc("PATHCONF", PATHCONF3args.unpack, nfs.nfs3_pathconf, PATHCONF3resok.pack, attr_of("object"), A),
+        NFSPROC3.COMMIT: Proc("COMMIT", COMMIT3args.unpack, nfs.nfs3_commit, COMMIT3resok.pack, wcc_of(lambda a: a.file), W),
+    }
+    return {int(k): v for k, v in t.items()}
+
+
+__all__ = ["NFS3", "procedures"]
