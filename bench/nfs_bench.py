@@ -238,7 +238,7 @@ async def random_reads(host: str, mount_port: int, nfs_port: int, export: str, n
                        conns: int, depth: int, seconds: float, size: int = 4096) -> float:
     """IOPS of random ``size`` reads: ``conns`` connections x ``depth`` in flight each."""
     from engine.nfs.client import NFSClient
-    from engine.nfs.xdr import NFSPROC3, READ3args, nfs_fh3
+    from engine.nfs.nfs3_types import NFSPROC3, READ3args, nfs_fh3
 
     clients = [await NFSClient.connect(host, mount_port, nfs_port) for _ in range(conns)]
     try:

@@ -87,7 +87,7 @@ async def random_writes(host: str, mount_port: int, nfs_port: int, export: str, 
     """IOPS of random aligned ``size`` writes (``stable``: 0 UNSTABLE + COMMIT every
     ``COMMIT_EVERY`` writes per worker, 2 FILE_SYNC); the time includes the last COMMIT."""
     from engine.nfs.client import NFSClient
-    from engine.nfs.xdr import NFSPROC3, COMMIT3args, WRITE3args, nfs_fh3
+    from engine.nfs.nfs3_types import NFSPROC3, COMMIT3args, WRITE3args, nfs_fh3
 
     clients = [await NFSClient.connect(host, mount_port, nfs_port) for _ in range(conns)]
     try:

@@ -58,7 +58,7 @@ from hypothesis.stateful import (
 )
 
 from engine.nfs.client import NFSClient
-from engine.nfs.xdr import NFSPROC3, COMMIT3args, nfs_fh3
+from engine.nfs.nfs3_types import NFSPROC3, COMMIT3args, nfs_fh3
 from tests.cli import Result, run
 from tests.nfs.conftest import Daemon, give_address, take_address
 

@@ -5,7 +5,7 @@ flight, matched to replies by xid (replies may come in any order). ``call_raw`` 
 complete call record of the caller's making and returns the reply record as bytes,
 which is what the byte-exact reject tests need. ``NFSClient`` wraps a MOUNT and an NFS
 connection and decodes every NFSv3 result with the same XDR declarations the server
-uses (``RES[proc]``).
+uses (``nfs3_types.RES[proc]``: each procedure's arguments and ``<PROC>3res``).
 """
 from __future__ import annotations
 
@@ -15,101 +15,29 @@ import os
 import struct
 from typing import Any
 
-from engine.nfs.xdr import (
-    MOUNT_PROGRAM,
-    MOUNTPROC3,
+from engine.nfs.mount_types import MOUNT_PROGRAM, MOUNTPROC3, mountres3, mountstat3
+from engine.nfs.nfs3_types import (
     NFS_PROGRAM,
     NFSPROC3,
+    RES,
     SATTR3_NONE,
-    ACCESS3args,
-    ACCESS3resok,
-    COMMIT3args,
-    COMMIT3resok,
     CREATE3args,
-    CREATE3resok,
-    FSINFO3args,
-    FSINFO3resok,
-    FSSTAT3args,
-    FSSTAT3resok,
     GETATTR3args,
-    GETATTR3resok,
-    LINK3args,
-    LINK3resok,
     LOOKUP3args,
-    LOOKUP3resok,
-    MKDIR3args,
-    MKNOD3args,
-    Packer,
-    PATHCONF3args,
-    PATHCONF3resok,
     READ3args,
-    READ3resok,
     READDIR3args,
-    READDIR3resok,
     READDIRPLUS3args,
-    READDIRPLUS3resok,
-    READLINK3args,
-    READLINK3resok,
     REMOVE3args,
-    REMOVE3resok,
-    RENAME3args,
-    RENAME3resok,
-    SETATTR3args,
-    SETATTR3resok,
-    Struct,
-    SYMLINK3args,
-    UnionValue,
-    Unpacker,
     WRITE3args,
-    WRITE3resok,
-    XType,
-    accept_stat,
-    auth_flavor,
-    authsys_parms,
     createmode3,
     diropargs3,
-    mountres3,
-    mountstat3,
     nfs_fh3,
     nfsstat3,
-    post_op_attr,
-    status_result,
-    void,
-    wcc_data,
 )
+from engine.nfs.rpc_types import accept_stat, auth_flavor, authsys_parms
+from engine.nfs.xdr import Packer, UnionValue, Unpacker
 
 _U32 = struct.Struct(">I")
-
-_fail_attr = post_op_attr
-_fail_wcc = wcc_data
-RENAME3wcc = Struct("RENAME3wcc", [("fromdir_wcc", wcc_data), ("todir_wcc", wcc_data)])
-LINK3fail = Struct("LINK3fail", [("file_attributes", post_op_attr), ("linkdir_wcc", wcc_data)])
-
-#: per procedure: (argument type, result union)
-RES: dict[int, tuple[XType, XType]] = {
-    NFSPROC3.NULL: (void, void),
-    NFSPROC3.GETATTR: (GETATTR3args, status_result("GETATTR3res", nfsstat3, GETATTR3resok, void)),
-    NFSPROC3.SETATTR: (SETATTR3args, status_result("SETATTR3res", nfsstat3, SETATTR3resok, _fail_wcc)),
-    NFSPROC3.LOOKUP: (LOOKUP3args, status_result("LOOKUP3res", nfsstat3, LOOKUP3resok, _fail_attr)),
-    NFSPROC3.ACCESS: (ACCESS3args, status_result("ACCESS3res", nfsstat3, ACCESS3resok, _fail_attr)),
-    NFSPROC3.READLINK: (READLINK3args, status_result("READLINK3res", nfsstat3, READLINK3resok, _fail_attr)),
-    NFSPROC3.READ: (READ3args, status_result("READ3res", nfsstat3, READ3resok, _fail_attr)),
-    NFSPROC3.WRITE: (WRITE3args, status_result("WRITE3res", nfsstat3, WRITE3resok, _fail_wcc)),
-    NFSPROC3.CREATE: (CREATE3args, status_result("CREATE3res", nfsstat3, CREATE3resok, _fail_wcc)),
-    NFSPROC3.MKDIR: (MKDIR3args, status_result("MKDIR3res", nfsstat3, CREATE3resok, _fail_wcc)),
-    NFSPROC3.SYMLINK: (SYMLINK3args, status_result("SYMLINK3res", nfsstat3, CREATE3resok, _fail_wcc)),
-    NFSPROC3.MKNOD: (MKNOD3args, status_result("MKNOD3res", nfsstat3, CREATE3resok, _fail_wcc)),
-    NFSPROC3.REMOVE: (REMOVE3args, status_result("REMOVE3res", nfsstat3, REMOVE3resok, _fail_wcc)),
-    NFSPROC3.RMDIR: (REMOVE3args, status_result("RMDIR3res", nfsstat3, REMOVE3resok, _fail_wcc)),
-    NFSPROC3.RENAME: (RENAME3args, status_result("RENAME3res", nfsstat3, RENAME3resok, RENAME3wcc)),
-    NFSPROC3.LINK: (LINK3args, status_result("LINK3res", nfsstat3, LINK3resok, LINK3fail)),
-    NFSPROC3.READDIR: (READDIR3args, status_result("READDIR3res", nfsstat3, READDIR3resok, _fail_attr)),
-    NFSPROC3.READDIRPLUS: (READDIRPLUS3args, status_result("READDIRPLUS3res", nfsstat3, READDIRPLUS3resok, _fail_attr)),
-    NFSPROC3.FSSTAT: (FSSTAT3args, status_result("FSSTAT3res", nfsstat3, FSSTAT3resok, _fail_attr)),
-    NFSPROC3.FSINFO: (FSINFO3args, status_result("FSINFO3res", nfsstat3, FSINFO3resok, _fail_attr)),
-    NFSPROC3.PATHCONF: (PATHCONF3args, status_result("PATHCONF3res", nfsstat3, PATHCONF3resok, _fail_attr)),
-    NFSPROC3.COMMIT: (COMMIT3args, status_result("COMMIT3res", nfsstat3, COMMIT3resok, _fail_wcc)),
-}
 
 
 class RpcError(Exception):

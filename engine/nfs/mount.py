@@ -2,8 +2,12 @@
 
 One export (default ``/instantnfs``). MNT also accepts a path below it
 (``/instantnfs/<session>[/dir...]``): libnfs (QEMU, nfs-cat) mounts the directory of
-the file a URL names. A client outside the allowed list gets MNT3ERR_ACCES. The mount
-list (DUMP) is kept in memory, as most servers do; it is advisory.
+the file a URL names. The table declares each procedure's flags and the dispatcher
+applies them: MNT is ``NEEDS_AUTH`` and the program's ``refuse_client`` is
+MNT3ERR_ACCES, so a client outside the allowed list gets that status (and a warning in
+the log); NULL, DUMP, UMNT, UMNTALL and EXPORT are open (TCP connections from such a
+client are closed at accept anyway, see engine.nfs.transport). The mount list (DUMP) is
+kept in memory, as most servers do; it is advisory.
 """
 from __future__ import annotations
 
@@ -14,15 +18,11 @@ from typing import Any
 
 from engine.datastore import Datastore
 from engine.errors import DatastoreError
-from engine.nfs.rpc import CallContext, Proc, ProcError, Program
-from engine.nfs.xdr import (
+from engine.nfs.mount_types import (
     MNTPATHLEN,
     MOUNT_PROGRAM,
     MOUNT_V3,
     MOUNTPROC3,
-    Packer,
-    Unpacker,
-    auth_flavor,
     dirpath,
     exportnode,
     exports,
@@ -32,6 +32,9 @@ from engine.nfs.xdr import (
     mountres3_ok,
     mountstat3,
 )
+from engine.nfs.rpc import NEEDS_AUTH, CallContext, Proc, ProcError, Program
+from engine.nfs.rpc_types import auth_flavor
+from engine.nfs.xdr import Packer, Unpacker
 
 log = logging.getLogger("instantnfs.mount")
 
@@ -74,9 +77,6 @@ class Mount3:
         return None
 
     def mnt3_mnt(self, path: bytes, ctx: CallContext) -> Any:
-        if not ctx.allowed:
-            log.warning("MNT %r from %s refused: not an allowed client", path, ctx.client)
-            raise ProcError(mountstat3.MNT3ERR_ACCES)
         fh = self._resolve(path)
         entry = (ctx.client.encode(), path)
         if entry not in self.mounts:
@@ -104,15 +104,17 @@ class Mount3:
         def dec_path(u: Unpacker) -> bytes:
             return dirpath.unpack(u)
 
+        OPEN = 0  # answered to every client, as on other servers (showmount -e works from anywhere)
         procs = {
-            MOUNTPROC3.NULL: Proc("NULL", none, self.mnt3_null, nothing),
-            MOUNTPROC3.MNT: Proc("MNT", dec_path, self.mnt3_mnt, mountres3_ok.pack, fail_void),
-            MOUNTPROC3.DUMP: Proc("DUMP", none, self.mnt3_dump, mountlist.pack),
-            MOUNTPROC3.UMNT: Proc("UMNT", dec_path, self.mnt3_umnt, nothing),
-            MOUNTPROC3.UMNTALL: Proc("UMNTALL", none, self.mnt3_umntall, nothing),
-            MOUNTPROC3.EXPORT: Proc("EXPORT", none, self.mnt3_export, exports.pack),
+            MOUNTPROC3.NULL: Proc("NULL", none, self.mnt3_null, nothing, None, OPEN),
+            MOUNTPROC3.MNT: Proc("MNT", dec_path, self.mnt3_mnt, mountres3_ok.pack, fail_void, NEEDS_AUTH),
+            MOUNTPROC3.DUMP: Proc("DUMP", none, self.mnt3_dump, mountlist.pack, None, OPEN),
+            MOUNTPROC3.UMNT: Proc("UMNT", dec_path, self.mnt3_umnt, nothing, None, OPEN),
+            MOUNTPROC3.UMNTALL: Proc("UMNTALL", none, self.mnt3_umntall, nothing, None, OPEN),
+            MOUNTPROC3.EXPORT: Proc("EXPORT", none, self.mnt3_export, exports.pack, None, OPEN),
         }
-        return Program(MOUNT_PROGRAM, "mount", {MOUNT_V3: {int(k): v for k, v in procs.items()}})
+        return Program(MOUNT_PROGRAM, "mount", {MOUNT_V3: {int(k): v for k, v in procs.items()}},
+                       refuse_client=mountstat3.MNT3ERR_ACCES)
 
 
 __all__ = ["Mount3", "Packer"]

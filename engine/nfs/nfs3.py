@@ -2,50 +2,32 @@
 
 Each ``nfs3_<proc>`` receives decoded arguments and the call context and returns the
 procedure's ``<PROC>3resok`` value, or raises: ``ProcError(status)``, a datastore error
-or an ``OSError``. ``status_of`` is the one place that maps those to ``nfsstat3``; the
-RPC dispatcher then writes the status and the procedure's mandatory failure body
-(``fail_<kind>`` below, computed from the arguments: post_op_attr or wcc_data).
+or an ``OSError``. ``nfs3_convert.status_of`` is the one place that maps those to
+``nfsstat3`` (``nfs3_convert`` also turns datastore attributes into ``fattr3``); the RPC
+dispatcher then writes the status and the procedure's mandatory failure body
+(computed from the arguments: post_op_attr or wcc_data, see ``procedures``).
 
-The table ``NFS3.procs`` holds, per procedure, the decoder, the handler, the success and
-failure encoders and the flags: ``MAKES_WRITE`` (refused with NFS3ERR_ROFS on a
-read-only export, before the handler runs), ``CAN_BE_DUP`` (duplicate request cache),
-``MAKES_IO`` (statistics), ``NEEDS_AUTH`` (clients outside the allowed list get
-AUTH_ERROR). Only NULL is open to everyone.
+The table ``NFS3.procs`` (built by ``procedures``) holds, per procedure, the decoder, the
+handler, the success and failure encoders and the flags, which the dispatcher applies:
+``MAKES_WRITE`` (refused with NFS3ERR_ROFS on a read-only export, before the handler
+runs), ``CAN_BE_DUP`` (duplicate request cache), ``MAKES_IO`` (statistics),
+``NEEDS_AUTH`` (clients outside the allowed list get AUTH_ERROR). Only NULL is open to
+everyone.
 
 Nothing here knows how a file's bytes are stored: READ gets a list of buffers from the
 datastore and puts them into the reply uncopied.
 """
 from __future__ import annotations
 
-import errno
-import logging
 import os
 import stat
 from typing import Any
 
-from engine.datastore import MAX_FILE_SIZE, NOW, VDISK, Attr, Datastore, Node, SetAttr
-from engine.errors import (
-    BadCookie,
-    BadHandle,
-    BadType,
-    FileTooLarge,
-    IntegrityError,
-    NoSpace,
-    StaleHandle,
-    TooSmall,
-    WriteCacheError,
-)
-from engine.nfs.rpc import (
-    CAN_BE_DUP,
-    MAKES_IO,
-    MAKES_WRITE,
-    NEEDS_AUTH,
-    CallContext,
-    Proc,
-    ProcError,
-    Program,
-)
-from engine.nfs.xdr import (
+from engine.datastore import MAX_FILE_SIZE, VDISK, Attr, Datastore, Node
+from engine.errors import TooSmall
+from engine.nfs.nfs3_convert import nfstime as _time  # the name the disk-attribute lines below use
+from engine.nfs.nfs3_convert import status_of, to_fattr3, to_setattr
+from engine.nfs.nfs3_types import (
     ACCESS3_DELETE,
     ACCESS3_EXECUTE,
     ACCESS3_EXTEND,
@@ -65,7 +47,6 @@ from engine.nfs.xdr import (
     COMMIT3resok,
     CREATE3args,
     CREATE3resok,
-    Enum,
     FSINFO3args,
     FSINFO3resok,
     FSSTAT3args,
@@ -78,7 +59,6 @@ from engine.nfs.xdr import (
     LOOKUP3resok,
     MKDIR3args,
     MKNOD3args,
-    Packer,
     PATHCONF3args,
     PATHCONF3resok,
     READ3args,
@@ -95,119 +75,37 @@ from engine.nfs.xdr import (
     SETATTR3args,
     SETATTR3resok,
     SYMLINK3args,
-    Unpacker,
     WRITE3resok,
-    XDRError,
     createmode3,
     dirlist3,
     dirlistplus3,
     entry3,
     entryplus3,
-    fattr3,
     ftype3,
     nfs_fh3,
     nfsstat3,
     nfstime3,
     post_op_attr,
-    specdata3,
     stable_how,
-    time_how,
     wcc_attr,
     wcc_data,
 )
+from engine.nfs.rpc import (
+    CAN_BE_DUP,
+    MAKES_IO,
+    MAKES_WRITE,
+    NEEDS_AUTH,
+    CallContext,
+    Proc,
+    ProcError,
+    Program,
+)
+from engine.nfs.xdr import Enum, Packer, Unpacker
 
-log = logging.getLogger("instantnfs.nfs3")
-
+ATTR_MEMO = 4096  # wire forms of attributes kept (per Attr object, see NFS3.attrs)
 MAX_IO = 1 << 20
 MAX_OFFSET = MAX_FILE_SIZE  # FSINFO maxfilesize: offset3 is a uint64, files end before 2^63
 _STABLE = Enum(stable_how)
-
-_ERRNO = {
-    errno.EPERM: nfsstat3.NFS3ERR_PERM,
-    errno.ENOENT: nfsstat3.NFS3ERR_NOENT,
-    errno.EIO: nfsstat3.NFS3ERR_IO,
-    errno.ENXIO: nfsstat3.NFS3ERR_NXIO,
-    errno.EACCES: nfsstat3.NFS3ERR_ACCES,
-    errno.EEXIST: nfsstat3.NFS3ERR_EXIST,
-    errno.EXDEV: nfsstat3.NFS3ERR_XDEV,
-    errno.ENODEV: nfsstat3.NFS3ERR_NODEV,
-    errno.ENOTDIR: nfsstat3.NFS3ERR_NOTDIR,
-    errno.EISDIR: nfsstat3.NFS3ERR_ISDIR,
-    errno.EINVAL: nfsstat3.NFS3ERR_INVAL,
-    errno.ELOOP: nfsstat3.NFS3ERR_INVAL,
-    errno.EFBIG: nfsstat3.NFS3ERR_FBIG,
-    errno.ENOSPC: nfsstat3.NFS3ERR_NOSPC,
-    errno.EROFS: nfsstat3.NFS3ERR_ROFS,
-    errno.EMLINK: nfsstat3.NFS3ERR_MLINK,
-    errno.ENAMETOOLONG: nfsstat3.NFS3ERR_NAMETOOLONG,
-    errno.ENOTEMPTY: nfsstat3.NFS3ERR_NOTEMPTY,
-    errno.EDQUOT: nfsstat3.NFS3ERR_DQUOT,
-    errno.ENOTSUP: nfsstat3.NFS3ERR_NOTSUPP,
-}
-
-
-def status_of(e: BaseException) -> nfsstat3 | None:
-    """The nfsstat3 for an expected error, None for a bug (the dispatcher logs it)."""
-    if isinstance(e, StaleHandle):
-        return nfsstat3.NFS3ERR_STALE
-    if isinstance(e, BadHandle):
-        return nfsstat3.NFS3ERR_BADHANDLE
-    if isinstance(e, BadCookie):
-        return nfsstat3.NFS3ERR_BAD_COOKIE
-    if isinstance(e, TooSmall):
-        return nfsstat3.NFS3ERR_TOOSMALL
-    if isinstance(e, BadType):
-        return nfsstat3.NFS3ERR_BADTYPE
-    if isinstance(e, NoSpace):
-        log.warning("write refused, no space: %s", e)
-        return nfsstat3.NFS3ERR_NOSPC
-    if isinstance(e, FileTooLarge):
-        return nfsstat3.NFS3ERR_FBIG
-    if isinstance(e, (IntegrityError, WriteCacheError)):
-        log.error("I/O error sent to the client: %s", e)
-        return nfsstat3.NFS3ERR_IO
-    if isinstance(e, OSError):
-        st = _ERRNO.get(e.errno or 0)
-        if st is None:
-            log.error("unexpected OS error sent as NFS3ERR_IO: %s", e)
-            return nfsstat3.NFS3ERR_IO
-        log.debug("nfs error %s: %s", st.name, e)
-        return st
-    return None
-
-
-_FTYPE = {
-    stat.S_IFREG: ftype3.NF3REG,
-    stat.S_IFDIR: ftype3.NF3DIR,
-    stat.S_IFBLK: ftype3.NF3BLK,
-    stat.S_IFCHR: ftype3.NF3CHR,
-    stat.S_IFLNK: ftype3.NF3LNK,
-    stat.S_IFSOCK: ftype3.NF3SOCK,
-    stat.S_IFIFO: ftype3.NF3FIFO,
-}
-
-
-def _time(ns: int) -> Any:
-    return nfstime3((ns // 1_000_000_000) & 0xFFFFFFFF, ns % 1_000_000_000)
-
-
-def to_fattr3(a: Attr, fsid: int) -> Any:
-    return fattr3(
-        _FTYPE.get(stat.S_IFMT(a.mode), ftype3.NF3REG), a.mode & 0o7777, a.nlink, a.uid, a.gid, a.size, a.used,
-        specdata3(os.major(a.rdev), os.minor(a.rdev)), fsid, a.fileid, _time(a.atime_ns), _time(a.mtime_ns), _time(a.ctime_ns),
-    )
-
-
-def _settime(v: Any) -> int | str | None:
-    if v.tag == time_how.DONT_CHANGE:
-        return None
-    if v.tag == time_how.SET_TO_SERVER_TIME:
-        return NOW
-    return v.body.seconds * 1_000_000_000 + v.body.nseconds
-
-
-def to_setattr(s: Any) -> SetAttr:
-    return SetAttr(s.mode, s.uid, s.gid, s.size, _settime(s.atime), _settime(s.mtime))
 
 
 def _decode_read(u: Unpacker) -> Any:
@@ -234,9 +132,12 @@ class NFS3:
     def __init__(self, ds: Datastore, read_only: bool = False) -> None:
         self.ds = ds
         self.read_only = read_only
-        self._vattrs: dict[tuple[int, int, int], Any] = {}
-        self._vwcc: dict[tuple[int, int, int], Any] = {}
-        self.procs = self._table()
+        # wire forms of attributes, per Attr object: the datastore hands out one Attr per
+        # version of a disk file, so a burst of READs and WRITEs builds one fattr3 and one
+        # wcc_attr (a real file's Attr is new at every call and simply misses)
+        self._fattr: dict[int, tuple[Attr, Any]] = {}
+        self._wcc: dict[int, tuple[Attr, Any]] = {}
+        self.procs = procedures(self)
 
     # -- helpers -------------------------------------------------------------------------------
 
@@ -247,21 +148,19 @@ class NFS3:
         return nfs_fh3(self.ds.handle(node))
 
     def attrs(self, node: Node) -> Any:
-        return to_fattr3(self.ds.getattr(node), self.ds.fsid)
+        a = self.ds.getattr(node)
+        hit = self._fattr.get(id(a))
+        if hit is not None and hit[0] is a:
+            return hit[1]
+        if len(self._fattr) > ATTR_MEMO:
+            self._fattr.clear()
+        f = to_fattr3(a, self.ds.fsid)
+        self._fattr[id(a)] = (a, f)  # the Attr is held, so its id is not reused meanwhile
+        return f
 
     def post_op(self, node: Node | None) -> Any:
         if node is None:
             return None
-        if node.kind == VDISK:  # attributes change only with mtime: built once per version
-            s = node.session
-            assert s is not None
-            key = (s.sid, node.ino, s.mtimes[node.ino // 2])
-            a = self._vattrs.get(key)
-            if a is None:
-                if len(self._vattrs) > 4096:
-                    self._vattrs.clear()
-                a = self._vattrs[key] = self.attrs(node)
-            return a
         try:
             return self.attrs(node)
         except OSError:
@@ -274,22 +173,18 @@ class NFS3:
             return None
 
     def pre_op(self, node: Node) -> Any:
-        if node.kind == VDISK:  # like post_op: one wcc_attr per version of a disk file
-            s = node.session
-            assert s is not None
-            key = (s.sid, node.ino, s.mtimes[node.ino // 2])
-            w = self._vwcc.get(key)
-            if w is None:
-                if len(self._vwcc) > 4096:
-                    self._vwcc.clear()
-                a = self.ds.getattr(node)
-                w = self._vwcc[key] = wcc_attr(a.size, _time(a.mtime_ns), _time(a.ctime_ns))
-            return w
         try:
             a = self.ds.getattr(node)
         except OSError:
             return None
-        return wcc_attr(a.size, _time(a.mtime_ns), _time(a.ctime_ns))
+        hit = self._wcc.get(id(a))
+        if hit is not None and hit[0] is a:
+            return hit[1]
+        if len(self._wcc) > ATTR_MEMO:
+            self._wcc.clear()
+        w = wcc_attr(a.size, _time(a.mtime_ns), _time(a.ctime_ns))
+        self._wcc[id(a)] = (a, w)
+        return w
 
     def wcc(self, before: Any, node: Node | None) -> Any:
         return wcc_data(before, self.post_op(node))
@@ -304,7 +199,7 @@ class NFS3:
 
     def nfs3_getattr(self, args: Any, ctx: CallContext) -> Any:
         node = self.node(args.object)
-        return GETATTR3resok(self.post_op(node) if node.kind == VDISK else self.attrs(node))
+        return GETATTR3resok(self.attrs(node))
 
     def nfs3_setattr(self, args: Any, ctx: CallContext) -> Any:
         node = self.node(args.object)
@@ -488,87 +383,80 @@ class NFS3:
         await self.ds.commit(node)
         return COMMIT3resok(self.wcc(before, node), self.ds.write_verf)
 
-    # -- encoders ------------------------------------------------------------------------------
-
-    @staticmethod
-    def _enc_read(p: Packer, res: Any) -> None:
-        attrs, n, eof, bufs = res
-        post_op_attr.pack(p, attrs)
-        p.u32(n)
-        p.bool(eof)
-        p.append_buffers(bufs, n)
-
-    # -- failure bodies (the mandatory part after a non-OK status) -----------------------------
-
-    def _fail_attr(self, field: str) -> Any:
-        def enc(p: Packer, args: Any, ctx: CallContext) -> None:
-            post_op_attr.pack(p, self.post_op_fh(getattr(args, field)))
-        return enc
-
-    def _fail_wcc(self, get: Any) -> Any:
-        def enc(p: Packer, args: Any, ctx: CallContext) -> None:
-            wcc_data.pack(p, self.wcc_fh(get(args)))
-        return enc
-
-    def _fail_rename(self, p: Packer, args: Any, ctx: CallContext) -> None:
-        wcc_data.pack(p, self.wcc_fh(args.from_.dir))
-        wcc_data.pack(p, self.wcc_fh(args.to.dir))
-
-    def _fail_link(self, p: Packer, args: Any, ctx: CallContext) -> None:
-        post_op_attr.pack(p, self.post_op_fh(args.file))
-        wcc_data.pack(p, self.wcc_fh(args.link.dir))
-
-    @staticmethod
-    def _fail_void(p: Packer, args: Any, ctx: CallContext) -> None:
-        return None
-
-    # -- the table -----------------------------------------------------------------------------
-
-    def _guard(self, proc: Proc) -> Proc:
-        """Apply the flags that act before the handler (read-only export)."""
-        if not (proc.flags & MAKES_WRITE and self.read_only):
-            return proc
-
-        def refuse(args: Any, ctx: CallContext) -> Any:
-            raise ProcError(nfsstat3.NFS3ERR_ROFS)
-        return Proc(proc.name, proc.decode, refuse, proc.encode_ok, proc.encode_fail, proc.flags)
-
-    def _table(self) -> dict[int, Proc]:
-        A = NEEDS_AUTH
-        W = MAKES_WRITE | NEEDS_AUTH
-        D = CAN_BE_DUP
-        wcc_of = self._fail_wcc
-        t = {
-            NFSPROC3.NULL: Proc("NULL", lambda u: None, self.nfs3_null, lambda p, v: None, None, 0),
-            NFSPROC3.GETATTR: Proc("GETATTR", _decode_getattr, self.nfs3_getattr, GETATTR3resok.pack, self._fail_void, A),
-            NFSPROC3.SETATTR: Proc("SETATTR", SETATTR3args.unpack, self.nfs3_setattr, SETATTR3resok.pack, wcc_of(lambda a: a.object), W),
-            NFSPROC3.LOOKUP: Proc("LOOKUP", LOOKUP3args.unpack, self.nfs3_lookup, LOOKUP3resok.pack, self._fail_dirattr, A),
-            NFSPROC3.ACCESS: Proc("ACCESS", ACCESS3args.unpack, self.nfs3_access, ACCESS3resok.pack, self._fail_attr("object"), A),
-            NFSPROC3.READLINK: Proc("READLINK", READLINK3args.unpack, self.nfs3_readlink, READLINK3resok.pack, self._fail_attr("symlink"), A),
-            NFSPROC3.READ: Proc("READ", _decode_read, self.nfs3_read, self._enc_read, self._fail_attr("file"), A | MAKES_IO),
-            NFSPROC3.WRITE: Proc("WRITE", _decode_write, self.nfs3_write, WRITE3resok.pack, wcc_of(lambda a: a[0]), W | MAKES_IO),
-            NFSPROC3.CREATE: Proc("CREATE", CREATE3args.unpack, self.nfs3_create, CREATE3resok.pack, wcc_of(lambda a: a.where.dir), W | D),
-            NFSPROC3.MKDIR: Proc("MKDIR", MKDIR3args.unpack, self.nfs3_mkdir, CREATE3resok.pack, wcc_of(lambda a: a.where.dir), W | D),
-            NFSPROC3.SYMLINK: Proc("SYMLINK", SYMLINK3args.unpack, self.nfs3_symlink, CREATE3resok.pack, wcc_of(lambda a: a.where.dir), W | D),
-            NFSPROC3.MKNOD: Proc("MKNOD", MKNOD3args.unpack, self.nfs3_mknod, CREATE3resok.pack, wcc_of(lambda a: a.where.dir), W | D),
-            NFSPROC3.REMOVE: Proc("REMOVE", REMOVE3args.unpack, self.nfs3_remove, REMOVE3resok.pack, wcc_of(lambda a: a.object.dir), W | D),
-            NFSPROC3.RMDIR: Proc("RMDIR", REMOVE3args.unpack, self.nfs3_rmdir, REMOVE3resok.pack, wcc_of(lambda a: a.object.dir), W | D),
-            NFSPROC3.RENAME: Proc("RENAME", RENAME3args.unpack, self.nfs3_rename, RENAME3resok.pack, self._fail_rename, W | D),
-            NFSPROC3.LINK: Proc("LINK", LINK3args.unpack, self.nfs3_link, LINK3resok.pack, self._fail_link, W | D),
-            NFSPROC3.READDIR: Proc("READDIR", READDIR3args.unpack, self.nfs3_readdir, READDIR3resok.pack, self._fail_attr("dir"), A),
-            NFSPROC3.READDIRPLUS: Proc("READDIRPLUS", READDIRPLUS3args.unpack, self.nfs3_readdirplus, READDIRPLUS3resok.pack, self._fail_attr("dir"), A),
-            NFSPROC3.FSSTAT: Proc("FSSTAT", FSSTAT3args.unpack, self.nfs3_fsstat, FSSTAT3resok.pack, self._fail_attr("fsroot"), A),
-            NFSPROC3.FSINFO: Proc("FSINFO", FSINFO3args.unpack, self.nfs3_fsinfo, FSINFO3resok.pack, self._fail_attr("fsroot"), A),
-            NFSPROC3.PATHCONF: Proc("PATHCONF", PATHCONF3args.unpack, self.nfs3_pathconf, PATHCONF3resok.pack, self._fail_attr("object"), A),
-            NFSPROC3.COMMIT: Proc("COMMIT", COMMIT3args.unpack, self.nfs3_commit, COMMIT3resok.pack, wcc_of(lambda a: a.file), W),
-        }
-        return {int(k): self._guard(v) for k, v in t.items()}
-
-    def _fail_dirattr(self, p: Packer, args: Any, ctx: CallContext) -> None:
-        post_op_attr.pack(p, self.post_op_fh(args.what.dir))
-
     def program(self) -> Program:
-        return Program(NFS_PROGRAM, "nfs", {NFS_V3: self.procs}, map_error=status_of)
+        return Program(NFS_PROGRAM, "nfs", {NFS_V3: self.procs}, map_error=status_of,
+                       refuse_write=nfsstat3.NFS3ERR_ROFS if self.read_only else None)
 
 
-__all__ = ["NFS3", "status_of", "to_fattr3", "XDRError"]
+# -- the table -------------------------------------------------------------------------------
+
+
+def _enc_read(p: Packer, res: Any) -> None:
+    attrs, n, eof, bufs = res
+    post_op_attr.pack(p, attrs)
+    p.u32(n)
+    p.bool(eof)
+    p.append_buffers(bufs, n)
+
+
+def _fail_void(p: Packer, args: Any, ctx: CallContext) -> None:
+    return None
+
+
+def procedures(nfs: NFS3) -> dict[int, Proc]:
+    """``NFS3.procs``: per procedure the decoder, the handler, the success and failure
+    encoders and the flags. A failure body (the mandatory part after a non-OK status) is
+    computed from the arguments: the post_op_attr / wcc_data of the objects they name."""
+
+    def attr_of(field: str) -> Any:
+        def enc(p: Packer, args: Any, ctx: CallContext) -> None:
+            post_op_attr.pack(p, nfs.post_op_fh(getattr(args, field)))
+        return enc
+
+    def wcc_of(get: Any) -> Any:
+        def enc(p: Packer, args: Any, ctx: CallContext) -> None:
+            wcc_data.pack(p, nfs.wcc_fh(get(args)))
+        return enc
+
+    def fail_dirattr(p: Packer, args: Any, ctx: CallContext) -> None:
+        post_op_attr.pack(p, nfs.post_op_fh(args.what.dir))
+
+    def fail_rename(p: Packer, args: Any, ctx: CallContext) -> None:
+        wcc_data.pack(p, nfs.wcc_fh(args.from_.dir))
+        wcc_data.pack(p, nfs.wcc_fh(args.to.dir))
+
+    def fail_link(p: Packer, args: Any, ctx: CallContext) -> None:
+        post_op_attr.pack(p, nfs.post_op_fh(args.file))
+        wcc_data.pack(p, nfs.wcc_fh(args.link.dir))
+
+    A = NEEDS_AUTH
+    W = MAKES_WRITE | NEEDS_AUTH
+    D = CAN_BE_DUP
+    t = {
+        NFSPROC3.NULL: Proc("NULL", lambda u: None, nfs.nfs3_null, lambda p, v: None, None, 0),
+        NFSPROC3.GETATTR: Proc("GETATTR", _decode_getattr, nfs.nfs3_getattr, GETATTR3resok.pack, _fail_void, A),
+        NFSPROC3.SETATTR: Proc("SETATTR", SETATTR3args.unpack, nfs.nfs3_setattr, SETATTR3resok.pack, wcc_of(lambda a: a.object), W),
+        NFSPROC3.LOOKUP: Proc("LOOKUP", LOOKUP3args.unpack, nfs.nfs3_lookup, LOOKUP3resok.pack, fail_dirattr, A),
+        NFSPROC3.ACCESS: Proc("ACCESS", ACCESS3args.unpack, nfs.nfs3_access, ACCESS3resok.pack, attr_of("object"), A),
+        NFSPROC3.READLINK: Proc("READLINK", READLINK3args.unpack, nfs.nfs3_readlink, READLINK3resok.pack, attr_of("symlink"), A),
+        NFSPROC3.READ: Proc("READ", _decode_read, nfs.nfs3_read, _enc_read, attr_of("file"), A | MAKES_IO),
+        NFSPROC3.WRITE: Proc("WRITE", _decode_write, nfs.nfs3_write, WRITE3resok.pack, wcc_of(lambda a: a[0]), W | MAKES_IO),
+        NFSPROC3.CREATE: Proc("CREATE", CREATE3args.unpack, nfs.nfs3_create, CREATE3resok.pack, wcc_of(lambda a: a.where.dir), W | D),
+        NFSPROC3.MKDIR: Proc("MKDIR", MKDIR3args.unpack, nfs.nfs3_mkdir, CREATE3resok.pack, wcc_of(lambda a: a.where.dir), W | D),
+        NFSPROC3.SYMLINK: Proc("SYMLINK", SYMLINK3args.unpack, nfs.nfs3_symlink, CREATE3resok.pack, wcc_of(lambda a: a.where.dir), W | D),
+        NFSPROC3.MKNOD: Proc("MKNOD", MKNOD3args.unpack, nfs.nfs3_mknod, CREATE3resok.pack, wcc_of(lambda a: a.where.dir), W | D),
+        NFSPROC3.REMOVE: Proc("REMOVE", REMOVE3args.unpack, nfs.nfs3_remove, REMOVE3resok.pack, wcc_of(lambda a: a.object.dir), W | D),
+        NFSPROC3.RMDIR: Proc("RMDIR", REMOVE3args.unpack, nfs.nfs3_rmdir, REMOVE3resok.pack, wcc_of(lambda a: a.object.dir), W | D),
+        NFSPROC3.RENAME: Proc("RENAME", RENAME3args.unpack, nfs.nfs3_rename, RENAME3resok.pack, fail_rename, W | D),
+        NFSPROC3.LINK: Proc("LINK", LINK3args.unpack, nfs.nfs3_link, LINK3resok.pack, fail_link, W | D),
+        NFSPROC3.READDIR: Proc("READDIR", READDIR3args.unpack, nfs.nfs3_readdir, READDIR3resok.pack, attr_of("dir"), A),
+        NFSPROC3.READDIRPLUS: Proc("READDIRPLUS", READDIRPLUS3args.unpack, nfs.nfs3_readdirplus, READDIRPLUS3resok.pack, attr_of("dir"), A),
+        NFSPROC3.FSSTAT: Proc("FSSTAT", FSSTAT3args.unpack, nfs.nfs3_fsstat, FSSTAT3resok.pack, attr_of("fsroot"), A),
+        NFSPROC3.FSINFO: Proc("FSINFO", FSINFO3args.unpack, nfs.nfs3_fsinfo, FSINFO3resok.pack, attr_of("fsroot"), A),
+        NFSPROC3.PATHCONF: Proc("PATHCONF", PATHCONF3args.unpack, nfs.nfs3_pathconf, PATHCONF3resok.pack, attr_of("object"), A),
+        NFSPROC3.COMMIT: Proc("COMMIT", COMMIT3args.unpack, nfs.nfs3_commit, COMMIT3resok.pack, wcc_of(lambda a: a.file), W),
+    }
+    return {int(k): v for k, v in t.items()}
+
+
+__all__ = ["NFS3", "procedures"]

@@ -24,28 +24,25 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import ipaddress
 import os
 import socket
 import struct
 import time
 from dataclasses import dataclass
 
-from engine.nfs.rpc import CallContext, Proc, Program
-from engine.nfs.xdr import (
+from engine.nfs.portmap_types import (
     IPPROTO_TCP,
     IPPROTO_UDP,
     PMAP_PROG,
     PMAPPROC,
     RPCBPROC,
-    Packer,
-    Unpacker,
     mapping,
     pmaplist,
     rp__list,
     rpcb,
-    uint32,
 )
+from engine.nfs.rpc import CallContext, Proc, Program, is_local
+from engine.nfs.xdr import Packer, Unpacker, uint32
 
 _NETIDS = {IPPROTO_TCP: b"tcp", IPPROTO_UDP: b"udp"}
 _PROTOS = {b"tcp": IPPROTO_TCP, b"udp": IPPROTO_UDP, b"tcp6": IPPROTO_TCP, b"udp6": IPPROTO_UDP}
@@ -61,18 +58,6 @@ class Registration:
     owner: bytes = b"instantnfs"
 
 
-def _is_local(addr: str) -> bool:
-    if addr == "unix":  # a caller on our AF_UNIX socket (the rpcbind.sock way of local servers)
-        return True
-    try:
-        ip = ipaddress.ip_address(addr)
-    except ValueError:
-        return False
-    if ip.version == 6 and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return ip.is_loopback
-
-
 SUPERUSER = b"superuser"
 
 
@@ -84,7 +69,7 @@ def caller_owner(ctx: CallContext) -> bytes | None:
         if ctx.port == 0:
             return SUPERUSER
         return str(ctx.port).encode() if ctx.port > 0 else None
-    if _is_local(ctx.client) and 0 < ctx.port < 1024:
+    if is_local(ctx.client) and 0 < ctx.port < 1024:
         return SUPERUSER
     return None
 
@@ -298,7 +283,8 @@ async def serve_standalone(bind: str, port: int, unix: str | None = None) -> Non
     """Only the portmapper, TCP and UDP, until SIGTERM/SIGINT: for peer servers in benchmarks."""
     import signal
 
-    from engine.nfs.rpc import RpcDatagramProtocol, RpcServer, RpcStreamProtocol
+    from engine.nfs.rpc import RpcServer
+    from engine.nfs.transport import RpcDatagramProtocol, RpcStreamProtocol
 
     pm = PortMapper()
     rpc = RpcServer()

@@ -27,17 +27,18 @@ from engine.datastore import Datastore
 from engine.errors import PortInUse
 from engine.nfs import portmap
 from engine.nfs.mount import Mount3
+from engine.nfs.mount_types import MOUNT_PROGRAM
 from engine.nfs.nfs3 import NFS3
-from engine.nfs.rpc import (
+from engine.nfs.nfs3_types import NFS_PROGRAM
+from engine.nfs.portmap_types import IPPROTO_TCP, IPPROTO_UDP, PMAP_PROG
+from engine.nfs.rpc import AllowList, RpcServer
+from engine.nfs.transport import (
     DEFAULT_MAX_FRAGMENTS,
     DEFAULT_MAX_QUEUED,
-    AllowList,
     ConnectionLimits,
     RpcDatagramProtocol,
-    RpcServer,
     RpcStreamProtocol,
 )
-from engine.nfs.xdr import IPPROTO_TCP, IPPROTO_UDP, MOUNT_PROGRAM, NFS_PROGRAM, PMAP_PROG
 
 log = logging.getLogger("instantnfs.server")
 

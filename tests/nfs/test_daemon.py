@@ -11,13 +11,11 @@ import subprocess
 import sys
 
 from engine.nfs.client import NFSClient, RpcClient, build_call, frame
-from engine.nfs.xdr import (
+from engine.nfs.mount_types import MOUNT_PROGRAM
+from engine.nfs.nfs3_types import (
     DONT_CHANGE_TIME,
-    MOUNT_PROGRAM,
     NFS_PROGRAM,
     NFSPROC3,
-    PMAP_PROG,
-    PMAPPROC,
     GETATTR3args,
     READ3args,
     RENAME3args,
@@ -25,12 +23,12 @@ from engine.nfs.xdr import (
     createmode3,
     diropargs3,
     ftype3,
-    mapping,
     nfs_fh3,
     nfsstat3,
     sattr3,
-    uint32,
 )
+from engine.nfs.portmap_types import PMAP_PROG, PMAPPROC, mapping
+from engine.nfs.xdr import uint32
 from tests.conftest import require_tool
 from tests.nfs.conftest import ROOT, give_address, run, take_address
 

@@ -6,7 +6,7 @@ record names it), so its disk must still read as the backup at the end.
 
 Records are valid calls of every program, version and procedure the daemon serves
 (portmap 100000 v2/v3/v4, MOUNT 100005 v3, NFS 100003 v3), built with the XDR
-declarations of ``engine.nfs.xdr``, then mutated: bytes and bits flipped, truncated,
+declarations of ``engine.nfs.*_types``, then mutated: bytes and bits flipped, truncated,
 extended, a 32-bit word set to an edge value (lengths: 0, 2^31, 2^32-1, ...), the
 program/version/procedure replaced, or random bytes altogether. The record marking is
 abused too: records split into odd fragments, zero-length fragments, huge announced
@@ -40,44 +40,39 @@ from typing import Any
 import pytest
 
 from engine.nfs.client import NFSClient, auth_sys, build_call, frame, parse_reply
-from engine.nfs.xdr import (
+from engine.nfs.mount_types import MOUNT_PROGRAM
+from engine.nfs.nfs3_types import (
     DONT_CHANGE_TIME,
-    IPPROTO_TCP,
-    IPPROTO_UDP,
-    MOUNT_PROGRAM,
     NFS_PROGRAM,
-    PMAP_PROG,
     ACCESS3args,
     COMMIT3args,
     FSINFO3args,
     FSSTAT3args,
     GETATTR3args,
     MKDIR3args,
-    Packer,
     PATHCONF3args,
     READ3args,
     READDIR3args,
     READDIRPLUS3args,
     READLINK3args,
     SETATTR3args,
-    UnionValue,
     WRITE3args,
-    auth_flavor,
     createhow3,
     createmode3,
     devicedata3,
     diropargs3,
     ftype3,
-    mapping,
     mknoddata3,
     nfs_fh3,
     nfsstat3,
     nfstime3,
-    rpcb,
     sattr3,
     specdata3,
     time_how,
 )
+from engine.nfs.portmap_types import IPPROTO_TCP, IPPROTO_UDP, PMAP_PROG, mapping, rpcb
+from engine.nfs.rpc_types import auth_flavor
+from engine.nfs.xdr import Packer, UnionValue
 from tests.nfs.conftest import run
 
 FUZZ_SESSION = "zzfuzz"
@@ -545,7 +540,7 @@ def _setup(dmn: Any, images: dict[str, Any]) -> tuple[Corpus, bytes]:
             handles.append(await c.lookup(root, f"{images['vm']}.vmx"))
             res = await c.create(root, "seed-file")
             handles.append(res.body.obj.data)
-            from engine.nfs.xdr import NFSPROC3, SATTR3_NONE
+            from engine.nfs.nfs3_types import NFSPROC3, SATTR3_NONE
 
             mk = await c.call(NFSPROC3.MKDIR, MKDIR3args(diropargs3(nfs_fh3(root), b"seed-dir"), SATTR3_NONE))
             sub = mk.body.obj.data

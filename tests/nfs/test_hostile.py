@@ -21,21 +21,17 @@ from typing import Any
 import pytest
 
 from engine.nfs.client import NFSClient, RpcClient, auth_sys, build_call, frame
-from engine.nfs.xdr import (
+from engine.nfs.mount_types import MOUNT_PROGRAM, MOUNTPROC3, mountstat3
+from engine.nfs.nfs3_types import (
     DONT_CHANGE_TIME,
-    MOUNT_PROGRAM,
-    MOUNTPROC3,
     NFS_PROGRAM,
     NFSPROC3,
-    PMAP_PROG,
-    PMAPPROC,
     SATTR3_NONE,
     COMMIT3args,
     CREATE3args,
     LINK3args,
     LOOKUP3args,
     MKDIR3args,
-    Packer,
     READ3args,
     READDIR3args,
     READDIRPLUS3args,
@@ -43,26 +39,20 @@ from engine.nfs.xdr import (
     RENAME3args,
     SETATTR3args,
     SYMLINK3args,
-    UnionValue,
     WRITE3args,
     createmode3,
-    diropargs3,
-    mapping,
-    mountstat3,
     nfs_fh3,
     nfsstat3,
     sattr3,
     symlinkdata3,
-    uint32,
 )
+from engine.nfs.portmap_types import PMAP_PROG, PMAPPROC, mapping
+from engine.nfs.xdr import Packer, UnionValue, uint32
 from tests.conftest import require_tool
 from tests.nfs.conftest import run
+from tests.nfs.rawrpc import dirop, raw, status_of_reply, workdir
 
 MiB = 1 << 20
-
-
-def dirop(d: bytes, name: bytes) -> Any:
-    return diropargs3(nfs_fh3(d), name)
 
 
 def rss_kib(pid: int) -> int:
@@ -82,35 +72,6 @@ def config_file(tmp_path: Path, **server: Any) -> list[str]:
     f = tmp_path / "hostile.toml"
     f.write_text("[server]\n" + "".join(f"{k} = {v!r}\n" for k, v in server.items()))
     return ["--config", str(f)]
-
-
-def accept_stat_of(rep: bytes) -> tuple[int, int]:
-    """(reply_stat, accept_stat or reject_stat) of a reply record."""
-    _xid, _mtype, rstat = struct.unpack_from(">III", rep)
-    if rstat != 0:
-        return rstat, struct.unpack_from(">I", rep, 12)[0]
-    vlen = struct.unpack_from(">I", rep, 16)[0]
-    return 0, struct.unpack_from(">I", rep, 20 + vlen + (-vlen & 3))[0]
-
-
-def status_of_reply(rep: bytes) -> int:
-    """The procedure's status word; fails when the call was not accepted (an RPC reject)."""
-    rstat, astat = accept_stat_of(rep)
-    assert (rstat, astat) == (0, 0), f"RPC-level reject {rstat}/{astat}, not a procedure status"
-    vlen = struct.unpack_from(">I", rep, 16)[0]
-    return struct.unpack_from(">I", rep, 24 + vlen + (-vlen & 3))[0]
-
-
-async def raw(c: RpcClient, prog: int, proc: int, args: bytes, vers: int = 3) -> bytes:
-    return await c.call_raw(build_call(c.next_xid(), prog, vers, proc, args, auth_sys()))
-
-
-async def workdir(c: NFSClient, sess: bytes, name: str) -> bytes:
-    r = await c.call(NFSPROC3.MKDIR, MKDIR3args(dirop(sess, name.encode()), SATTR3_NONE), check=False)
-    if r.tag == nfsstat3.NFS3ERR_EXIST:
-        return await c.lookup(sess, name)
-    assert r.tag == nfsstat3.NFS3_OK
-    return r.body.obj.data
 
 
 # -- finding 6: any name length is an NFS status --------------------------------------------
@@ -138,7 +99,7 @@ def test_long_names_are_nametoolong_not_garbage_args(served, n):
                 "SYMLINK target": (NFSPROC3.SYMLINK, SYMLINK3args(dirop(d, b"sl"), symlinkdata3(SATTR3_NONE, name))),
                 "LINK": (NFSPROC3.LINK, LINK3args(nfs_fh3(f), dirop(d, name))),
             }
-            from engine.nfs.client import RES
+            from engine.nfs.nfs3_types import RES
             for what, (proc, args) in calls.items():
                 if what == "SYMLINK target" and n < 4096:
                     continue  # a 256-byte target is a valid symlink

@@ -12,11 +12,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from engine.datastore import Datastore
-from engine.nfs import xdr
-from engine.nfs.client import RES, build_call
+from engine.nfs import mount_types, nfs3_types, portmap_types, rpc_types, xdr
+from engine.nfs.client import build_call
 from engine.nfs.mount import Mount3
 from engine.nfs.nfs3 import NFS3
-from engine.nfs.rpc import RpcServer, RpcStreamProtocol
+from engine.nfs.nfs3_types import RES
+from engine.nfs.rpc import RpcServer
+from engine.nfs.transport import RpcStreamProtocol
 from engine.nfs.xdr import UnionValue, Unpacker
 from engine.stack import Stack
 
@@ -62,10 +64,12 @@ def strategy(t: xdr.XType) -> st.SearchStrategy:
 
 TYPES: dict[str, xdr.XType] = {}
 for proc, (argt, rest) in RES.items():
-    TYPES[f"{xdr.NFSPROC3(proc).name}-args"] = argt
-    TYPES[f"{xdr.NFSPROC3(proc).name}-res"] = rest
-for name in ("mountres3", "mountlist", "exports", "mapping", "pmaplist", "rpcb", "rp__list", "authsys_parms", "opaque_auth", "fattr3", "sattr3"):
-    TYPES[name] = getattr(xdr, name)
+    TYPES[f"{nfs3_types.NFSPROC3(proc).name}-args"] = argt
+    TYPES[f"{nfs3_types.NFSPROC3(proc).name}-res"] = rest
+for module, names in ((mount_types, ("mountres3", "mountlist", "exports")), (portmap_types, ("mapping", "pmaplist", "rpcb", "rp__list")),
+                      (rpc_types, ("authsys_parms", "opaque_auth")), (nfs3_types, ("fattr3", "sattr3"))):
+    for name in names:
+        TYPES[name] = getattr(module, name)
 
 
 @pytest.mark.parametrize("name", sorted(TYPES))
@@ -89,7 +93,7 @@ def test_xdr_round_trip(name: str) -> None:
 @given(st.binary(max_size=300))
 @settings(max_examples=200, deadline=None)
 def test_xdr_decoders_reject_garbage_cleanly(data: bytes) -> None:
-    for t in (xdr.READDIRPLUS3args, xdr.CREATE3args, xdr.SETATTR3args, xdr.MKNOD3args, xdr.fattr3, xdr.mountres3):
+    for t in (nfs3_types.READDIRPLUS3args, nfs3_types.CREATE3args, nfs3_types.SETATTR3args, nfs3_types.MKNOD3args, nfs3_types.fattr3, mount_types.mountres3):
         try:
             t.decode(data)
         except xdr.XDRError:
@@ -226,7 +230,7 @@ def test_arbitrary_bytes_get_a_reply_or_nothing(dispatcher: Any, data: bytes) ->
 def test_arbitrary_arguments_are_garbage_or_a_status(dispatcher: Any, target: tuple[int, int], args: bytes, xid: int) -> None:
     rpc, loop = dispatcher
     prog, proc = target
-    r = _answer(rpc, loop, build_call(xid, prog, 3, proc, args, cred=(1, xdr.authsys_parms.encode(xdr.authsys_parms(0, b"h", 0, 0, [])))))
+    r = _answer(rpc, loop, build_call(xid, prog, 3, proc, args, cred=(1, rpc_types.authsys_parms.encode(rpc_types.authsys_parms(0, b"h", 0, 0, [])))))
     assert r is not None
     rep = b"".join(bytes(b) for b in r)
     u = Unpacker(rep)

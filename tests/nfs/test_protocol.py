@@ -3,31 +3,51 @@ do not reach. Golden, byte-exact replies for every RPC reject path."""
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import os
-import socket
 import struct
 from typing import Any
 
 import pytest
 
-from engine.nfs.client import AUTH_NONE, NFSClient, RpcClient, auth_sys, build_call, frame
-from engine.nfs.xdr import (
+from engine.nfs.client import (
+    AUTH_NONE,
+    NFSClient,
+    RpcClient,
+    auth_sys,
+    build_call,
+    frame,
+    parse_reply,
+)
+from engine.nfs.mount import Mount3
+from engine.nfs.mount_types import (
+    MOUNT_PROGRAM,
+    MOUNTPROC3,
+    dirpath,
+    exportnode,
+    exports,
+    groupnode,
+    mountbody,
+    mountlist,
+    mountres3,
+    mountres3_ok,
+    mountstat3,
+)
+from engine.nfs.nfs3 import NFS3
+from engine.nfs.nfs3_types import (
     ACCESS3_EXECUTE,
     ACCESS3_EXTEND,
     ACCESS3_LOOKUP,
     ACCESS3_MODIFY,
     ACCESS3_READ,
     DONT_CHANGE_TIME,
-    MOUNT_PROGRAM,
-    MOUNTPROC3,
     NFS_PROGRAM,
     NFSPROC3,
-    PMAP_PROG,
-    PMAPPROC,
-    RPCBPROC,
+    RES,
     SATTR3_NONE,
     ACCESS3args,
     COMMIT3args,
+    CREATE3args,
     FSINFO3args,
     FSSTAT3args,
     GETATTR3args,
@@ -35,37 +55,43 @@ from engine.nfs.xdr import (
     LOOKUP3args,
     MKDIR3args,
     MKNOD3args,
-    Packer,
     PATHCONF3args,
     READ3args,
     READDIR3args,
+    READDIRPLUS3args,
     READLINK3args,
     REMOVE3args,
     RENAME3args,
     SETATTR3args,
     SYMLINK3args,
-    UnionValue,
+    WRITE3args,
     createmode3,
     devicedata3,
-    diropargs3,
-    exports,
     ftype3,
-    mapping,
-    mountlist,
-    mountres3,
-    mountstat3,
     nfs_fh3,
     nfsstat3,
     nfstime3,
-    rp__list,
-    rpcb,
     sattr3,
     specdata3,
+    stable_how,
     symlinkdata3,
     time_how,
-    uint32,
+    wcc_data,
 )
+from engine.nfs.portmap import SUPERUSER, caller_owner
+from engine.nfs.portmap_types import (
+    PMAP_PROG,
+    PMAPPROC,
+    RPCBPROC,
+    mapping,
+    pmaplist,
+    rp__list,
+    rpcb,
+)
+from engine.nfs.rpc import NEEDS_AUTH, AllowList, CallContext, Cred, RpcServer, client_ip, is_local
+from engine.nfs.xdr import Packer, UnionValue, uint32
 from tests.nfs.conftest import run
+from tests.nfs.rawrpc import NoHandles, dirop, dispatch, raw_exchange, udp_call, words, workdir
 
 X = 0x11223344
 
@@ -86,38 +112,11 @@ def fh3(b: bytes) -> Any:
     return nfs_fh3(b)
 
 
-def dirop(d: bytes, name: str | bytes) -> Any:
-    return diropargs3(nfs_fh3(d), name.encode() if isinstance(name, str) else name)
-
-
 async def status(c: NFSClient, proc: int, args: Any) -> nfsstat3:
     return nfsstat3((await c.call(proc, args, check=False)).tag)
 
 
-async def workdir(c: NFSClient, sess: bytes, name: str) -> bytes:
-    r = await c.call(NFSPROC3.MKDIR, MKDIR3args(dirop(sess, name), SATTR3_NONE), check=False)
-    if r.tag == nfsstat3.NFS3ERR_EXIST:
-        return await c.lookup(sess, name)
-    assert r.tag == nfsstat3.NFS3_OK
-    return r.body.obj.data
-
-
 # -- golden reject replies --------------------------------------------------------------------
-
-
-def raw_exchange(served: Any, port: int, record: bytes) -> bytes:
-    async def main() -> bytes:
-        c = await RpcClient.connect(served.addr, port)
-        try:
-            return await c.call_raw(record)
-        finally:
-            await c.close()
-
-    return run(main())
-
-
-def words(*w: int) -> bytes:
-    return struct.pack(f">{len(w)}I", *w)
 
 
 def test_golden_rejects(served):
@@ -288,7 +287,6 @@ async def _read_disk(served: Any, session: str, disk: str, off: int, n: int) -> 
 
 
 def _write_args(fh: bytes, off: int, data: bytes, stable: int = 2) -> Any:
-    from engine.nfs.xdr import WRITE3args
 
     return WRITE3args(fh3(fh), off, len(data), stable, data)
 
@@ -452,7 +450,6 @@ def test_duplicate_request_cache_on_retransmitted_remove(served):
         fresh = build_call(0x5EED0002, NFS_PROGRAM, 3, NFSPROC3.REMOVE, p.getvalue(), cred=auth_sys())
         assert (await c.rpc.call_raw(fresh))[24:28] == words(nfsstat3.NFS3ERR_NOENT)
         # a retransmitted CREATE gets its original reply too (not EXIST)
-        from engine.nfs.xdr import CREATE3args
 
         p = Packer()
         CREATE3args.pack(p, CREATE3args(dirop(w, "once"), UnionValue(createmode3.GUARDED, SATTR3_NONE)))
@@ -518,13 +515,6 @@ def test_mount_procedures(served):
     assert rep[:24] == words(77, 1, 0, 0, 0, 0) and rep[24:28] == words(0)
 
 
-def udp_call(host: str, port: int, record: bytes) -> bytes:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.settimeout(5)
-        s.sendto(record, (host, port))
-        return s.recv(65536)
-
-
 def test_portmapper_v2_and_rpcbind(served):
     p = Packer()
     mapping.pack(p, mapping(NFS_PROGRAM, 3, 6, 0))
@@ -538,7 +528,7 @@ def test_portmapper_v2_and_rpcbind(served):
             assert port == served.mount_port
             assert uint32.unpack(await c.call(PMAP_PROG, 2, PMAPPROC.GETPORT, mapping.encode(mapping(123456, 1, 6, 0)))) == 0
             dump = [(m.prog, m.vers, m.prot, m.port) for m in
-                    __import__("engine.nfs.xdr", fromlist=["pmaplist"]).pmaplist.unpack(await c.call(PMAP_PROG, 2, PMAPPROC.DUMP))]
+                    pmaplist.unpack(await c.call(PMAP_PROG, 2, PMAPPROC.DUMP))]
             assert (NFS_PROGRAM, 3, 6, served.nfs_port) in dump and (PMAP_PROG, 2, 17, 111) in dump
             for v in (3, 4):
                 u = await c.call(PMAP_PROG, v, RPCBPROC.GETADDR, rpcb.encode(rpcb(NFS_PROGRAM, 3, b"tcp", b"", b"")))
@@ -628,8 +618,6 @@ def test_allowed_clients(daemon_factory, images):
     rep = udp_call(dmn.addr, dmn.mount_port, build_call(X, MOUNT_PROGRAM, 3, MOUNTPROC3.MNT, p.getvalue(), cred=auth_sys()))
     assert rep == words(X, 1, 0, 0, 0, 0, mountstat3.MNT3ERR_ACCES)
     # the dispatcher's answer to NFS from a refused address: AUTH_ERROR / AUTH_TOOWEAK (NULL stays open)
-    from engine.nfs.nfs3 import NFS3
-    from engine.nfs.rpc import AllowList, RpcServer
     rpc = RpcServer(AllowList(["10.9.0.0/16"]))
     rpc.add(NFS3(None).program())  # type: ignore[arg-type]
 
@@ -683,3 +671,114 @@ def test_rpc_client_sees_replies_out_of_order_cleanly(served):
     a, b = run(main())
     assert a == words(1, 1, 0, 0, 0, 0) and b == words(2, 1, 0, 0, 0, 0)
     assert frame(b"abcd") == b"\x80\x00\x00\x04abcd"
+
+
+# -- flags: declared by each program, applied by the dispatcher ------------------------------
+
+
+def test_mount_declares_its_flags_and_the_dispatcher_applies_them():
+    """MNT is NEEDS_AUTH: a refused client gets MNT3ERR_ACCES from the dispatcher (the handler
+    does not run); NULL, DUMP, UMNT, UMNTALL and EXPORT stay open to every client."""
+    prog = Mount3(NoHandles(), "/instantnfs", ["10.9.0.0/16"]).program()  # type: ignore[arg-type]
+    procs = prog.versions[3]
+    assert procs[MOUNTPROC3.MNT].flags & NEEDS_AUTH
+    open_procs = (MOUNTPROC3.NULL, MOUNTPROC3.DUMP, MOUNTPROC3.UMNT, MOUNTPROC3.UMNTALL, MOUNTPROC3.EXPORT)
+    assert not any(procs[p].flags & NEEDS_AUTH for p in open_procs)
+    rpc = RpcServer(AllowList(["10.9.0.0/16"]))
+    rpc.add(prog)
+    path = dirpath.encode(b"/instantnfs")
+    ok = words(X, 1, 0, 0, 0, 0)
+
+    def call(proc: int, args: bytes = b"", client: str = "127.0.0.1") -> bytes:
+        return dispatch(rpc, build_call(X, MOUNT_PROGRAM, 3, proc, args, cred=auth_sys()), client)
+
+    assert call(MOUNTPROC3.MNT, path) == ok[:-4] + words(0, mountstat3.MNT3ERR_ACCES)
+    assert call(MOUNTPROC3.DUMP) == ok + mountlist.encode([])  # the refused MNT was not recorded
+    assert call(MOUNTPROC3.EXPORT) == ok + exports.encode([exportnode(b"/instantnfs", [groupnode(b"10.9.0.0/16")])])
+    assert call(MOUNTPROC3.NULL) == ok and call(MOUNTPROC3.UMNT, path) == ok and call(MOUNTPROC3.UMNTALL) == ok
+    # an allowed client gets past the flag to the handler
+    assert call(MOUNTPROC3.MNT, path, "10.9.1.2") == ok + words(0) + mountres3_ok.encode(mountres3_ok(b"H" * 16, [1, 0]))
+    assert call(MOUNTPROC3.DUMP) == ok + mountlist.encode([mountbody(b"10.9.1.2", b"/instantnfs")])
+
+
+def test_read_only_is_applied_by_the_dispatcher():
+    """The NFS table holds the handlers themselves; a read-only program refuses MAKES_WRITE
+    procedures with NFS3ERR_ROFS and the failure body, before the handler runs."""
+    remove = REMOVE3args.encode(REMOVE3args(dirop(b"\0" * 32, "x")))
+    rec = build_call(X, NFS_PROGRAM, 3, NFSPROC3.REMOVE, remove, cred=auth_sys())
+    empty_wcc = wcc_data.encode(wcc_data(None, None))
+    for read_only, status in ((True, nfsstat3.NFS3ERR_ROFS), (False, nfsstat3.NFS3ERR_BADHANDLE)):
+        nfs = NFS3(NoHandles(), read_only=read_only)  # type: ignore[arg-type]
+        assert nfs.procs[NFSPROC3.REMOVE].handler == nfs.nfs3_remove
+        rpc = RpcServer()
+        rpc.add(nfs.program())
+        assert dispatch(rpc, rec) == words(X, 1, 0, 0, 0, 0, status) + empty_wcc
+
+
+def test_every_failure_body_decodes_with_the_declared_result():
+    """nfs3_types.RES, what the client decodes with, matches the failure body the server
+    writes for every procedure (an unknown handle: NFS3ERR_BADHANDLE, nothing left over)."""
+    fh = nfs_fh3(b"\0" * 32)
+    d = dirop(b"\0" * 32, "x")
+    verf = b"\0" * 8
+    args = {
+        NFSPROC3.GETATTR: GETATTR3args(fh),
+        NFSPROC3.SETATTR: SETATTR3args(fh, SATTR3_NONE, None),
+        NFSPROC3.LOOKUP: LOOKUP3args(d),
+        NFSPROC3.ACCESS: ACCESS3args(fh, 0x3F),
+        NFSPROC3.READLINK: READLINK3args(fh),
+        NFSPROC3.READ: READ3args(fh, 0, 10),
+        NFSPROC3.WRITE: WRITE3args(fh, 0, 3, stable_how.FILE_SYNC, b"abc"),
+        NFSPROC3.CREATE: CREATE3args(d, UnionValue(createmode3.UNCHECKED, SATTR3_NONE)),
+        NFSPROC3.MKDIR: MKDIR3args(d, SATTR3_NONE),
+        NFSPROC3.SYMLINK: SYMLINK3args(d, symlinkdata3(SATTR3_NONE, b"t")),
+        NFSPROC3.MKNOD: MKNOD3args(d, UnionValue(ftype3.NF3FIFO, SATTR3_NONE)),
+        NFSPROC3.REMOVE: REMOVE3args(d),
+        NFSPROC3.RMDIR: REMOVE3args(d),
+        NFSPROC3.RENAME: RENAME3args(d, d),
+        NFSPROC3.LINK: LINK3args(fh, d),
+        NFSPROC3.READDIR: READDIR3args(fh, 0, verf, 4096),
+        NFSPROC3.READDIRPLUS: READDIRPLUS3args(fh, 0, verf, 4096, 4096),
+        NFSPROC3.FSSTAT: FSSTAT3args(fh),
+        NFSPROC3.FSINFO: FSINFO3args(fh),
+        NFSPROC3.PATHCONF: PATHCONF3args(fh),
+        NFSPROC3.COMMIT: COMMIT3args(fh, 0, 0),
+    }
+    assert set(args) | {NFSPROC3.NULL} == set(RES)
+    rpc = RpcServer()
+    rpc.add(NFS3(NoHandles()).program())  # type: ignore[arg-type]
+    for proc, a in args.items():
+        argt, rest = RES[proc]
+        u = parse_reply(dispatch(rpc, build_call(X, NFS_PROGRAM, 3, proc, argt.encode(a), cred=auth_sys())))
+        res = rest.unpack(u)
+        assert (NFSPROC3(proc).name, res.tag, u.remaining()) == (NFSPROC3(proc).name, nfsstat3.NFS3ERR_BADHANDLE, 0)
+
+
+# -- who is local, who is allowed: one reading of a caller's address ---------------------------
+
+
+@pytest.mark.parametrize(("addr", "local"), [
+    ("127.0.0.1", True), ("127.3.4.5", True), ("::1", True), ("::ffff:127.0.0.1", True), ("unix", True),
+    ("10.9.1.2", False), ("::ffff:10.9.1.2", False), ("fe80::1", False), ("", False), ("localhost", False),
+])
+def test_is_local(addr, local):
+    assert is_local(addr) is local
+
+
+def test_allow_list_and_portmap_read_a_caller_alike():
+    """The allowed list and the portmapper's SET/UNSET check share client_ip: an IPv4-mapped
+    address is its IPv4 address for both; a name or the AF_UNIX marker is no IP address."""
+    assert client_ip("::ffff:10.9.1.2") == ipaddress.IPv4Address("10.9.1.2")
+    assert client_ip("::1") == ipaddress.IPv6Address("::1")
+    assert client_ip("unix") is None and client_ip("localhost") is None
+    allow = AllowList(["10.9.0.0/16"])
+    assert "10.9.1.2" in allow and "::ffff:10.9.1.2" in allow
+    assert "10.8.1.2" not in allow and "::ffff:10.8.1.2" not in allow and "unix" not in allow
+    assert "unix" not in AllowList(["0.0.0.0/0", "::/0"])  # the AF_UNIX socket is no allowed network client
+
+    def owner(client: str, port: int) -> bytes | None:
+        return caller_owner(CallContext(1, PMAP_PROG, 2, 1, Cred(0), client, port, True))
+
+    assert owner("127.0.0.1", 700) == owner("::ffff:127.0.0.1", 700) == SUPERUSER
+    assert owner("127.0.0.1", 2000) is None and owner("10.9.1.2", 700) is None
+    assert owner("unix", 0) == SUPERUSER and owner("unix", 1000) == b"1000"

@@ -19,14 +19,13 @@ import pytest
 from engine.datastore import REAL, Datastore, Node
 from engine.errors import StaleHandle
 from engine.nfs.client import NFSClient, NFSError
-from engine.nfs.xdr import (
+from engine.nfs.nfs3_types import (
     NFSPROC3,
     SATTR3_NONE,
     GETATTR3args,
     MKNOD3args,
     READ3args,
     SETATTR3args,
-    UnionValue,
     WRITE3args,
     createmode3,
     devicedata3,
@@ -38,6 +37,7 @@ from engine.nfs.xdr import (
     specdata3,
     time_how,
 )
+from engine.nfs.xdr import UnionValue
 from engine.repo.ingest import BackupSettings, backup
 from engine.repo.pins import list_pins
 from engine.repo.repository import Repository
@@ -164,7 +164,7 @@ def test_client_file_handle_survives_restart(daemon_factory, images, tmp_path):
         c = await connect(dmn)
         try:
             sess = await c.mount("/instantnfs/keep")
-            sub = (await c.call(NFSPROC3.MKDIR, __import__("engine.nfs.xdr", fromlist=["MKDIR3args"]).MKDIR3args(
+            sub = (await c.call(NFSPROC3.MKDIR, __import__("engine.nfs.nfs3_types", fromlist=["MKDIR3args"]).MKDIR3args(
                 dirop(sess, "logs"), SATTR3_NONE))).body.obj.data
             f = (await c.create(sub, "vmware.log")).body.obj.data
             await c.write(f, 0, b"log line\n")

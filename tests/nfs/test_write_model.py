@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
 
 from engine.nfs.client import NFSClient
-from engine.nfs.xdr import NFSPROC3, COMMIT3args, WRITE3args, nfs_fh3
+from engine.nfs.nfs3_types import NFSPROC3, COMMIT3args, WRITE3args, nfs_fh3
 from tests.nfs.conftest import Daemon, give_address, take_address
 
 BLOCK = 1 << 20

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from engine.nfs.client import NFSClient
-from engine.nfs.xdr import (
+from engine.nfs.nfs3_types import (
     NFSPROC3,
     COMMIT3args,
     FSSTAT3args,

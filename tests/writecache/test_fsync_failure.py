@@ -12,8 +12,8 @@ import pytest
 
 from engine import writecache
 from engine.errors import WriteCacheError
-from engine.nfs.nfs3 import status_of
-from engine.nfs.xdr import nfsstat3
+from engine.nfs.nfs3_convert import status_of
+from engine.nfs.nfs3_types import nfsstat3
 from engine.writecache import WriteCache
 
 
