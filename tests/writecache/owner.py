@@ -28,10 +28,12 @@ def main() -> None:
     sim = None
     if sys.argv[5:6] == ["powerloss"]:
         import engine.writecache
+        import engine.writecache_format
         from tests.writecache.powerloss import PowerLossOS
 
         sim = PowerLossOS(0)
         engine.writecache.os = sim  # type: ignore[assignment]
+        engine.writecache_format.os = sim  # type: ignore[assignment]
     repo = Repository.open(repo_dir, cache_bytes=32 << 20)
     base = repo.point("latest").open_disk(0)
     if mode == "create":
