@@ -335,6 +335,15 @@ class WriteCache:
         g0 = offset >> self._shift
         return self._dirty.count(g0, (offset + length - 1) >> self._shift) > 0
 
+    def needs_no_copy(self, offset: int, n: int) -> bool:
+        """Whether a write covers whole granules, or dirty ones at its unaligned edges
+        (dirty bits never clear, so the answer cannot go stale)."""
+        g = self.granule
+        end = offset + n
+        if offset % g and not self.is_dirty(offset, 1):
+            return False
+        return not (end % g and end < self.size and not self.is_dirty(end - 1, 1))
+
     def read(self, offset: int, length: int) -> bytes:
         """The disk's newest bytes in [offset, offset + length), cut at the end of the disk."""
         parts = self.readv(offset, length)
