@@ -27,6 +27,12 @@ Dirty bitmaps
     A ``uint8`` array, bit ``i`` at ``bits[i >> 3] >> (i & 7) & 1`` (LSB first, the
     order of ``numpy.packbits(..., bitorder="little")``). The range operations take a
     start bit and a count and never touch bits outside it.
+
+Refusals (the same as the compiled kernel's, never fewer)
+    A block index (``key``, ``entry``) or bit index (``bit_get``) outside ``[0, len)``
+    raises ``IndexError``: a negative one is not counted from the end as numpy would.
+    A byte range outside the disk raises ``ValueError`` in ``translate`` and gives -2
+    from ``locate``; a bit range outside the map raises ``ValueError``.
 """
 from __future__ import annotations
 
@@ -58,8 +64,15 @@ class BlockMap:
     def __len__(self) -> int:
         return len(self.entries)
 
+    def _block(self, block: int) -> np.void:
+        """Entry ``block``; like the kernel, IndexError outside [0, len) (numpy would
+        take a negative index from the end)."""
+        if block < 0 or block >= len(self.entries):
+            raise IndexError(block)
+        return self.entries[block]
+
     def key(self, block: int) -> int:
-        e = self.entries[block]
+        e = self._block(block)
         if int(e["pack"]) == ZERO_PACK:
             return -1
         return int(e["pack"]) << KEY_SHIFT | int(e["offset"])
@@ -76,7 +89,7 @@ class BlockMap:
 
     def entry(self, block: int) -> tuple[int, int, int]:
         """(pack, clen, record_offset) of one block."""
-        e = self.entries[block]
+        e = self._block(block)
         return int(e["pack"]), int(e["clen"]), int(e["offset"])
 
     def translate(self, offset: int, length: int) -> np.ndarray:
@@ -106,6 +119,8 @@ def _check(bits: np.ndarray, start: int, count: int) -> None:
 
 
 def bit_get(bits: np.ndarray, i: int) -> int:
+    if i < 0 or i >= len(bits) * 8:
+        raise IndexError(i)  # as the kernel: a negative i is no bit, not one from the end
     return int(bits[i >> 3]) >> (i & 7) & 1
 
 

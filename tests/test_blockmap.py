@@ -156,3 +156,29 @@ def test_ranges_whose_end_passes_2_63_are_refused_not_wrapped(impl):
     for start, count in ((top, 1), (1, top), (8, top - 7)):
         with pytest.raises(ValueError):
             impl.bits_count(bits, start, count)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_negative_indexes_are_refused_not_wrapped(impl):
+    """The compiled kernel refuses a negative block or bit index with IndexError; numpy
+    would read the twin's arrays from the end (block -1 = the last block). The twin, the
+    kernel's specification, must refuse exactly the same indexes."""
+    bm = impl.BlockMap(entries_of([(1, 10, 0), (2, 20, 4096), (0xFFFFFFFF, 0, 0)]), 4096, 12000)
+    for block in (-1, -2, -3, -4, -(2**40)):
+        with pytest.raises(IndexError):
+            bm.key(block)
+        with pytest.raises(IndexError):
+            bm.entry(block)
+    for block in (3, 2**40):
+        with pytest.raises(IndexError):
+            bm.key(block)
+        with pytest.raises(IndexError):
+            bm.entry(block)
+    bits = np.array([0x80, 0x01], dtype=np.uint8)
+    for i in (-1, -8, -9, -16, -17, -(2**40)):
+        with pytest.raises(IndexError):
+            impl.bit_get(bits, i)
+    for i in (16, 2**40):
+        with pytest.raises(IndexError):
+            impl.bit_get(bits, i)
+    assert [impl.bit_get(bits, i) for i in (7, 8)] == [1, 1]

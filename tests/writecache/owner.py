@@ -27,11 +27,16 @@ def main() -> None:
     repo_dir, cache_dir, mode, granule = sys.argv[1:5]
     sim = None
     if sys.argv[5:6] == ["powerloss"]:
+        import engine.fsutil
         import engine.writecache
+        import engine.writecache_format
         from tests.writecache.powerloss import PowerLossOS
 
         sim = PowerLossOS(0)
-        engine.writecache.os = sim  # type: ignore[assignment]
+        # every module the write cache does its I/O through: its pwrites are
+        # engine.fsutil.pwrite_all's (the owner only reads the repository)
+        for mod in (engine.writecache, engine.writecache_format, engine.fsutil):
+            mod.os = sim  # type: ignore[attr-defined]
     stack = Stack.open(repo_dir, cache_bytes=32 << 20)
     base = stack.backup_disk(stack.repo.point("latest"), 0)
     if mode == "create":

@@ -1,5 +1,7 @@
 """A simulated power loss for the owner process: a stand-in for the ``os`` module of
-``engine.writecache`` that keeps every pwrite in memory until the fd is fsynced.
+``engine.writecache``, ``engine.writecache_format`` and ``engine.fsutil`` (whose
+``pwrite_all`` does the cache's pwrites) that keeps every pwrite in memory until the
+fd is fsynced.
 
 Reads see pending writes (as the page cache does). ``fdatasync``/``fsync`` write the
 fd's pending writes to the real file and sync it. At power loss an arbitrary subset of

@@ -1,0 +1,447 @@
+"""The write cache's files: their layout on disk, the bitmap as the process holds it, the
+data file's reads and writes over the base, the lock that keeps a cache to one process,
+and the temporaries a killed daemon leaves.
+
+A cache directory holds two files:
+
+``data``
+    A sparse file as large as the disk, addressed by the disk's own offsets: the newest
+    bytes of every *dirty* granule sit at the granule's offset. Clean granules are holes
+    (or stale bytes left by a write that never became dirty) and are never read.
+``bitmap``
+    A 4 KiB header page (little-endian: magic ``INFS-WC\\0``, version, granule size,
+    disk size, granule count, a 32-byte base tag chosen by the caller, CRC32 of the
+    preceding fields), then the dirty bitmap, one bit per granule (LSB first, as in
+    ``engine.blockmap``), preallocated so that persisting it never needs new space.
+    Bits past the last granule mean nothing and are cleared on open.
+
+``create_files`` makes both and syncs them (the bitmap is written under a temporary
+name and renamed, so a directory holds a bitmap only once the bitmap is whole);
+``open_files`` checks the header against the disk it is opened over. Both take the lock:
+an exclusive ``flock`` on the bitmap, held while the file descriptor is open, so one
+process at a time owns a cache and ``remove_stale_temporaries`` can tell a live
+temporary cache (locked) from one a killed daemon left (unlocked).
+
+``DirtyMap`` is the bitmap in memory with what hangs on it (export trackers, the pages
+a commit must write, the write generation); ``DataFile`` reads and writes runs of
+granules in ``data``, copying clean granules from the base at a write's unaligned
+edges. Neither takes the granule locks nor decides when to sync: that, the order of a
+commit and what a failure means are ``engine.writecache``'s design note, and its
+``WriteCache`` is the only caller. Everything here blocks (open, fsync, fallocate,
+rmtree, pread/pwrite): callers run it in a thread.
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import struct
+import tempfile
+import threading
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NoReturn
+
+import numpy as np
+
+from engine.blockmap import bits_count, bits_runs, bits_set
+from engine.disk import Disk
+from engine.errors import WriteCacheError
+from engine.fsutil import fsync_dir, no_space, pwrite_all
+
+MAGIC = b"INFS-WC\x00"
+VERSION = 1
+HEADER = struct.Struct("<8sIIQQ32s")  # magic, version, granule, disk size, granules, base tag
+CRC = struct.Struct("<I")  # CRC32 of the HEADER fields, right after them
+HEADER_SIZE = 4096  # the bitmap starts at this offset in the bitmap file
+PAGE = 4096  # bitmap bytes persisted together
+DEFAULT_GRANULE = 4096
+MIN_GRANULE = 512
+MAX_GRANULE = 1 << 20
+TAG_SIZE = 32
+DATA_FILE = "data"
+BITMAP_FILE = "bitmap"
+TEMP_PREFIX = "instantnfs-wc-"
+FRAGMENTED_RUNS = 16  # a read with more clean/dirty runs than this is merged with numpy
+
+
+def volume_error(e: OSError, what: str) -> NoReturn:
+    """A full volume (ENOSPC, EDQUOT) as NoSpace; any other OSError as itself."""
+    no_space(e, f"on the write cache volume: {what} failed ({e.strerror})")
+
+
+def pread_exact(fd: int, length: int, offset: int) -> bytearray:
+    """``length`` bytes at ``offset``; a file that ends sooner is a damaged cache."""
+    buf = bytearray(length)
+    view = memoryview(buf)
+    got = 0
+    while got < length:
+        n = os.preadv(fd, [view[got:]], offset + got)
+        if n == 0:
+            raise WriteCacheError(f"the write cache data file is shorter than the disk (at {offset + got})")
+        got += n
+    return buf
+
+
+def check_granule(granule: int) -> None:
+    """A granule is a power of two from MIN_GRANULE to MAX_GRANULE bytes (ValueError if not)."""
+    if granule < MIN_GRANULE or granule > MAX_GRANULE or granule & (granule - 1):
+        raise ValueError(f"granule {granule} is not a power of two from {MIN_GRANULE} to {MAX_GRANULE}")
+
+
+@dataclass(frozen=True, slots=True)
+class Header:
+    """The bitmap file's first page, as fields."""
+
+    granule: int
+    size: int  # the disk's size in bytes
+    granules: int
+    base_tag: bytes  # padded with zeros to TAG_SIZE bytes
+
+    @classmethod
+    def new(cls, size: int, granule: int, base_tag: bytes) -> Header:
+        if len(base_tag) > TAG_SIZE:
+            raise ValueError(f"a base tag is at most {TAG_SIZE} bytes")
+        return cls(granule, size, -(-size // granule), base_tag.ljust(TAG_SIZE, b"\0"))
+
+    @property
+    def bitmap_bytes(self) -> int:
+        return -(-self.granules // 8)
+
+    def encode(self) -> bytes:
+        """The header page: the fields, their CRC32, zeros to HEADER_SIZE."""
+        head = HEADER.pack(MAGIC, VERSION, self.granule, self.size, self.granules, self.base_tag)
+        return (head + CRC.pack(zlib.crc32(head))).ljust(HEADER_SIZE, b"\0")
+
+    @classmethod
+    def decode(cls, raw: bytes, where: Path) -> Header:
+        """The fields of a header read from ``where``, whose magic, CRC and version are checked."""
+        if len(raw) < HEADER.size + CRC.size or raw[:8] != MAGIC:
+            raise WriteCacheError(f"{where} is not a write cache bitmap")
+        (crc,) = CRC.unpack_from(raw, HEADER.size)
+        if zlib.crc32(raw[: HEADER.size]) != crc:
+            raise WriteCacheError(f"{where} has a damaged header (CRC mismatch)")
+        _magic, version, granule, size, ngran, tag = HEADER.unpack_from(raw)
+        if version != VERSION:
+            raise WriteCacheError(f"{where.parent} is a version {version} write cache; this instantnfs reads version {VERSION}")
+        return cls(granule, size, ngran, tag)
+
+    def check(self, where: Path, size: int, base_tag: bytes | None) -> None:
+        """That the cache in ``where`` belongs over a ``size``-byte disk tagged ``base_tag``."""
+        if self.size != size:
+            raise WriteCacheError(f"{where} caches a {self.size}-byte disk, not this {size}-byte one")
+        if base_tag is not None and self.base_tag != base_tag.ljust(TAG_SIZE, b"\0"):
+            raise WriteCacheError(f"{where} caches another disk (base tag mismatch)")
+        g = self.granule
+        if g < MIN_GRANULE or g & (g - 1) or self.granules != -(-self.size // g):
+            raise WriteCacheError(f"{where} has an invalid granule size {g}")
+
+
+@dataclass(frozen=True, slots=True)
+class CacheFiles:
+    """An open, locked cache directory: its two files and the bitmap as last committed."""
+
+    data_fd: int
+    bitmap_fd: int
+    granule: int
+    bits: np.ndarray
+
+
+class DirtyTracker:
+    """Granules written since the tracker started or since its last ``take``.
+
+    Export uses one to find what changed while it copied; ``WriteCache.write`` marks
+    every granule it writes in every live tracker, under the same lock as the dirty bits.
+    """
+
+    def __init__(self, dirty: DirtyMap) -> None:
+        self._dirty = dirty
+        self.bits = np.zeros(len(dirty.bits), dtype=np.uint8)
+
+    def take(self) -> np.ndarray:
+        """The granules written since the last take (a bitmap), and start afresh."""
+        fresh = np.zeros_like(self.bits)
+        with self._dirty.meta:
+            bits, self.bits = self.bits, fresh
+        return bits
+
+    def close(self) -> None:
+        with self._dirty.meta:
+            if self in self._dirty.trackers:
+                self._dirty.trackers.remove(self)
+
+    def __enter__(self) -> DirtyTracker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class DirtyMap:
+    """The bitmap in memory, and what depends on it: the dirty bits (they only go
+    0 -> 1), the export trackers, the bitmap pages a commit has yet to persist, and
+    the write generation a commit syncs up to.
+
+    ``meta`` guards the bits, the trackers, the pages and the generation together; it is
+    held only for in-memory work, never across I/O.
+    """
+
+    def __init__(self, bits: np.ndarray, granule: int, size: int) -> None:
+        self.bits = bits
+        self.shift = granule.bit_length() - 1
+        self.granules = -(-size // granule)
+        self.meta = threading.Lock()
+        self.trackers: list[DirtyTracker] = []
+        self.gen = 0  # writes marked so far
+        self._unpersisted: set[int] = set()
+
+    def count(self, g0: int, g1: int) -> int:
+        """How many of the granules [g0, g1] are dirty."""
+        return bits_count(self.bits, g0, g1 - g0 + 1)
+
+    def runs(self, g0: int, g1: int) -> list[list[int]]:
+        """The granules [g0, g1] as ``[start, count, dirty]`` runs."""
+        return bits_runs(self.bits, g0, g1 - g0 + 1).tolist()
+
+    def clean_rows(self, g0: int, g1: int) -> np.ndarray:
+        """The indexes, counted from ``g0``, of the clean granules in [g0, g1]."""
+        first = g0 >> 3
+        dirty = np.unpackbits(self.bits[first : (g1 >> 3) + 1], bitorder="little")[g0 - (first << 3) :][: g1 - g0 + 1]
+        return np.flatnonzero(dirty == 0)
+
+    def mark(self, clean: list[tuple[int, int]], g0: int, g1: int) -> None:
+        """A write of the granules [g0, g1] is in the data file; its ``clean`` runs
+        ``(start, count)`` are now dirty. Call it with ``meta`` held."""
+        for start, count in clean:
+            bits_set(self.bits, start, count)
+        for t in self.trackers:
+            bits_set(t.bits, g0, g1 - g0 + 1)
+        if clean:
+            self._unpersisted.update(range((g0 >> 3) // PAGE, (g1 >> 3) // PAGE + 1))
+        self.gen += 1
+
+    def take_pages(self) -> tuple[int, list[int], list[tuple[int, bytes]]]:
+        """For a commit: the generation it covers, the bitmap pages to persist (now no
+        longer pending) and their bytes as of now."""
+        with self.meta:
+            pages = sorted(self._unpersisted)
+            self._unpersisted = set()
+            snap = [(p, self.bits[p * PAGE : (p + 1) * PAGE].tobytes()) for p in pages]
+            return self.gen, pages, snap
+
+    def return_pages(self, pages: list[int]) -> None:
+        """A commit could not write ``pages``: the next one persists them."""
+        with self.meta:
+            self._unpersisted.update(pages)
+
+    def track(self) -> DirtyTracker:
+        t = DirtyTracker(self)
+        with self.meta:
+            self.trackers.append(t)
+        return t
+
+    def copy(self) -> np.ndarray:
+        with self.meta:
+            return self.bits.copy()
+
+
+class DataFile:
+    """The ``data`` file over the base: reads and writes of granule runs, the caller
+    holding the locks of their regions (``WriteCache`` does). The base is only read."""
+
+    def __init__(self, fd: int, base: Disk, granule: int) -> None:
+        self.fd = fd
+        self.base = base
+        self.size = base.size
+        self.granule = granule
+        self.shift = granule.bit_length() - 1
+
+    def read(self, offset: int, length: int, runs: list[list[int]], dirty: DirtyMap) -> list[memoryview]:
+        """[offset, offset + length), whose granules are the ``[start, count, dirty]`` ``runs``:
+        dirty runs from the file, clean ones from the base."""
+        sh = self.shift
+        end = offset + length
+        if len(runs) > FRAGMENTED_RUNS:
+            return [self._read_fragmented(offset, length, offset >> sh, (end - 1) >> sh, dirty)]
+        out: list[memoryview] = []
+        for start, count, is_dirty in runs:
+            lo = max(offset, start << sh)
+            hi = min(end, (start + count) << sh)
+            if is_dirty:
+                out.append(memoryview(pread_exact(self.fd, hi - lo, lo)))
+            else:
+                out.extend(self.base.readv(lo, hi - lo))
+        return out
+
+    def _read_fragmented(self, offset: int, length: int, g0: int, g1: int, dirty: DirtyMap) -> memoryview:
+        """Many small clean/dirty runs: one pread of the span, then the clean granules
+        copied over it from the base as whole rows (numpy, no per-run Python)."""
+        sh, n = self.shift, g1 - g0 + 1
+        a = g0 << sh
+        b = min((g1 + 1) << sh, self.size)
+        span = n << sh
+        cache = pread_exact(self.fd, b - a, a)
+        if span > b - a:
+            cache.extend(bytes(span - (b - a)))  # the partial last granule, padded
+        parts = self.base.readv(a, b - a)
+        if len(parts) == 1 and span == b - a:
+            base = np.frombuffer(parts[0], dtype=np.uint8)
+        else:
+            base = np.zeros(span, dtype=np.uint8)
+            pos = 0
+            for part in parts:
+                base[pos : pos + len(part)] = np.frombuffer(part, dtype=np.uint8)
+                pos += len(part)
+        clean = dirty.clean_rows(g0, g1)
+        rows = np.frombuffer(cache, dtype=np.uint8).reshape(n, 1 << sh)
+        rows[clean] = base.reshape(n, 1 << sh)[clean]  # whole granules: row copies
+        return memoryview(cache)[offset - a : offset - a + length]
+
+    def write(self, offset: int, view: memoryview, runs: list[list[int]]) -> None:
+        """Write ``view`` at ``offset``, whose granules are the ``[start, count, dirty]``
+        ``runs``: the clean runs first, whole (copy on write at their edges), then the
+        dirty ones. So if the volume is full (OSError), no dirty granule was touched."""
+        sh = self.shift
+        end = offset + len(view)
+        for start, count, is_dirty in runs:
+            if not is_dirty:
+                self._write_clean(view, offset, end, start, count)
+        for start, count, is_dirty in runs:
+            if is_dirty:
+                lo, hi = max(offset, start << sh), min(end, (start + count) << sh)
+                pwrite_all(self.fd, view[lo - offset : hi - offset], lo)
+
+    def _write_clean(self, view: memoryview, offset: int, end: int, start: int, count: int) -> None:
+        """Write the clean granules [start, start + count): whole granules, copy on write at the edges."""
+        sh, g = self.shift, self.granule
+        a = start << sh
+        b = min((start + count) << sh, self.size)
+        lo, hi = max(offset, a), min(end, b)
+        mid_lo, mid_hi = a, b
+        first_end = min(a + g, b)
+        if lo > a or hi < first_end:
+            self._copy_on_write(view, offset, a, first_end)
+            mid_lo = first_end
+        if mid_lo < b and hi < b:
+            last = max(mid_lo, ((b - 1) >> sh) << sh)
+            self._copy_on_write(view, offset, last, b)
+            mid_hi = last
+        if mid_lo < mid_hi:
+            pwrite_all(self.fd, view[mid_lo - offset : mid_hi - offset], mid_lo)
+
+    def _copy_on_write(self, view: memoryview, offset: int, a: int, b: int) -> None:
+        """Write the granule [a, b): the base's bytes with the new ones laid over."""
+        buf = bytearray(b - a)
+        pos = 0
+        for part in self.base.readv(a, b - a):
+            buf[pos : pos + len(part)] = part
+            pos += len(part)
+        lo, hi = max(offset, a), min(offset + len(view), b)
+        buf[lo - a : hi - a] = view[lo - offset : hi - offset]
+        pwrite_all(self.fd, buf, a)
+
+
+def _close_all(*fds: int) -> None:
+    for fd in fds:
+        if fd >= 0:
+            os.close(fd)
+
+
+def create_files(p: Path, size: int, granule: int, base_tag: bytes) -> CacheFiles:
+    """A new, empty cache in directory ``p`` (created; it must not hold a cache), locked."""
+    check_granule(granule)
+    head = Header.new(size, granule, base_tag)
+    p.mkdir(parents=True, exist_ok=True)
+    if (p / BITMAP_FILE).exists():
+        raise WriteCacheError(f"{p} already holds a write cache")
+    nbytes = head.bitmap_bytes
+    data_fd = bitmap_fd = -1
+    try:
+        data_fd = os.open(p / DATA_FILE, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        os.ftruncate(data_fd, size)
+        os.fsync(data_fd)
+        tmp = p / (BITMAP_FILE + ".new")
+        bfd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            os.posix_fallocate(bfd, 0, HEADER_SIZE + nbytes)
+            pwrite_all(bfd, head.encode() + bytes(nbytes), 0)
+            os.fsync(bfd)
+        finally:
+            os.close(bfd)
+        os.rename(tmp, p / BITMAP_FILE)
+        fsync_dir(p)
+        bitmap_fd = os.open(p / BITMAP_FILE, os.O_RDWR | os.O_CLOEXEC)
+        lock_file(bitmap_fd, p)
+    except OSError as e:
+        _close_all(data_fd, bitmap_fd)
+        volume_error(e, f"creating the write cache in {p}")
+    return CacheFiles(data_fd, bitmap_fd, granule, np.zeros(nbytes, dtype=np.uint8))
+
+
+def open_files(p: Path, size: int, base_tag: bytes | None) -> CacheFiles:
+    """The cache in ``p`` as last committed, checked to cache a ``size``-byte disk, locked."""
+    try:
+        bitmap_fd = os.open(p / BITMAP_FILE, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise WriteCacheError(f"no write cache in {p}") from None
+    data_fd = -1
+    try:
+        lock_file(bitmap_fd, p)
+        head = Header.decode(os.pread(bitmap_fd, HEADER.size + CRC.size, 0), p / BITMAP_FILE)
+        head.check(p, size, base_tag)
+        raw = pread_exact(bitmap_fd, head.bitmap_bytes, HEADER_SIZE)
+        data_fd = os.open(p / DATA_FILE, os.O_RDWR | os.O_CLOEXEC)
+        if os.fstat(data_fd).st_size != size:
+            raise WriteCacheError(f"{p / DATA_FILE} does not have the disk's size")
+    except OSError as e:
+        _close_all(data_fd, bitmap_fd)
+        raise WriteCacheError(f"cannot open the write cache in {p}: {e.strerror}") from e
+    except BaseException:
+        _close_all(data_fd, bitmap_fd)
+        raise
+    bits = np.frombuffer(raw, dtype=np.uint8)
+    tail = head.granules & 7
+    if tail:
+        bits[-1] &= (1 << tail) - 1  # bits past the last granule mean nothing
+    return CacheFiles(data_fd, bitmap_fd, head.granule, bits)
+
+
+def holds_cache(p: str | os.PathLike) -> bool:
+    """Whether directory ``p`` holds a write cache (its bitmap exists)."""
+    return (Path(p) / BITMAP_FILE).exists()
+
+
+def make_temporary_dir(parent: str | os.PathLike | None) -> Path:
+    """A new directory for a temporary cache under ``parent`` (default: the system's)."""
+    return Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=parent))
+
+
+def lock_file(fd: int, path: Path) -> None:
+    """Take the cache's lock on its bitmap ``fd`` (held until the fd is closed)."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise WriteCacheError(f"the write cache in {path} is in use by another process") from None
+
+
+def remove_stale_temporaries(parent: str | os.PathLike | None = None) -> list[Path]:
+    """Remove the temporary caches a killed daemon left under ``parent`` (default: the
+    system temporary directory). A cache still open somewhere holds the lock on its
+    bitmap and is kept; so is a directory still being created (no bitmap yet)."""
+    removed: list[Path] = []
+    root = Path(parent if parent is not None else tempfile.gettempdir())
+    for d in root.glob(TEMP_PREFIX + "*"):
+        try:
+            fd = os.open(d / BITMAP_FILE, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue
+        finally:
+            os.close(fd)
+        shutil.rmtree(d, ignore_errors=True)
+        removed.append(d)
+    return removed
