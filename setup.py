@@ -54,7 +54,7 @@ setup(
             "pytest-timeout>=2.2",
             "hypothesis>=6.100",
         ],
-        "lint": ["ruff>=0.5", "mypy>=1.10"],
+        "lint": ["ruff>=0.5", "mypy>=1.10", "import-linter>=2.1"],
     },
     package_data={"engine": ["*.pyx", "*.pxd", "*.pyi", "py.typed"]},
 )

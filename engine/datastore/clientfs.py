@@ -98,6 +98,44 @@ def _fsync_file(path: str) -> None:
         os.close(fd)
 
 
+def set_attributes(p: str, sa: SetAttr) -> None:
+    """SETATTR of a real file at ``p``: never through a symbolic link (a link's own
+    times and owner; its mode and size cannot be set)."""
+    is_link = stat.S_ISLNK(os.lstat(p).st_mode)
+    if sa.size is not None:
+        if is_link:
+            raise err(errno.EINVAL)
+        if sa.size > MAX_FILE_SIZE:  # a size3 is a uint64; files end before 2**63
+            raise err(errno.EFBIG)
+        fd = _open_regular(p, os.O_WRONLY)
+        try:
+            os.ftruncate(fd, sa.size)
+        finally:
+            os.close(fd)
+    if sa.mode is not None and not is_link:
+        os.chmod(p, sa.mode & MODE_MASK)
+    if sa.uid is not None or sa.gid is not None:
+        os.chown(p, -1 if sa.uid is None else sa.uid, -1 if sa.gid is None else sa.gid, follow_symlinks=False)
+    if sa.atime_ns is not None or sa.mtime_ns is not None:
+        st = os.lstat(p)
+        now = time.time_ns()
+        a = st.st_atime_ns if sa.atime_ns is None else now if sa.atime_ns == NOW else int(sa.atime_ns)
+        m = st.st_mtime_ns if sa.mtime_ns is None else now if sa.mtime_ns == NOW else int(sa.mtime_ns)
+        os.utime(p, ns=(a, m), follow_symlinks=False)
+
+
+def _client_file(node: Node) -> os.stat_result:
+    """The stat of a client-created regular file; EISDIR / EINVAL for anything else."""
+    if node.kind == ROOT:
+        raise err(errno.EISDIR)
+    st = os.lstat(node.path)
+    if stat.S_ISDIR(st.st_mode):
+        raise err(errno.EISDIR)
+    if not stat.S_ISREG(st.st_mode):
+        raise err(errno.EINVAL)
+    return st
+
+
 class ClientFiles:
     """The names of the namespace and the client files' data (loop thread)."""
 
@@ -148,28 +186,7 @@ class ClientFiles:
             if sa == SetAttr():
                 return
             raise err(errno.EACCES)
-        p = node.path
-        is_link = stat.S_ISLNK(os.lstat(p).st_mode)
-        if sa.size is not None:
-            if is_link:
-                raise err(errno.EINVAL)
-            if sa.size > MAX_FILE_SIZE:  # a size3 is a uint64; files end before 2**63
-                raise err(errno.EFBIG)
-            fd = _open_regular(p, os.O_WRONLY)
-            try:
-                os.ftruncate(fd, sa.size)
-            finally:
-                os.close(fd)
-        if sa.mode is not None and not is_link:
-            os.chmod(p, sa.mode & MODE_MASK)
-        if sa.uid is not None or sa.gid is not None:
-            os.chown(p, -1 if sa.uid is None else sa.uid, -1 if sa.gid is None else sa.gid, follow_symlinks=False)
-        if sa.atime_ns is not None or sa.mtime_ns is not None:
-            st = os.lstat(p)
-            now = time.time_ns()
-            a = st.st_atime_ns if sa.atime_ns is None else now if sa.atime_ns == NOW else int(sa.atime_ns)
-            m = st.st_mtime_ns if sa.mtime_ns is None else now if sa.mtime_ns == NOW else int(sa.mtime_ns)
-            os.utime(p, ns=(a, m), follow_symlinks=False)
+        set_attributes(node.path, sa)
 
     def _dir(self, node: Node) -> None:
         if node.kind == VDISK or (node.kind == REAL and not stat.S_ISDIR(os.lstat(node.path).st_mode)):
@@ -398,28 +415,16 @@ class ClientFiles:
 
     async def read(self, node: Node, offset: int, count: int) -> tuple[list[Any], int, bool]:
         """(buffers, total length, eof) of a client file."""
-        self._client_file(node)
+        _client_file(node)
         data, size = await asyncio.get_running_loop().run_in_executor(self.io_pool, _pread_file, node.path, count, offset)
         assert node.session is not None
         node.session.read_ops += 1
         node.session.read_bytes += len(data)
         return [data], len(data), offset + len(data) >= size
 
-    @staticmethod
-    def _client_file(node: Node) -> os.stat_result:
-        """The stat of a client-created regular file; EISDIR / EINVAL for anything else."""
-        if node.kind == ROOT:
-            raise err(errno.EISDIR)
-        st = os.lstat(node.path)
-        if stat.S_ISDIR(st.st_mode):
-            raise err(errno.EISDIR)
-        if not stat.S_ISREG(st.st_mode):
-            raise err(errno.EINVAL)
-        return st
-
     async def write(self, node: Node, offset: int, data: Any, stable: int) -> tuple[int, int]:
         """Write a client file (fsync'd for a stable write); (bytes written, stable_how)."""
-        self._client_file(node)
+        _client_file(node)
         # open, pwrite (and fsync) in a thread: a .vswp write may wait for the disk
         pool = self.sync_pool if stable else self.io_pool
         await asyncio.get_running_loop().run_in_executor(pool, _pwrite_file, node.path, data, offset, stable)

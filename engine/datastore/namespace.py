@@ -20,7 +20,7 @@ from engine.datastore.clientfs import ClientFiles
 from engine.datastore.diskfile import DiskFiles
 from engine.datastore.handles import Handles
 from engine.datastore.nodes import REAL, ROOT, VDISK, Attr, Node, SetAttr, fileid
-from engine.datastore.sessions import DEFAULT_RESERVE, Session, Sessions
+from engine.datastore.sessions import DEFAULT_RESERVE, Session, Sessions, session_report
 from engine.stack import Stack
 
 
@@ -43,7 +43,7 @@ class Datastore:
         self.apublish = self.registry.apublish
         self.unpublish = self.registry.unpublish
         self.aunpublish = self.registry.aunpublish
-        self.session_json = self.registry.session_json
+        self.session_json = session_report
         self.handle = self.handles.encode
         self.resolve = self.handles.resolve
         self.lookup = self.files.lookup

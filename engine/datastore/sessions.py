@@ -114,6 +114,17 @@ class Session:
     write_ops: int = 0
     write_bytes: int = 0
 
+    def cache_path(self, disk: int) -> Path:
+        """Where an instant session's write cache of ``disk`` lives."""
+        return self.cache_parent / f"{self.name}.{self.sid}" / f"disk{disk}"
+
+    def close_caches(self) -> None:
+        for c in self.caches:
+            try:
+                c.close()
+            except Exception as e:  # noqa: BLE001 - close the others; the error is logged
+                log.error("session %s: closing the write cache %s failed: %s", self.name, c.path, e)
+
     def vdisk_names(self) -> list[str]:
         out = []
         for d in self.disks:
@@ -236,26 +247,14 @@ class Sessions:
             if s.mode == "sandbox":
                 self.unpublish(s.name, force=True)
             else:
-                self._close_caches(s)
+                s.close_caches()
                 if s.handles is not None:
                     s.handles.close()
-
-    @staticmethod
-    def _close_caches(s: Session) -> None:
-        for c in s.caches:
-            try:
-                c.close()
-            except Exception as e:  # noqa: BLE001 - close the others; the error is logged
-                log.error("session %s: closing the write cache %s failed: %s", s.name, c.path, e)
 
     @staticmethod
     def _entry(s: Session) -> dict:
         return {"name": s.name, "sid": s.sid, "point": s.point.id, "created_ns": s.created_ns,
                 "mode": s.mode, "cache_parent": str(s.cache_parent)}
-
-    def cache_path(self, s: Session, disk: int) -> Path:
-        """Where an instant session's write cache of ``disk`` lives."""
-        return s.cache_parent / f"{s.name}.{s.sid}" / f"disk{disk}"
 
     def _handles_path(self, name: str) -> Path:
         return self.sessions_dir / f".{name}.handles"  # a session name never starts with '.'
@@ -272,7 +271,7 @@ class Sessions:
                 if mode == "sandbox":
                     c = self.stack.write_cache(point, i, "temporary", parent, verifier=self.write_verf, executor=self.io_pool)
                 else:
-                    c = self.stack.write_cache(point, i, "open" if restore else "create", self.cache_path(s, i),
+                    c = self.stack.write_cache(point, i, "open" if restore else "create", s.cache_path(i),
                                                verifier=self.write_verf, executor=self.io_pool)
                 s.caches.append(c)
                 s.disks.append(c.base)  # type: ignore[arg-type]  # the stack's BackupDisk
@@ -282,7 +281,7 @@ class Sessions:
             s.handles = HandleTable.load(hp, d) if restore else HandleTable.create(hp, d)
             s.root_ino = os.lstat(d).st_ino
         except BaseException:
-            self._close_caches(s)
+            s.close_caches()
             raise
         return s
 
@@ -298,18 +297,7 @@ class Sessions:
         """Check the name (or make one) and take a session id (loop thread)."""
         if mode not in MODES:
             raise SessionError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
-        taken = set(self.by_name) | self._publishing
-        if name is None:
-            base = re.sub(r"[^A-Za-z0-9._-]", "_", point.vm)[:100] or "vm"
-            name = f"{base}-{point.id[:8]}"
-            n = 2
-            while name in taken:
-                name = f"{base}-{point.id[:8]}-{n}"
-                n += 1
-        if not _SESSION_RE.match(name):
-            raise SessionError(f"session name {name!r} is not allowed: use 1-128 letters, digits, '.', '_' or '-'")
-        if name in taken:
-            raise SessionError(f"a session named {name!r} is already published (unpublish it or pick another --name)")
+        name = session_name(point, name, set(self.by_name) | self._publishing)
         if any(u.get("name") == name for u in self.unrestored):
             raise SessionError(f"session {name!r} could not be restored at start (see the daemon's log); pick another --name")
         sid = self.state.take_sid()
@@ -322,19 +310,7 @@ class Sessions:
         space check, the pin, the caches, the session directory and its files."""
         self.state.save()  # the sid is taken even if the publish fails: ids are never reused
         parent = Path(os.path.abspath(os.path.expanduser(cache_dir))) if cache_dir else self.default_cache_parent
-        try:
-            parent.mkdir(parents=True, exist_ok=True)
-            v = os.statvfs(parent)
-        except OSError as e:
-            raise SessionError(f"cannot use the cache directory {parent}: {e.strerror}") from e
-        free = v.f_bavail * v.f_frsize
-        if reserve is None:
-            reserve = self.reserve
-        if free < reserve and not force:
-            raise SessionError(
-                f"the cache volume of {parent} has {free / GiB:.1f} GiB free, less than the {reserve / GiB:.1f} GiB reserve: "
-                "free space, pick another --cache-dir, lower the reserve, or publish with --force"
-            )
+        check_free_space(parent, self.reserve if reserve is None else reserve, force)
         d = self.sessions_dir / name
         if d.exists():
             shutil.rmtree(d)  # left behind by an unpublish that crashed half way
@@ -437,12 +413,12 @@ class Sessions:
         """Close an unpublished session's caches (a sandbox's directories go with them),
         then remove its directories and its pin (blocking). Never while a cache call runs
         in a thread: its file descriptors would be closed under it."""
-        self._close_caches(s)
+        s.close_caches()
         if s.handles is not None:
             s.handles.close()
         if remove:
             if s.mode == "instant":
-                shutil.rmtree(s.cache_parent / f"{s.name}.{s.sid}", ignore_errors=True)
+                shutil.rmtree(s.cache_path(0).parent, ignore_errors=True)
             shutil.rmtree(s.dir, ignore_errors=True)
             self._handles_path(s.name).unlink(missing_ok=True)
         if unpin:
@@ -473,27 +449,60 @@ class Sessions:
         self.sync_pool.shutdown(wait=False)
         self.admin_pool.shutdown(wait=False)
 
-    @staticmethod
-    def session_json(s: Session) -> dict:
-        stats = [c.stats() for c in s.caches]
-        return {
-            "name": s.name,
-            "sid": s.sid,
-            "point": s.point.id,
-            "vm": s.point.vm,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(s.created_ns / 1e9)),
-            "mode": s.mode,
-            "files_dir": str(s.dir),
-            "cache_dir": str(s.cache_parent),
-            "cache": {
-                "allocated_bytes": sum(st.allocated_bytes for st in stats),
-                "dirty_bytes": sum(st.dirty_bytes for st in stats),
-            },
-            "disks": [
-                {"name": d.name, "size": d.size, "cache_path": str(c.path), "granule": st.granule,
-                 "allocated_bytes": st.allocated_bytes, "dirty_bytes": st.dirty_bytes, "commits": st.commits,
-                 "failed": st.failed}
-                for d, c, st in zip(s.disks, s.caches, stats)
-            ],
-            "io": {"read_ops": s.read_ops, "read_bytes": s.read_bytes, "write_ops": s.write_ops, "write_bytes": s.write_bytes},
-        }
+
+def session_report(s: Session) -> dict:
+    """What the control API shows of a session."""
+    stats = [c.stats() for c in s.caches]
+    return {
+        "name": s.name,
+        "sid": s.sid,
+        "point": s.point.id,
+        "vm": s.point.vm,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(s.created_ns / 1e9)),
+        "mode": s.mode,
+        "files_dir": str(s.dir),
+        "cache_dir": str(s.cache_parent),
+        "cache": {
+            "allocated_bytes": sum(st.allocated_bytes for st in stats),
+            "dirty_bytes": sum(st.dirty_bytes for st in stats),
+        },
+        "disks": [
+            {"name": d.name, "size": d.size, "cache_path": str(c.path), "granule": st.granule,
+             "allocated_bytes": st.allocated_bytes, "dirty_bytes": st.dirty_bytes, "commits": st.commits,
+             "failed": st.failed}
+            for d, c, st in zip(s.disks, s.caches, stats)
+        ],
+        "io": {"read_ops": s.read_ops, "read_bytes": s.read_bytes, "write_ops": s.write_ops, "write_bytes": s.write_bytes},
+    }
+
+
+def check_free_space(parent: Path, reserve: int, force: bool) -> None:
+    """A publish's caches go to ``parent``: its volume must have ``reserve`` bytes free
+    (unless ``force``); created if missing (blocking)."""
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        v = os.statvfs(parent)
+    except OSError as e:
+        raise SessionError(f"cannot use the cache directory {parent}: {e.strerror}") from e
+    free = v.f_bavail * v.f_frsize
+    if free < reserve and not force:
+        raise SessionError(
+            f"the cache volume of {parent} has {free / GiB:.1f} GiB free, less than the {reserve / GiB:.1f} GiB reserve: "
+            "free space, pick another --cache-dir, lower the reserve, or publish with --force"
+        )
+
+
+def session_name(point: RestorePoint, name: str | None, taken: set[str]) -> str:
+    """The name a publish asked for, checked, or ``<vm>-<point id prefix>[-n]`` if none."""
+    if name is None:
+        base = re.sub(r"[^A-Za-z0-9._-]", "_", point.vm)[:100] or "vm"
+        name = f"{base}-{point.id[:8]}"
+        n = 2
+        while name in taken:
+            name = f"{base}-{point.id[:8]}-{n}"
+            n += 1
+    if not _SESSION_RE.match(name):
+        raise SessionError(f"session name {name!r} is not allowed: use 1-128 letters, digits, '.', '_' or '-'")
+    if name in taken:
+        raise SessionError(f"a session named {name!r} is already published (unpublish it or pick another --name)")
+    return name
