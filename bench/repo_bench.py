@@ -9,7 +9,7 @@ image is read once first, so every backup reads its source from the page cache):
 2. borg ``create --compression lz4`` with its default chunker and with
    ``--chunker-params fixed,1048576`` (encryption none; BORG_BASE_DIR and the
    repositories under the work directory); time and repository size;
-3. ours, reads through ``open_disk(0).read()``, the API the NFS server calls:
+3. ours, reads through ``Stack.backup_disk(point, 0).read()``, the stack the NFS server reads through:
    - sequential 1 MiB reads over the whole disk, "cold": a fresh ``Repository`` object
      (empty chunk cache) and the pack files' pages dropped from the kernel page cache
      (``posix_fadvise(DONTNEED)``); and again with a fresh object but the packs in the
@@ -55,6 +55,7 @@ from benchlib import machine  # noqa: E402
 from engine import blockmap as blockmap_mod  # noqa: E402
 from engine.repo.ingest import BackupSettings, backup  # noqa: E402
 from engine.repo.repository import Repository  # noqa: E402
+from engine.stack import Stack  # noqa: E402
 from engine.tuning import tune_malloc  # noqa: E402
 
 MIB = 1 << 20
@@ -100,7 +101,7 @@ def file_sha256(path: str | Path) -> str:
 
 def ours_backup(disk: Path, repo_dir: Path, block_size: int, workers: int | None) -> dict:
     Repository.init(repo_dir, block_size=block_size)
-    repo = Repository.open(repo_dir, workers=workers)
+    repo = Repository.open(repo_dir)
     try:
         t0 = time.perf_counter()
         manifest = backup(repo, BackupSettings(vm="bench"), [str(disk)])
@@ -120,18 +121,18 @@ def ours_backup(disk: Path, repo_dir: Path, block_size: int, workers: int | None
 def seq_read(repo_dir: Path, cache_bytes: int, workers: int | None, drop: bool, io: int) -> dict:
     if drop:
         drop_page_cache(repo_dir / "packs")
-    repo = Repository.open(repo_dir, cache_bytes=cache_bytes, workers=workers)
+    stack = Stack.open(repo_dir, cache_bytes=cache_bytes, workers=workers)
     try:
-        disk = repo.point("latest").open_disk(0)
+        disk = stack.backup_disk(stack.repo.point("latest"), 0)
         size = disk.size
         t0 = time.perf_counter()
         n = 0
         for off in range(0, size, io):
             n += len(disk.read(off, io))
         elapsed = time.perf_counter() - t0
-        stats = repo.cache.stats()
+        stats = stack.cache.stats()
     finally:
-        repo.close()
+        stack.close()
     assert n == size, (n, size)
     return {
         "io_bytes": io,
@@ -143,9 +144,9 @@ def seq_read(repo_dir: Path, cache_bytes: int, workers: int | None, drop: bool, 
 
 
 def random_reads(repo_dir: Path, cache_bytes: int, workers: int | None, count: int, io: int, seed: int) -> dict:
-    repo = Repository.open(repo_dir, cache_bytes=cache_bytes, workers=workers)
+    stack = Stack.open(repo_dir, cache_bytes=cache_bytes, workers=workers)
     try:
-        disk = repo.point("latest").open_disk(0)
+        disk = stack.backup_disk(stack.repo.point("latest"), 0)
         size = disk.size
         # warm: every chunk into the decompression cache
         for off in range(0, size, MIB):
@@ -153,14 +154,14 @@ def random_reads(repo_dir: Path, cache_bytes: int, workers: int | None, count: i
         rng = np.random.default_rng(seed)
         offsets = (rng.integers(0, size // io, count) * io).tolist()
         read = disk.read
-        before = repo.cache.stats()
+        before = stack.cache.stats()
         t0 = time.perf_counter()
         for off in offsets:
             read(off, io)
         elapsed = time.perf_counter() - t0
-        after = repo.cache.stats()
+        after = stack.cache.stats()
     finally:
-        repo.close()
+        stack.close()
     return {
         "io_bytes": io,
         "reads": count,
@@ -194,14 +195,14 @@ def translate_rate(repo_dir: Path, count: int, seed: int) -> dict:
 
 
 def verify_read(repo_dir: Path, workers: int | None) -> str:
-    repo = Repository.open(repo_dir, workers=workers)
+    stack = Stack.open(repo_dir, workers=workers)
     try:
-        disk = repo.point("latest").open_disk(0)
+        disk = stack.backup_disk(stack.repo.point("latest"), 0)
         h = hashlib.sha256()
         for off in range(0, disk.size, 4 * MIB):
             h.update(disk.read(off, 4 * MIB))
     finally:
-        repo.close()
+        stack.close()
     return h.hexdigest()
 
 

@@ -57,6 +57,7 @@ from engine.blockmap import IMPLEMENTATION  # noqa: E402
 from engine.export import export_disk  # noqa: E402
 from engine.repo.ingest import BackupSettings, backup  # noqa: E402
 from engine.repo.repository import Repository  # noqa: E402
+from engine.stack import Stack  # noqa: E402
 from engine.tuning import tune_malloc  # noqa: E402
 from engine.writecache import WriteCache  # noqa: E402
 
@@ -191,8 +192,8 @@ def main(argv: list[str] | None = None) -> int:
         Repository.init(repo_dir, MIB)
         with Repository.open(repo_dir) as repo:
             backup(repo, BackupSettings(vm="bench"), [str(img)])
-        repo = Repository.open(repo_dir, cache_bytes=args.size + (256 << 20))
-        base = repo.point("latest").open_disk(0)
+        stack = Stack.open(repo_dir, cache_bytes=args.size + (256 << 20))
+        base = stack.backup_disk(stack.repo.point("latest"), 0)
         size = base.size
         rng = np.random.default_rng(args.seed)
         print(f"disk {size / 2**30:.2f} GiB, cache on {work} ({res['settings']['work_fs']}), block map {IMPLEMENTATION}")
@@ -270,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         clean = res["read_clean"]["mb_s"]
         res["ratio_half_dirty_extents_vs_clean"] = round(res["read_half_dirty_1m_extents"]["mb_s"] / clean, 2)
         res["ratio_half_dirty_alternate_4k_vs_clean"] = round(res["read_half_dirty_alternate_4k"]["mb_s"] / clean, 2)
-        repo.close()
+        stack.close()
     finally:
         if not args.keep and args.work is None:
             shutil.rmtree(work, ignore_errors=True)
