@@ -189,7 +189,6 @@ class DirtyMap:
 
     def __init__(self, bits: np.ndarray, granule: int, size: int) -> None:
         self.bits = bits
-        self.shift = granule.bit_length() - 1
         self.granules = -(-size // granule)
         self.meta = threading.Lock()
         self.trackers: list[DirtyTracker] = []
