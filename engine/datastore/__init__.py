@@ -38,9 +38,10 @@ from engine.datastore.nodes import (
     Attr,
     GiB,
     Node,
+    Session,
     SetAttr,
 )
-from engine.datastore.sessions import MODES, Session
+from engine.datastore.sessions import MODES
 
 __all__ = [
     "MAX_FILE_SIZE", "MODES", "NOW", "REAL", "ROOT", "VDISK", "VIRTUAL_FILEID",

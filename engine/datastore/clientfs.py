@@ -30,7 +30,7 @@ import struct
 import time
 from collections.abc import Mapping
 from concurrent.futures import Executor
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from engine.datastore.nodes import (
     MAX_FILE_SIZE,
@@ -42,6 +42,7 @@ from engine.datastore.nodes import (
     VIRTUAL_FILEID,
     Attr,
     Node,
+    Session,
     SetAttr,
     check_name,
     err,
@@ -49,9 +50,6 @@ from engine.datastore.nodes import (
 )
 from engine.errors import BadCookie, BadType
 from engine.fsutil import pwrite_all
-
-if TYPE_CHECKING:
-    from engine.datastore.sessions import Session
 
 
 def _open_regular(path: str, flags: int, mode: int = 0o644) -> int:

@@ -25,12 +25,10 @@ import asyncio
 import errno
 import stat
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from engine.datastore.nodes import NOW, Attr, Node, SetAttr, err, fileid
-
-if TYPE_CHECKING:
-    from engine.datastore.sessions import Session, Sessions
+from engine.datastore.nodes import NOW, Attr, Node, Session, SetAttr, err, fileid
+from engine.datastore.sessions import Sessions
 
 MTIME_STEP = 1_000_000  # ns: a disk file's mtime moves in whole milliseconds
 INLINE_WRITE = 64 << 10  # UNSTABLE writes up to this size that need no copy on write run on the loop

@@ -13,14 +13,15 @@ layer (``engine.nfs``), the jobs and the control API use.
 from __future__ import annotations
 
 import os
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
 from engine.datastore.clientfs import ClientFiles
 from engine.datastore.diskfile import DiskFiles
 from engine.datastore.handles import Handles
-from engine.datastore.nodes import REAL, ROOT, VDISK, Attr, Node, SetAttr, fileid
-from engine.datastore.sessions import DEFAULT_RESERVE, Session, Sessions, session_report
+from engine.datastore.nodes import ROOT, VDISK, Attr, Node, Session, SetAttr, fileid
+from engine.datastore.sessions import DEFAULT_RESERVE, Sessions, session_report
 from engine.stack import Stack
 
 
@@ -123,23 +124,24 @@ class Datastore:
             return os.statvfs(node.session.cache_parent)
         return os.statvfs(self.cache_dir)
 
-    async def read(self, node: Node, offset: int, count: int) -> tuple[list[Any], int, bool]:
-        """(buffers, total length, eof)."""
-        if node.kind == VDISK:
-            return await self.disks.read(node, offset, count)
-        return await self.files.read(node, offset, count)
+    # the data calls hand back the room's own coroutine: no coroutine of their own here
 
-    async def write(self, node: Node, offset: int, data: Any, stable: int) -> tuple[int, int]:
+    def read(self, node: Node, offset: int, count: int) -> Coroutine[Any, Any, tuple[list[Any], int, bool]]:
+        """(buffers, total length, eof), awaited."""
+        if node.kind == VDISK:
+            return self.disks.read(node, offset, count)
+        return self.files.read(node, offset, count)
+
+    def write(self, node: Node, offset: int, data: Any, stable: int) -> Coroutine[Any, Any, tuple[int, int]]:
         """Write; ``stable`` is the stable_how value asked (0 UNSTABLE, 1 DATA_SYNC,
-        2 FILE_SYNC). Returns (bytes written, the stable_how the data reached)."""
+        2 FILE_SYNC). Awaited: (bytes written, the stable_how the data reached)."""
         if node.kind == VDISK:
-            return await self.disks.write(node, offset, data, stable)
-        return await self.files.write(node, offset, data, stable)
+            return self.disks.write(node, offset, data, stable)
+        return self.files.write(node, offset, data, stable)
 
-    async def commit(self, node: Node) -> None:
+    def commit(self, node: Node) -> Coroutine[Any, Any, None]:
         if node.kind == VDISK:
-            await self.disks.commit(node)
-        elif node.kind == REAL:
-            await self.files.commit(node)
+            return self.disks.commit(node)
+        return self.files.commit(node)
 
 

@@ -1,6 +1,8 @@
-"""What the datastore's operations speak in: nodes, attributes, and their limits.
+"""What the datastore's operations speak in: sessions, nodes, attributes, and their limits.
 
-A ``Node`` is one name of the namespace (see ``engine.datastore``): the export root
+A ``Session`` is one published restore point (made and ended by
+``engine.datastore.sessions``): its disks, their write caches, its directory and handle
+table, its counters. A ``Node`` is one name of the namespace (see ``engine.datastore``): the export root
 (``ROOT``), a real file or directory in a session directory (``REAL``: its path,
 inode and generation), or one of a session's virtual disk files (``VDISK``: the disk
 file index, two per disk). ``Attr`` and ``SetAttr`` are filesystem-neutral attributes;
@@ -9,13 +11,19 @@ local filesystem would give (``err``) or an ``engine.errors`` datastore error.
 """
 from __future__ import annotations
 
+import asyncio
 import errno
+import logging
 import os
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from pathlib import Path
 
-if TYPE_CHECKING:
-    from engine.datastore.sessions import Session
+from engine.datastore.handletable import HandleTable
+from engine.disk import BackupDisk
+from engine.repo.repository import RestorePoint
+from engine.writecache import WriteCache
+
+log = logging.getLogger("instantnfs.datastore")
 
 ROOT, REAL, VDISK = 1, 2, 3
 VIRTUAL_FILEID = 1 << 63  # the root's and the disk files' fileids carry this bit
@@ -68,6 +76,53 @@ class SetAttr:
     size: int | None = None
     atime_ns: int | str | None = None
     mtime_ns: int | str | None = None
+
+
+@dataclass
+class Session:
+    name: str
+    sid: int
+    point: RestorePoint
+    created_ns: int
+    dir: Path
+    disks: list[BackupDisk]
+    mode: str = "instant"
+    cache_parent: Path = Path()  # the volume the write caches live on
+    caches: list[WriteCache] = field(default_factory=list)  # one per disk, over disks[i]
+    mtimes: list[int] = field(default_factory=list)  # per disk: last write or time set (engine.datastore.diskfile)
+    jobs: int = 0  # export/commit jobs running on this session (unpublish waits for none)
+    inflight: int = 0  # disk reads/writes/commits in the executor: caches close after the last
+    ended: bool = False  # unpublished; the caches close when inflight drops to 0
+    idle: asyncio.Event | None = None  # set when inflight drops to 0 after an aunpublish
+    handles: HandleTable | None = None  # generations of the client files (REAL nodes)
+    root_ino: int = 0  # of the session directory: live while published, so its handle needs no generation
+    read_ops: int = 0
+    read_bytes: int = 0
+    write_ops: int = 0
+    write_bytes: int = 0
+
+    def cache_path(self, disk: int) -> Path:
+        """Where an instant session's write cache of ``disk`` lives."""
+        return self.cache_parent / f"{self.name}.{self.sid}" / f"disk{disk}"
+
+    def close_caches(self) -> None:
+        for c in self.caches:
+            try:
+                c.close()
+            except Exception as e:  # noqa: BLE001 - close the others; the error is logged
+                log.error("session %s: closing the write cache %s failed: %s", self.name, c.path, e)
+
+    def vdisk_names(self) -> list[str]:
+        out = []
+        for d in self.disks:
+            out += [f"{d.name}-flat.vmdk", f"{d.name}.img"]
+        return out
+
+    def vdisk_index(self, name: str) -> int:
+        try:
+            return self.vdisk_names().index(name)
+        except ValueError:
+            return -1
 
 
 @dataclass(frozen=True, slots=True)

@@ -57,21 +57,19 @@ import socket
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.datastore.handles import HandleTable
-from engine.datastore.nodes import GiB
+from engine.datastore.handletable import HandleTable
+from engine.datastore.nodes import GiB, Session
 from engine.datastore.state import StateFile
 from engine.datastore.vmware import write_vm_files
-from engine.disk import BackupDisk
 from engine.errors import InstantNFSError, NotFound, RepositoryError, SessionError
 from engine.fsutil import NO_SPACE_ERRNOS
 from engine.repo.pins import Pin, add_pin, list_pins, remove_pin
 from engine.repo.repository import RestorePoint
 from engine.stack import Stack
-from engine.writecache import WriteCache, remove_stale_temporaries
+from engine.writecache import remove_stale_temporaries
 
 log = logging.getLogger("instantnfs.datastore")
 
@@ -89,54 +87,6 @@ def _log_failure(what: str) -> Callable[[Any], None]:
         if not fut.cancelled() and fut.exception() is not None:
             log.error("%s failed: %s", what, fut.exception())
     return done
-
-
-@dataclass
-class Session:
-    name: str
-    sid: int
-    point: RestorePoint
-    created_ns: int
-    dir: Path
-    disks: list[BackupDisk]
-    mode: str = "instant"
-    cache_parent: Path = Path()  # the volume the write caches live on
-    caches: list[WriteCache] = field(default_factory=list)  # one per disk, over disks[i]
-    mtimes: list[int] = field(default_factory=list)  # per disk: last write or time set (engine.datastore.diskfile)
-    jobs: int = 0  # export/commit jobs running on this session (unpublish waits for none)
-    inflight: int = 0  # disk reads/writes/commits in the executor: caches close after the last
-    ended: bool = False  # unpublished; the caches close when inflight drops to 0
-    idle: asyncio.Event | None = None  # set when inflight drops to 0 after an aunpublish
-    handles: HandleTable | None = None  # generations of the client files (REAL nodes)
-    root_ino: int = 0  # of the session directory: live while published, so its handle needs no generation
-    read_ops: int = 0
-    read_bytes: int = 0
-    write_ops: int = 0
-    write_bytes: int = 0
-
-    def cache_path(self, disk: int) -> Path:
-        """Where an instant session's write cache of ``disk`` lives."""
-        return self.cache_parent / f"{self.name}.{self.sid}" / f"disk{disk}"
-
-    def close_caches(self) -> None:
-        for c in self.caches:
-            try:
-                c.close()
-            except Exception as e:  # noqa: BLE001 - close the others; the error is logged
-                log.error("session %s: closing the write cache %s failed: %s", self.name, c.path, e)
-
-    def vdisk_names(self) -> list[str]:
-        out = []
-        for d in self.disks:
-            out += [f"{d.name}-flat.vmdk", f"{d.name}.img"]
-        return out
-
-    def vdisk_index(self, name: str) -> int:
-        try:
-            return self.vdisk_names().index(name)
-        except ValueError:
-            return -1
-
 
 
 class Sessions:

@@ -32,13 +32,18 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from engine.errors import NotFound, RepositoryError, RepositoryLocked, UsageError
 from engine.fsutil import NO_SPACE_ERRNOS, fsync_dir, no_space, write_file_atomic
 
-if TYPE_CHECKING:
-    from engine.repo.repository import Repository
+
+class Repository(Protocol):
+    """What pins need of a repository (``engine.repo.repository.Repository``): where it is.
+    A protocol, so the repository can call pins and pins never import it back."""
+
+    path: Path
+    points_dir: Path
 
 PINS_DIR = "pins"
 PINS_LOCK = "pins.lock"
