@@ -45,6 +45,7 @@ class Repository(Protocol):
     path: Path
     points_dir: Path
 
+
 PINS_DIR = "pins"
 PINS_LOCK = "pins.lock"
 LOCK_TIMEOUT = 10.0  # seconds: the lock is held for milliseconds, this is a hang detector
