@@ -56,7 +56,7 @@ except ImportError:
 
 ROOT = Path(__file__).resolve().parents[1]
 ADDR = "127.0.0.91"
-LAYERS = "control,jobs,nfs,datastore,export,stack,writecache,disk,cache,repo,blockmap/fsutil/errors/config"
+LAYERS = "control,jobs,nfs,datastore/export,stack,writecache,writecache_format,disk,cache,repo,blockmap/fsutil/errors/config/tuning"
 MiB, KiB = 1 << 20, 1 << 10
 DISK_SIZE = 16 * MiB
 READ_AT = 7 * MiB  # demo disk: every 8th block (7, 15, ...) holds random bytes of its own
