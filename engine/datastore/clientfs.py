@@ -28,8 +28,6 @@ import os
 import stat
 import struct
 import time
-from collections.abc import Mapping
-from concurrent.futures import Executor
 from typing import Any
 
 from engine.datastore.nodes import (
@@ -48,6 +46,7 @@ from engine.datastore.nodes import (
     err,
     fileid,
 )
+from engine.datastore.sessions import Sessions
 from engine.errors import BadCookie, BadType
 from engine.fsutil import pwrite_all
 
@@ -137,20 +136,14 @@ def _client_file(node: Node) -> os.stat_result:
 class ClientFiles:
     """The names of the namespace and the client files' data (loop thread)."""
 
-    def __init__(self, sessions: Mapping[str, Session], io_pool: Executor, sync_pool: Executor) -> None:
-        self.sessions = sessions  # published sessions by name (the datastore's registry)
-        self.io_pool = io_pool
-        self.sync_pool = sync_pool
-        self.root_mtime_ns = time.time_ns()
-        self.root_gen = 1  # READDIR's cookie verifier of the root
-
-    def root_changed(self) -> None:
-        """A session appeared or went: the root directory changed."""
-        self.root_mtime_ns = max(time.time_ns(), self.root_mtime_ns + 1)
-        self.root_gen += 1
+    def __init__(self, registry: Sessions) -> None:
+        self.registry = registry  # the root's entries and stamps
+        self.sessions = registry.by_name  # published sessions by name
+        self.io_pool = registry.io_pool
+        self.sync_pool = registry.sync_pool
 
     def root_attr(self) -> Attr:
-        t = self.root_mtime_ns
+        t = self.registry.root_mtime_ns
         return Attr(stat.S_IFDIR | 0o755, 2 + len(self.sessions), 0, 0, 4096, 4096, 0, VIRTUAL_FILEID, t, t, t)
 
     def getattr(self, node: Node) -> Attr:
@@ -385,7 +378,7 @@ class ClientFiles:
                 s = self.sessions[n]
                 node = self._real(s, str(s.dir), st=os.lstat(s.dir))
                 out.append((n, node, node.ino))
-            return out, struct.pack(">Q", self.root_gen)
+            return out, struct.pack(">Q", self.registry.root_gen)
         sess = dirnode.session
         assert sess is not None
         s = sess

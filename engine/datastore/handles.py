@@ -15,8 +15,8 @@ gets new handles.
 
 ``Handles`` encodes and resolves; it finds sessions by id in the mapping it is given
 (the datastore's), and keeps verified handles of disk files (immutable while their
-session is published) so the hot path of a READ skips the MAC; ``forget`` drops them
-when a session goes. Everything here runs on the event loop thread.
+session is published) so the hot path of a READ skips the MAC; a cached handle of a
+session that ended is resolved afresh, and is STALE. Everything here runs on the event loop thread.
 """
 from __future__ import annotations
 
@@ -49,10 +49,6 @@ class Handles:
         self.secret = b""  # set by the datastore once its state is read
         self._fh_cache: dict[bytes, Node] = {}  # verified handles of disk files
 
-    def forget(self) -> None:
-        """A session went: its disk files' handles must not resolve from the cache."""
-        self._fh_cache.clear()
-
     def _mac(self, head: bytes) -> bytes:
         return hashlib.blake2b(head, key=self.secret, digest_size=MAC_SIZE).digest()
 
@@ -68,8 +64,8 @@ class Handles:
         """The node a handle names; BadHandle if forged, StaleHandle if its file is gone.
         Never walks a directory: a client file is found through its session's table."""
         node = self._fh_cache.get(fh)
-        if node is not None:
-            return node
+        if node is not None and node.session is not None and not node.session.ended:
+            return node  # (an ended session's handles resolve below: STALE)
         if len(fh) == HANDLE_SIZE:
             head, mac = fh[: _HEAD.size], fh[_HEAD.size :]
         elif len(fh) == REAL_HANDLE_SIZE:

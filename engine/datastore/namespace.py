@@ -20,7 +20,7 @@ from typing import Any
 from engine.datastore.clientfs import ClientFiles
 from engine.datastore.diskfile import DiskFiles
 from engine.datastore.handles import Handles
-from engine.datastore.nodes import ROOT, VDISK, Attr, Node, Session, SetAttr, fileid
+from engine.datastore.nodes import ROOT, VDISK, Attr, Node, SetAttr, fileid
 from engine.datastore.sessions import DEFAULT_RESERVE, Sessions, session_report
 from engine.stack import Stack
 
@@ -32,10 +32,10 @@ class Datastore:
                  reserve: int = DEFAULT_RESERVE) -> None:
         self.stack = stack
         self.repo = stack.repo
-        self.registry = Sessions(stack, cache_dir, write_dir, reserve, changed=self._changed)
+        self.registry = Sessions(stack, cache_dir, write_dir, reserve)
         self.sessions = self.registry.by_name  # name -> Session, changed on the loop only
         self.handles = Handles(self.registry.by_sid)
-        self.files = ClientFiles(self.sessions, self.registry.io_pool, self.registry.sync_pool)
+        self.files = ClientFiles(self.registry)
         self.disks = DiskFiles(self.registry)
         # what only one room does is that room's method itself: no frame of its own here
         self.close = self.registry.close
@@ -66,10 +66,6 @@ class Datastore:
     def load(self) -> None:
         self.registry.load()
         self.handles.secret = self.registry.state.secret
-
-    def _changed(self, s: Session) -> None:
-        self.handles.forget()
-        self.files.root_changed()
 
     @property
     def cache_dir(self) -> Path:

@@ -93,14 +93,16 @@ class Sessions:
     """The published sessions of one datastore: publish, restore at start, unpublish."""
 
     def __init__(self, stack: Stack, cache_dir: str | os.PathLike, write_dir: str | os.PathLike | None = None,
-                 reserve: int = DEFAULT_RESERVE, changed: Callable[[Session], None] = lambda s: None) -> None:
+                 reserve: int = DEFAULT_RESERVE) -> None:
         self.stack = stack
         self.cache_dir = Path(cache_dir)
         self.write_dir = Path(write_dir) if write_dir else self.cache_dir / "writecache"
         self.reserve = reserve  # default free-space reserve of a publish
         self.sessions_dir = self.cache_dir / "sessions"
         self.state = StateFile(self.cache_dir / "state.json")
-        self.changed = changed  # told (loop thread) when a session appears or goes
+        # the export root lists the sessions: its mtime and READDIR verifier move with them
+        self.root_mtime_ns = time.time_ns()
+        self.root_gen = 1
         self.by_name: dict[str, Session] = {}
         self.by_sid: dict[int, Session] = {}
         self.daemon_id = ""  # names this daemon's pins in the repository (from the secret: stable)
@@ -286,7 +288,7 @@ class Sessions:
     def _published(self, s: Session) -> Session:
         self._publishing.discard(s.name)
         self._register(s)
-        self.changed(s)
+        self._root_changed()
         log.info("published restore point %s (VM %s) as session %s (%s, cache in %s)", s.point.id, s.point.vm, s.name,
                  s.mode, s.cache_parent)
         return s
@@ -329,8 +331,8 @@ class Sessions:
         del self.by_name[name]
         del self.by_sid[s.sid]
         self.state.drop(name)
-        self.changed(s)
-        s.ended = True
+        self._root_changed()
+        s.ended = True  # its disk files' handles, cached or not, are STALE from now on
         log.info("unpublished session %s", name)
         return s
 
@@ -376,6 +378,10 @@ class Sessions:
                 remove_pin(self.stack.repo, s.point.id, self.daemon_id, s.name)
             except (OSError, RepositoryError) as e:
                 log.error("session %s: its pin of restore point %s cannot be removed: %s", s.name, s.point.id, e)
+
+    def _root_changed(self) -> None:
+        self.root_mtime_ns = max(time.time_ns(), self.root_mtime_ns + 1)
+        self.root_gen += 1
 
     def last_op_ended(self, s: Session) -> None:
         """The last disk operation of an unpublished session ended (loop thread): its
