@@ -124,32 +124,48 @@ def bit_get(bits: np.ndarray, i: int) -> int:
     return int(bits[i >> 3]) >> (i & 7) & 1
 
 
+def _unpack(bits: np.ndarray, start: int, count: int) -> tuple[np.ndarray, int, int]:
+    """The bytes holding [start, start + count) as one 0/1 value per bit (bit ``i`` is bit
+    ``i & 7`` of byte ``i >> 3``), with the byte range they came from. Whole-array numpy:
+    a 1 TiB disk's bitmap has 2**24 bits, too many for a Python loop over bits."""
+    first, last = start >> 3, (start + count + 7) >> 3
+    return np.unpackbits(bits[first:last], bitorder="little"), first, last
+
+
 def bits_count(bits: np.ndarray, start: int, count: int) -> int:
     """Number of set bits in [start, start + count)."""
     _check(bits, start, count)
-    return sum(bit_get(bits, i) for i in range(start, start + count))
+    v, first, _ = _unpack(bits, start, count)
+    lo = start - (first << 3)
+    return int(v[lo : lo + count].sum())
+
+
+def _fill(bits: np.ndarray, start: int, count: int, value: int) -> None:
+    _check(bits, start, count)
+    if count == 0:
+        return
+    v, first, last = _unpack(bits, start, count)
+    lo = start - (first << 3)
+    v[lo : lo + count] = value
+    bits[first:last] = np.packbits(v, bitorder="little")
 
 
 def bits_set(bits: np.ndarray, start: int, count: int) -> None:
-    _check(bits, start, count)
-    for i in range(start, start + count):
-        bits[i >> 3] |= 1 << (i & 7)
+    _fill(bits, start, count, 1)
 
 
 def bits_clear(bits: np.ndarray, start: int, count: int) -> None:
-    _check(bits, start, count)
-    for i in range(start, start + count):
-        bits[i >> 3] &= ~(1 << (i & 7)) & 0xFF
+    _fill(bits, start, count, 0)
 
 
 def bits_runs(bits: np.ndarray, start: int, count: int) -> np.ndarray:
     """Maximal runs of equal bits in [start, start + count): int64 rows (start, length, value)."""
     _check(bits, start, count)
-    rows: list[list[int]] = []
-    for i in range(start, start + count):
-        v = bit_get(bits, i)
-        if rows and rows[-1][2] == v:
-            rows[-1][1] += 1
-        else:
-            rows.append([i, 1, v])
-    return np.array(rows, dtype=np.int64).reshape(-1, 3)
+    v, first, _ = _unpack(bits, start, count)
+    lo = start - (first << 3)
+    v = v[lo : lo + count].astype(np.int64)
+    if count == 0:
+        return np.empty((0, 3), dtype=np.int64)
+    starts = np.concatenate(([0], np.flatnonzero(np.diff(v)) + 1))  # where the value changes
+    lengths = np.diff(np.concatenate((starts, [count])))
+    return np.stack((starts + start, lengths, v[starts]), axis=1).astype(np.int64)
