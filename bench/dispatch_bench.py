@@ -136,11 +136,11 @@ def main() -> int:
         b_runs.append(one(args.vs.resolve(), args.calls, args.rounds))
     # the median says what a typical run costs; the minimum, what the code costs when the
     # machine lets it run (noise only ever adds time)
-    print(f"{'µs per call':<14}{'this':>30}{'other':>30}{'median ratio':>14}{'min ratio':>11}")
+    print(f"{'µs per call':<14}{'this':>34}{'other':>34}{'median ratio':>14}{'min ratio':>11}")
     for key in ("read_4k_us", "write_4k_us"):
         a = [r[key] for r in a_runs]
         b = [r[key] for r in b_runs]
-        print(f"{key:<14}{', '.join(map(str, a)):>30}{', '.join(map(str, b)):>30}"
+        print(f"{key:<14}  {', '.join(map(str, a)):>32}  {', '.join(map(str, b)):>32}"
               f"{statistics.median(a) / statistics.median(b):>14.2f}{min(a) / min(b):>11.2f}")
     return 0
 
