@@ -161,11 +161,11 @@ def bits_clear(bits: np.ndarray, start: int, count: int) -> None:
 def bits_runs(bits: np.ndarray, start: int, count: int) -> np.ndarray:
     """Maximal runs of equal bits in [start, start + count): int64 rows (start, length, value)."""
     _check(bits, start, count)
+    if count == 0:
+        return np.empty((0, 3), dtype=np.int64)
     v, first, _ = _unpack(bits, start, count)
     lo = start - (first << 3)
     v = v[lo : lo + count].astype(np.int64)
-    if count == 0:
-        return np.empty((0, 3), dtype=np.int64)
     starts = np.concatenate(([0], np.flatnonzero(np.diff(v)) + 1))  # where the value changes
     lengths = np.diff(np.concatenate((starts, [count])))
-    return np.stack((starts + start, lengths, v[starts]), axis=1).astype(np.int64)
+    return np.stack((starts + start, lengths, v[starts]), axis=1)

@@ -56,17 +56,10 @@ class SequentialHint(Protocol):
     def after(self, first: int, last: int) -> None: ...
 
 
-class _NoReadahead:
-    next_block = -1
-
-    def after(self, first: int, last: int) -> None:
-        self.next_block = last + 1
-
-
 class BackupDisk:
     """One disk of a restore point, read-only, byte-exact with the source image."""
 
-    def __init__(self, name: str, blockmap: BlockMap, chunks: ChunkSource, readahead: SequentialHint | None = None) -> None:
+    def __init__(self, name: str, blockmap: BlockMap, chunks: ChunkSource, readahead: SequentialHint) -> None:
         self.name = name
         self.map = blockmap
         self.size = blockmap.disk_size
@@ -74,7 +67,7 @@ class BackupDisk:
         self._shift = blockmap.shift
         self._mask = blockmap.block_size - 1
         self._cache = chunks
-        self._ra: SequentialHint = readahead if readahead is not None else _NoReadahead()
+        self._ra = readahead
         self._zero = memoryview(bytes(blockmap.block_size))
 
     def _clip(self, offset: int, length: int) -> int:

@@ -67,6 +67,13 @@ class DiskFiles:
             m = time.time_ns() if sa.mtime_ns == NOW else int(sa.mtime_ns)
             s.mtimes[i] = m
 
+    def _op_ended(self, s: Session) -> None:
+        """A disk operation counted in ``s.inflight`` ended; the last one of an
+        unpublished session lets it end."""
+        s.inflight -= 1
+        if s.ended and not s.inflight:
+            self.sessions.last_op_ended(s)
+
     @staticmethod
     def _touch(s: Session, i: int) -> None:
         """A write changes the disk's mtime (and ctime), kept to whole milliseconds."""
@@ -83,9 +90,7 @@ class DiskFiles:
         try:
             bufs = await disk.aread(offset, count)
         finally:
-            s.inflight -= 1
-            if s.ended and not s.inflight:
-                self.sessions.last_op_ended(s)
+            self._op_ended(s)
         n = sum(len(b) for b in bufs)
         s.read_ops += 1
         s.read_bytes += n
@@ -108,9 +113,7 @@ class DiskFiles:
             try:
                 await cache.awrite(offset, data, stable != 0)
             finally:
-                s.inflight -= 1
-                if s.ended and not s.inflight:
-                    self.sessions.last_op_ended(s)
+                self._op_ended(s)
         self._touch(s, i)
         s.write_ops += 1
         s.write_bytes += len(data)
@@ -124,6 +127,4 @@ class DiskFiles:
         try:
             await asyncio.get_running_loop().run_in_executor(self.sessions.sync_pool, s.caches[node.ino // 2].commit)
         finally:
-            s.inflight -= 1
-            if s.ended and not s.inflight:
-                self.sessions.last_op_ended(s)
+            self._op_ended(s)

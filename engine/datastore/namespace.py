@@ -20,7 +20,7 @@ from typing import Any
 from engine.datastore.clientfs import ClientFiles
 from engine.datastore.diskfile import DiskFiles
 from engine.datastore.handles import Handles
-from engine.datastore.nodes import ROOT, VDISK, Attr, Node, SetAttr, fileid
+from engine.datastore.nodes import ROOT, VDISK, Attr, Node, SetAttr
 from engine.datastore.sessions import DEFAULT_RESERVE, Sessions, session_report
 from engine.stack import Stack
 
@@ -92,10 +92,6 @@ class Datastore:
         if node.kind == ROOT:
             return self.files.root_attr()
         return self.files.getattr(node)
-
-    @staticmethod
-    def fileid(node: Node) -> int:
-        return fileid(node)
 
     def setattr(self, node: Node, sa: SetAttr) -> None:
         if node.kind == VDISK:

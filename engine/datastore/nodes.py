@@ -101,9 +101,13 @@ class Session:
     write_ops: int = 0
     write_bytes: int = 0
 
+    @property
+    def cache_root(self) -> Path:
+        """Where an instant session's write caches live, one directory per disk."""
+        return self.cache_parent / f"{self.name}.{self.sid}"
+
     def cache_path(self, disk: int) -> Path:
-        """Where an instant session's write cache of ``disk`` lives."""
-        return self.cache_parent / f"{self.name}.{self.sid}" / f"disk{disk}"
+        return self.cache_root / f"disk{disk}"
 
     def close_caches(self) -> None:
         for c in self.caches:

@@ -370,7 +370,7 @@ class Sessions:
             s.handles.close()
         if remove:
             if s.mode == "instant":
-                shutil.rmtree(s.cache_path(0).parent, ignore_errors=True)
+                shutil.rmtree(s.cache_root, ignore_errors=True)
             shutil.rmtree(s.dir, ignore_errors=True)
             self._handles_path(s.name).unlink(missing_ok=True)
         if unpin:
@@ -388,12 +388,11 @@ class Sessions:
         caches may close now. Callers count ``s.inflight`` themselves (up before the
         operation waits in a pool, down after) and call this only when it dropped to 0
         on an ended session."""
-        if s.ended and s.inflight == 0:
-            if s.idle is not None:  # aunpublish waits for this and ends the session
-                s.idle.set()
-                return
-            fut = asyncio.get_running_loop().run_in_executor(self.admin_pool, self._end, s)
-            fut.add_done_callback(_log_failure(f"ending session {s.name}"))
+        if s.idle is not None:  # aunpublish waits for this and ends the session
+            s.idle.set()
+            return
+        fut = asyncio.get_running_loop().run_in_executor(self.admin_pool, self._end, s)
+        fut.add_done_callback(_log_failure(f"ending session {s.name}"))
 
     async def aclose(self, timeout: float = 30.0) -> None:
         """``close`` (off the loop) once the disk operations in progress have finished (or ``timeout``)."""

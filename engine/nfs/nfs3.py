@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Callable
 from typing import Any
 
 from engine.datastore import MAX_FILE_SIZE, VDISK, Attr, Datastore, Node
 from engine.errors import TooSmall
-from engine.nfs.nfs3_convert import nfstime as _time  # the name the disk-attribute lines below use
-from engine.nfs.nfs3_convert import status_of, to_fattr3, to_setattr
+from engine.nfs.nfs3_convert import nfstime, status_of, to_fattr3, to_setattr
 from engine.nfs.nfs3_types import (
     ACCESS3_DELETE,
     ACCESS3_EXECUTE,
@@ -126,6 +126,23 @@ def _decode_write(u: Unpacker) -> tuple[Any, int, int, stable_how, memoryview]:
     return fh, offset, count, stable, data
 
 
+def _memo(table: dict[int, tuple[Attr, Any]], a: Attr, build: Callable[..., Any], *args: Any) -> Any:
+    """``build(a, *args)``, kept per ``Attr`` object (``NFS3.attrs``); the table holds the
+    ``Attr``, so its id is not reused while the entry lives."""
+    hit = table.get(id(a))
+    if hit is not None and hit[0] is a:
+        return hit[1]
+    if len(table) > ATTR_MEMO:
+        table.clear()
+    v = build(a, *args)
+    table[id(a)] = (a, v)
+    return v
+
+
+def _wcc_attr(a: Attr) -> Any:
+    return wcc_attr(a.size, nfstime(a.mtime_ns), nfstime(a.ctime_ns))
+
+
 class NFS3:
     """The NFSv3 program over one datastore."""
 
@@ -148,15 +165,7 @@ class NFS3:
         return nfs_fh3(self.ds.handle(node))
 
     def attrs(self, node: Node) -> Any:
-        a = self.ds.getattr(node)
-        hit = self._fattr.get(id(a))
-        if hit is not None and hit[0] is a:
-            return hit[1]
-        if len(self._fattr) > ATTR_MEMO:
-            self._fattr.clear()
-        f = to_fattr3(a, self.ds.fsid)
-        self._fattr[id(a)] = (a, f)  # the Attr is held, so its id is not reused meanwhile
-        return f
+        return _memo(self._fattr, self.ds.getattr(node), to_fattr3, self.ds.fsid)
 
     def post_op(self, node: Node | None) -> Any:
         if node is None:
@@ -177,14 +186,7 @@ class NFS3:
             a = self.ds.getattr(node)
         except OSError:
             return None
-        hit = self._wcc.get(id(a))
-        if hit is not None and hit[0] is a:
-            return hit[1]
-        if len(self._wcc) > ATTR_MEMO:
-            self._wcc.clear()
-        w = wcc_attr(a.size, _time(a.mtime_ns), _time(a.ctime_ns))
-        self._wcc[id(a)] = (a, w)
-        return w
+        return _memo(self._wcc, a, _wcc_attr)
 
     def wcc(self, before: Any, node: Node | None) -> Any:
         return wcc_data(before, self.post_op(node))
@@ -206,7 +208,7 @@ class NFS3:
         before = self.pre_op(node)
         if args.guard is not None:
             a = self.ds.getattr(node)
-            if _time(a.ctime_ns) != args.guard:
+            if nfstime(a.ctime_ns) != args.guard:
                 raise ProcError(nfsstat3.NFS3ERR_NOT_SYNC)
         self.ds.setattr(node, to_setattr(args.new_attributes))
         return SETATTR3resok(self.wcc(before, node))

@@ -217,13 +217,12 @@ class _Open:
 class PackReader:
     """Read and verify chunk records; shares one descriptor per pack across threads."""
 
-    def __init__(self, packs_dir: Path, block_size: int, repo_uid: bytes | None = None,
-                 on_close: Callable[[int], object] | None = None) -> None:
+    def __init__(self, packs_dir: Path, block_size: int, repo_uid: bytes | None = None) -> None:
         self.dir = packs_dir
         self.block_size = block_size
         self.repo_uid = repo_uid  # None: the repository id is not checked (tools, tests)
         # told the pack id of a pack closed because gc removed it (or replaced behind its id)
-        self.on_close: list[Callable[[int], object]] = [on_close] if on_close is not None else []
+        self.on_close: list[Callable[[int], object]] = []
         self._open: dict[int, _Open] = {}
         self._uids: dict[int, bytes | None] = {}  # uid of each pack opened so far
         self._lock = threading.Lock()
