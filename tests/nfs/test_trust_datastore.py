@@ -77,13 +77,19 @@ def small_repo(tmp_path: Path) -> dict[str, Any]:
     return {"repo": repo, "point": m["id"], "data": data}
 
 
+def loaded_datastore(stack: Stack, tmp_path: Path) -> Datastore:
+    """A datastore over ``stack`` with its cache directory in ``tmp_path``, state loaded."""
+    ds = Datastore(stack, tmp_path / "cache", reserve=0)
+    ds.load()
+    return ds
+
+
 # -- finding 4: generations -------------------------------------------------------------------
 
 
 def test_reused_inode_is_stale_in_the_datastore(tmp_path, images, monkeypatch):
     with Stack.open(images["repo"]) as stack:
-        ds = Datastore(stack, tmp_path / "cache", reserve=0)
-        ds.load()
+        ds = loaded_datastore(stack, tmp_path)
         try:
             s = ds.publish(images["point"], "gen")
             sdir = ds.lookup(ds.root(), b"gen")
@@ -327,8 +333,7 @@ def test_publish_unpublish_and_client_files_run_off_the_loop(tmp_path, images, m
         await ds.aclose()
 
     with Stack.open(images["repo"]) as stack:
-        ds = Datastore(stack, tmp_path / "cache", reserve=0)
-        ds.load()
+        ds = loaded_datastore(stack, tmp_path)
         run(main(ds))
     assert on_loop == [], f"blocking calls on the event loop: {sorted(set(on_loop))}"
 
@@ -407,13 +412,11 @@ def test_daemon_starts_on_a_full_cache_volume(daemon_factory, images, small_volu
 
 def test_load_does_not_rewrite_unchanged_state(tmp_path, images):
     with Stack.open(images["repo"]) as stack:
-        ds = Datastore(stack, tmp_path / "cache", reserve=0)
-        ds.load()
+        ds = loaded_datastore(stack, tmp_path)
         ds.publish(images["point"], "same")
         ds.close()
         st = (tmp_path / "cache" / "state.json").stat()
-        ds2 = Datastore(stack, tmp_path / "cache", reserve=0)
-        ds2.load()
+        ds2 = loaded_datastore(stack, tmp_path)
         try:
             st2 = (tmp_path / "cache" / "state.json").stat()
             assert (st2.st_ino, st2.st_mtime_ns) == (st.st_ino, st.st_mtime_ns)
@@ -428,8 +431,7 @@ def test_load_does_not_rewrite_unchanged_state(tmp_path, images):
 def test_publish_pins_and_unpublish_unpins(tmp_path, small_repo):
     with Stack.open(small_repo["repo"]) as stack:
         repo = stack.repo
-        ds = Datastore(stack, tmp_path / "cache", reserve=0)
-        ds.load()
+        ds = loaded_datastore(stack, tmp_path)
         try:
             s = ds.publish(small_repo["point"], "pinned")
             pins = list_pins(repo, small_repo["point"])
@@ -450,8 +452,7 @@ def test_load_repins_and_drops_pins_of_gone_sessions(tmp_path, small_repo):
 
     with Stack.open(small_repo["repo"]) as stack:
         repo = stack.repo
-        ds = Datastore(stack, tmp_path / "cache", reserve=0)
-        ds.load()
+        ds = loaded_datastore(stack, tmp_path)
         s = ds.publish(small_repo["point"], "inst")
         ds.publish(small_repo["point"], "sand", mode="sandbox")
         daemon = ds.daemon_id
@@ -463,8 +464,7 @@ def test_load_repins_and_drops_pins_of_gone_sessions(tmp_path, small_repo):
         add_pin(repo, other)
         for c in s.caches + ds.sessions["sand"].caches:
             c.close()
-        ds2 = Datastore(stack, tmp_path / "cache", reserve=0)
-        ds2.load()
+        ds2 = loaded_datastore(stack, tmp_path)
         try:
             assert ds2.daemon_id == daemon
             got = {(p.session, p.daemon) for p in list_pins(repo, small_repo["point"])}
@@ -476,8 +476,7 @@ def test_load_repins_and_drops_pins_of_gone_sessions(tmp_path, small_repo):
 def test_session_of_a_force_deleted_point_is_not_restored(tmp_path, small_repo, caplog):
     with Stack.open(small_repo["repo"]) as stack:
         repo = stack.repo
-        ds = Datastore(stack, tmp_path / "cache", reserve=0)
-        ds.load()
+        ds = loaded_datastore(stack, tmp_path)
         ds.publish(small_repo["point"], "doomed")
         ds.close()
         from engine.repo.pins import remove_pin
@@ -506,8 +505,7 @@ def test_a_failed_write_cache_shows_in_the_session_view(tmp_path, small_repo, mo
         raise OSError(_errno.EIO, os.strerror(_errno.EIO))
 
     with Stack.open(small_repo["repo"]) as stack:
-        ds = Datastore(stack, tmp_path / "cache", reserve=0)
-        ds.load()
+        ds = loaded_datastore(stack, tmp_path)
         try:
             s = ds.publish(small_repo["point"], "f")
             assert [d["failed"] for d in ds.session_json(s)["disks"]] == [None] * len(s.disks)
