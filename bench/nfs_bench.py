@@ -79,7 +79,7 @@ def prepare(work: Path, size: str) -> dict:
         if m.get("size") == size and img.exists() and Path(m["repo"]).exists():
             return m
     log(f"generating the {size} disk")
-    subprocess.run([PY, str(ROOT / "bench/gen_disk.py"), "-o", str(img), "--size", size, "--seed", "1", "-q"], check=True, stdout=sys.stderr)
+    subprocess.run([PY, "-m", "engine.bench.diskgen", "-o", str(img), "--size", size, "--seed", "1", "-q"], check=True, stdout=sys.stderr)
     from engine.repo.ingest import BackupSettings, backup
     from engine.repo.repository import Repository
 

@@ -49,7 +49,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-import gen_disk  # noqa: E402
+from engine.bench import diskgen as gen_disk  # noqa: E402
 from benchlib import machine  # noqa: E402
 
 from engine import blockmap as blockmap_mod  # noqa: E402

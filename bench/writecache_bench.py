@@ -87,7 +87,7 @@ def source_image(size: int, seed: int) -> Path:
         return p
     out = cache / f"disk-{size}-s{seed}-wc.img"
     if not out.exists():
-        subprocess.run([sys.executable, str(ROOT / "bench" / "gen_disk.py"), "-o", str(out), "--size", str(size), "--seed", str(seed)], check=True)
+        subprocess.run([sys.executable, "-m", "engine.bench.diskgen", "-o", str(out), "--size", str(size), "--seed", str(seed)], check=True)
     return out
 
 

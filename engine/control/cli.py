@@ -5,6 +5,7 @@ daemon), ``daemon`` (serve), ``demo``, ``client`` (the commands that call a runn
 daemon's control API). Every command prints a one-line error and exits non-zero on an
 expected failure (``engine.errors``); ``--json`` commands print exactly one JSON
 document on stdout. Long operations show a progress bar on a terminal.
+``instantnfs bench`` is the benchmark suite (``engine.bench``).
 ``python -m engine.control.cli`` is the ``instantnfs`` command.
 """
 from __future__ import annotations
@@ -16,6 +17,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from engine.bench import cli as bench_cli
 from engine.control import client, repo_cli
 from engine.control.daemon import cmd_serve
 from engine.control.demo import cmd_demo
@@ -199,6 +201,13 @@ def _daemon_commands(subparsers: Any) -> None:
     _serve_opts(p)
     p.set_defaults(func=cmd_demo)
 
+    p = subparsers.add_parser(
+        "bench", help="measure instantnfs beside NFS-Ganesha, borg, restic and the local file; write a report",
+        description=bench_cli.DESCRIPTION, epilog=bench_cli.EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    bench_cli.add_arguments(p)
+    p.set_defaults(func=bench_cli.run_args)
+
     p = subparsers.add_parser("publish", help="publish a restore point in the running daemon's export")
     p.add_argument("point", help="restore point id, unique prefix, 'latest' or 'VM@latest'")
     p.add_argument("--name", help="session name (directory in the export)")
@@ -260,6 +269,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     tune_malloc()
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # as given (bench re-executes itself with them)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)

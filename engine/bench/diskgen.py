@@ -1,4 +1,4 @@
-"""Generate a seeded, realistic raw disk image for the repository benchmark.
+"""The benchmark's input: seeded, realistic raw disk images.
 
 The image is made of 1 MiB blocks laid out in runs (1-32 blocks, as files and free
 space come in extents on a real disk), in these proportions of the disk:
@@ -15,7 +15,11 @@ space come in extents on a real disk), in these proportions of the disk:
 The same ``--seed`` and ``--size`` always give the same bytes (numpy PCG64), so anyone
 can regenerate the benchmark input:
 
-    python bench/gen_disk.py -o /var/tmp/bench-disk.img --size 2G --seed 1
+    python -m engine.bench.diskgen -o /var/tmp/bench-disk.img --size 2G --seed 1
+
+``cached_image()`` keeps generated images in ``$INSTANTNFS_BENCH_CACHE`` (default
+``/var/tmp/instantnfs-bench``), named by size, seed and generator version, so a second
+benchmark run starts at once.
 """
 from __future__ import annotations
 
@@ -25,6 +29,8 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 
@@ -171,6 +177,30 @@ def generate(path: str, size: int, seed: int, quiet: bool = False) -> dict:
         "sha256": digest.hexdigest(),
         "elapsed_s": round(time.monotonic() - t0, 2),
     }
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("INSTANTNFS_BENCH_CACHE", "/var/tmp/instantnfs-bench"))
+
+
+def cached_image(size: int, seed: int, log: Callable[[str], None] | None = None) -> tuple[Path, dict]:
+    """The generated image of ``size`` and ``seed``, made once and reused (with its facts)."""
+    d = cache_dir()
+    d.mkdir(parents=True, exist_ok=True)
+    path = d / f"disk-{size}-s{seed}-v{GENERATOR_VERSION}.img"
+    meta = path.with_suffix(".json")
+    if path.exists() and meta.exists():
+        info = json.loads(meta.read_text())
+        if info.get("size") == size and os.path.getsize(path) == size:
+            return path, info
+    if log is not None:
+        log(f"generating the {size >> 20} MiB input disk (seed {seed}) into {d}")
+    tmp = path.with_suffix(".tmp")
+    info = generate(str(tmp), size, seed, quiet=True)
+    os.replace(tmp, path)
+    info["path"] = str(path)
+    meta.write_text(json.dumps(info, indent=2))
+    return path, info
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,85 @@
+"""Sequential 1 MiB reads with ``qemu-img bench``, queue depth 1 and 16, cold and warm.
+
+Three cache states per queue depth:
+
+- **cold**: instantnfs restarted before each of its runs (an empty decompression cache;
+  the pack files may still be in the kernel page cache, so decompression is measured);
+  each peer's own caches dropped (``Peer.drop_caches``);
+- **cold, packs dropped**: as cold, and the repository's packs (the peers: their files)
+  dropped from the page cache with ``posix_fadvise(DONTNEED)``: the disk is read too;
+- **warm**: after one full pass (the chunk cache holds the whole disk).
+
+Every run reads the whole disk once. Peers: Ganesha serving the raw image over NFS,
+borg and restic mounts (the disk file under the FUSE mount), the local file.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from engine.bench.clients import qemu_bench
+from engine.bench.core import OURS, Goal, Measure, Row, Target
+
+NAME = "seq-read"
+GROUP = "sequential reads"
+PEERS = ("ganesha", "borg", "restic", "local")
+MIB = 1 << 20
+DEPTHS = (1, 16)
+STATES = ("cold", "cold-dropped", "warm")
+
+
+def goal(depth: int, state: str) -> Goal:
+    if state == "warm":
+        return Goal("≥ 1.2× Ganesha", peer="ganesha", ratio=1.2)
+    if depth == 16:
+        return Goal("≥ 1500 MB/s", absolute=1500.0)
+    return Goal("≥ 1.0× Ganesha", peer="ganesha", ratio=1.0)
+
+
+def rows(ctx) -> int:  # noqa: ANN001 - the runner's Context
+    return len(DEPTHS) * len(STATES)
+
+
+def run(ctx) -> Iterator[Row]:  # noqa: ANN001
+    session = ctx.session_name("seq")
+    ours = ctx.ours.publish(ctx.point, session)[0]
+    count = ctx.size // MIB
+    targets: dict[str, Target] = {OURS: ours}
+    for name in PEERS:
+        if name in ctx.peers:
+            targets[name] = ctx.peers[name].read_target()
+    try:
+        for state in STATES:
+            for depth in DEPTHS:
+                row = ctx.row(f"seq-read/1M/qd{depth}/{state}", f"sequential 1 MiB reads, QD{depth}, {state}", GROUP,
+                              "MB/s", "higher",
+                              {"client": "qemu-img bench (nfs:// for NFS servers, the file for mounts)",
+                               "transfer": MIB, "queue_depth": depth, "connections": 1, "cache": state},
+                              goal(depth, state), peers=PEERS)
+                systems: dict[str, Callable[[], Measure | float]] = {
+                    n: (lambda t=t, d=depth: qemu_bench(t, MIB, d, count)) for n, t in targets.items()
+                }
+                yield ctx.measure(row, systems, before=_before(ctx, state), warmup=state == "warm")
+    finally:
+        _unpublish(ctx, session)
+
+
+def _before(ctx, state: str) -> Callable[[str], None] | None:  # noqa: ANN001
+    if state == "warm":
+        return None
+
+    def before(name: str) -> None:
+        if name == OURS:
+            ctx.ours.restart()
+            if state == "cold-dropped":
+                ctx.ours.drop_pack_pages()
+        elif state == "cold-dropped" or name in ("borg", "restic"):
+            ctx.peers[name].drop_caches()
+
+    return before
+
+
+def _unpublish(ctx, session: str) -> None:  # noqa: ANN001
+    try:
+        ctx.ours.unpublish(session)
+    except Exception as e:  # noqa: BLE001 - the daemon may be the thing that failed
+        ctx.log(f"unpublishing {session} failed: {e}")
