@@ -53,7 +53,10 @@ setup(
             "pytest>=8.0",
             "pytest-timeout>=2.2",
             "hypothesis>=6.100",
+            # CI runs `instantnfs bench --quick`, which writes plots
+            "matplotlib>=3.8",
         ],
+        "bench": ["matplotlib>=3.8"],
         "lint": ["ruff>=0.5", "mypy>=1.10", "import-linter>=2.1"],
     },
     package_data={"engine": ["*.pyx", "*.pxd", "*.pyi", "py.typed"]},
