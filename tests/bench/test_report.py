@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from engine.bench import report
-from engine.bench.report import (
+from engine.bench.report import render_markdown, summary_table, update_readme, write_report
+from engine.bench.results import CLIENT_BOUND_MARK, GROUPS
+from engine.bench.units import (
     fmt_bytes,
     fmt_count,
     fmt_duration,
@@ -26,11 +27,7 @@ from engine.bench.report import (
     fmt_ratio,
     fmt_size,
     fmt_value,
-    render_markdown,
     slug,
-    summary_table,
-    update_readme,
-    write_report,
 )
 
 SAMPLE = Path(__file__).parent / "data" / "results-sample.json"
@@ -118,7 +115,7 @@ def test_summary_has_one_line_per_row_in_group_order(results):
     assert len(body) == len(results["rows"])
     order = [r["group"] for r in results["rows"]]
     shown = [next(r["group"] for r in results["rows"] if r["title"] == ln.split(" | ")[0][2:]) for ln in body]
-    assert shown == sorted(order, key=report.GROUPS.index)
+    assert shown == sorted(order, key=GROUPS.index)
 
 
 def test_summary_met_goal(results):
@@ -204,7 +201,7 @@ def test_summary_without_goal_compares_with_the_best_peer(results):
 def test_client_bound_runs_are_marked_with_a_note(results):
     table = summary_table(results)
     cells = _summary_line(table, _row(results, "rand-4k-qd16-c1-warm")["title"])
-    assert cells[2].endswith(report.CLIENT_BOUND_MARK)
+    assert cells[2].endswith(CLIENT_BOUND_MARK)
     assert "bottleneck" in table.split("\n\n", 1)[1]
     md = render_markdown(results)
     assert "⚠[^client-bound]" in md
@@ -213,7 +210,7 @@ def test_client_bound_runs_are_marked_with_a_note(results):
     for r in clean["rows"]:
         for s in r["results"].values():
             s.pop("extras", None)
-    assert report.CLIENT_BOUND_MARK not in summary_table(clean)
+    assert CLIENT_BOUND_MARK not in summary_table(clean)
     assert "[^client-bound]" not in render_markdown(clean)
 
 
