@@ -63,7 +63,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pairs", type=int, metavar="N", help="rounds of alternating runs per figure (default 3; --quick 2)")
     p.add_argument("--size", type=_size, metavar="SIZE", help="size of the generated disk (default 2G; --quick 256M)")
     p.add_argument("--seed", type=int, default=1, help="the generated disk's seed (default 1)")
-    p.add_argument("--seconds", type=float, metavar="S", help="measured window of a timed load (default 5; --quick 1)")
+    p.add_argument("--seconds", type=float, metavar="S", help="measured window of a timed load (default 3; --quick 1)")
     p.add_argument("--work", type=Path, metavar="DIR", help="scratch space for repositories and servers (default a temporary directory under /var/tmp; removed after)")
     p.add_argument("--keep", action="store_true", help="keep the work directory")
     p.add_argument("--update-readme", type=Path, metavar="README",

@@ -212,3 +212,6 @@ class FileTarget:
 
 
 Target = NfsTarget | FileTarget
+
+# what a row measures: system name -> one run, returning its figure
+Systems = dict[str, Callable[[], Measure | float]]

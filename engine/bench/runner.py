@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from engine.bench import diskgen, machine
-from engine.bench.core import OURS, Goal, Measure, Row, alternate
+from engine.bench.core import OURS, Goal, Measure, Row, Systems, alternate
 from engine.bench.ours import OurDaemon
 
 NETNS_ENV = "INSTANTNFS_BENCH_NETNS"
@@ -80,7 +80,7 @@ class Settings:
     pairs: int = 3
     disk_size: int = 2 * GIB
     seed: int = 1
-    seconds: float = 5.0  # the measured window of a timed load
+    seconds: float = 3.0  # the measured window of a timed load
     keep: bool = False
     command: str = "instantnfs bench"
 
@@ -147,7 +147,7 @@ class Context:
                 r.missing[p] = self.missing[p]
         return r
 
-    def measure(self, row: Row, systems: dict[str, Callable[[], Measure | float]],
+    def measure(self, row: Row, systems: Systems,
                 before: Callable[[str], None] | None = None, pairs: int | None = None,
                 warmup: bool = False) -> Row:
         """Run ``systems`` alternately into ``row``; a failure becomes the row's error.

@@ -17,6 +17,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 
 from engine.bench import loadgen
 from engine.bench.core import OURS, Goal, Measure, NfsTarget, Row, Samples
@@ -96,7 +97,7 @@ def run(ctx) -> Iterator[Row]:  # noqa: ANN001
             base = ctx.row(f"getattr/{load}", "", GROUP, "ms", "lower",
                            {"client": "in-repo GETATTR probe, one call every 10 ms", "load": load, "connections": 1,
                             "queue_depth": 1, "cache": "warm"}, peers=PEERS)
-            systems = {n: (lambda t=t, ld=load: probe(t, ld, seconds)) for n, t in targets.items()}
+            systems = {n: partial(probe, t, load, seconds) for n, t in targets.items()}
             ctx.measure(base, systems)
             for pct in PERCENTILES:
                 row = ctx.row(f"getattr/{LABEL[pct]}/{load}", f"GETATTR {LABEL[pct]} latency, {load.replace('-', ' ')}",

@@ -20,9 +20,10 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
-from engine.bench.core import OURS, Goal, Measure, Row, Samples
+from engine.bench.core import OURS, Goal, Measure, Row, Samples, Systems
 
 NAME = "ingest"
 GROUP = "backup ingest"
@@ -90,11 +91,11 @@ def run(ctx) -> Iterator[Row]:  # noqa: ANN001
     full = ctx.row("ingest/full", "full backup of the benchmark disk", GROUP, "MB/s", "higher",
                    {"client": "CLI (instantnfs backup / borg create / restic backup)", "source": "page cache",
                     "transfer": MIB}, Goal("≥ 1000 MB/s (2 GiB in 2 s)", absolute=1000.0), peers=PEERS)
-    systems = {OURS: lambda: ours_full(ctx, repo)}
+    systems: Systems = {OURS: partial(ours_full, ctx, repo)}
     for name in PEERS:
         p = ctx.peers.get(name)
         if p is not None:
-            systems[name] = lambda p=p: _peer_full(ctx, p, ws)
+            systems[name] = partial(_peer_full, ctx, p, ws)
     before = lambda name: _page_in(ctx.image)  # noqa: E731 - every backup reads its source from memory
     yield ctx.measure(full, systems, before=before)
 
@@ -118,11 +119,11 @@ def run(ctx) -> Iterator[Row]:  # noqa: ANN001
         yield inc_row
         return
     try:
-        systems = {OURS: lambda: _ours_inc_round(ctx, repo, inc, extents, changed)}
+        systems = {OURS: partial(_ours_inc_round, ctx, repo, inc, extents, changed)}
         for name in PEERS:
             p = ctx.peers.get(name)
             if p is not None:
-                systems[name] = lambda p=p: _peer_increment(ctx, p, ws, inc)
+                systems[name] = partial(_peer_increment, ctx, p, ws, inc)
         yield ctx.measure(inc_row, systems, before=before)
     finally:
         inc.unlink(missing_ok=True)

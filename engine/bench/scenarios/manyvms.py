@@ -9,6 +9,7 @@ depth 16), all at once; the figure is the total. No peer offers sessions.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from functools import partial
 
 from engine.bench import loadgen
 from engine.bench.core import OURS, Goal, Row
@@ -35,7 +36,7 @@ def run(ctx) -> Iterator[Row]:  # noqa: ANN001
                           {"client": "load generator, one connection per session", "transfer": 4096, "queue_depth": 16,
                            "connections": count, "sessions": count, "cache": "warm"}, goal)
             spec = loadgen.LoadSpec(op="read", size=4096, depth=16, connections=count, seconds=ctx.settings.seconds)
-            ctx.measure(row, {OURS: lambda c=count, s=spec: loadgen.run_load(targets[:c], s)})
+            ctx.measure(row, {OURS: partial(loadgen.run_load, targets[:count], spec)})
             if single is None and OURS in row.results:
                 single = row.results[OURS].median
             yield row

@@ -11,6 +11,7 @@ bounded overhead, whatever the number of sessions.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from functools import partial
 
 from engine.bench import loadgen
 from engine.bench.clients import qemu_bench
@@ -56,4 +57,4 @@ def run(ctx) -> Iterator[Row]:  # noqa: ANN001
                       {"client": "load generator (64 KiB random reads, 16 connections) + qemu-img bench pass",
                        "sessions": SESSIONS, "chunk_cache": cache, "cache": "filled"},
                       Goal(f"≤ cache + {OVERHEAD >> 20} MiB", absolute=(cache + OVERHEAD) / MIB))
-        yield ctx.measure(row, {OURS: lambda c=cache: one(ctx, c)})
+        yield ctx.measure(row, {OURS: partial(one, ctx, cache)})

@@ -18,8 +18,9 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from functools import partial
 
-from engine.bench.core import OURS, Goal, Measure, Row
+from engine.bench.core import OURS, Goal, Measure, Row, Systems
 from engine.nfs.client import NFSClient
 
 NAME = "publish"
@@ -96,16 +97,16 @@ def run(ctx) -> Iterator[Row]:  # noqa: ANN001
             row.error = f"{type(e).__name__}: {e}"
             yield row
             continue
-        yield ctx.measure(row, {OURS: lambda p=point: first_byte(ctx, p)})
+        yield ctx.measure(row, {OURS: partial(first_byte, ctx, point)})
 
     row = ctx.row("publish/bench-disk", "publish (mount for the peers) → first byte, the benchmark disk", GROUP, "ms", "lower",
                   {"client": "control API + NFS client; borg/restic mount + pread", "disk_size": ctx.size,
                    "transfer": 4096, "cache": "cold"}, goal, peers=PEERS)
-    systems = {OURS: lambda: first_byte(ctx, ctx.point)}
+    systems: Systems = {OURS: partial(first_byte, ctx, ctx.point)}
     for name in PEERS:
         p = ctx.peers.get(name)
         if p is not None:
-            systems[name] = lambda p=p: _peer_first_byte(ctx, p)
+            systems[name] = partial(_peer_first_byte, ctx, p)
     yield ctx.measure(row, systems)
 
 

@@ -11,6 +11,7 @@ local file.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from functools import partial
 
 from engine.bench import loadgen
 from engine.bench.clients import qemu_bench
@@ -56,7 +57,7 @@ def run(ctx) -> Iterator[Row]:  # noqa: ANN001
                            "queue_depth": depth, "connections": conns, "cache": "warm"},
                           goal(size), peers=PEERS)
             spec = loadgen.LoadSpec(op="read", size=size, depth=depth, connections=conns, seconds=ctx.settings.seconds)
-            yield ctx.measure(row, {n: (lambda t=t, s=spec: loadgen.run_load(t, s)) for n, t in targets.items()})
+            yield ctx.measure(row, {n: partial(loadgen.run_load, t, spec) for n, t in targets.items()})
     finally:
         try:
             ctx.ours.unpublish(session)

@@ -15,9 +15,10 @@ borg and restic mounts (the disk file under the FUSE mount), the local file.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from functools import partial
 
 from engine.bench.clients import qemu_bench
-from engine.bench.core import OURS, Goal, Measure, Row, Target
+from engine.bench.core import OURS, Goal, Row, Target
 
 NAME = "seq-read"
 GROUP = "sequential reads"
@@ -55,9 +56,7 @@ def run(ctx) -> Iterator[Row]:  # noqa: ANN001
                               {"client": "qemu-img bench (nfs:// for NFS servers, the file for mounts)",
                                "transfer": MIB, "queue_depth": depth, "connections": 1, "cache": state},
                               goal(depth, state), peers=PEERS)
-                systems: dict[str, Callable[[], Measure | float]] = {
-                    n: (lambda t=t, d=depth: qemu_bench(t, MIB, d, count)) for n, t in targets.items()
-                }
+                systems = {n: partial(qemu_bench, t, MIB, depth, count) for n, t in targets.items()}
                 yield ctx.measure(row, systems, before=_before(ctx, state), warmup=state == "warm")
     finally:
         _unpublish(ctx, session)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 from engine.bench import loadgen
@@ -52,13 +53,13 @@ def run(ctx) -> Iterator[Row]:  # noqa: ANN001
                           {"client": "load generator (raw RPC; pwrite+fsync on files)", "transfer": 4096, "queue_depth": 16,
                            "connections": 1, "stable": label}, goal, peers=PEERS)
             spec = loadgen.LoadSpec(op="write", size=4096, depth=16, connections=1, stable=stable, seconds=ctx.settings.seconds)
-            yield ctx.measure(row, {n: (lambda t=t, s=spec: loadgen.run_load(t, s)) for n, t in targets.items()})
+            yield ctx.measure(row, {n: partial(loadgen.run_load, t, spec) for n, t in targets.items()})
 
         row = ctx.row("writes/1M/seq/qd16", "sequential 1 MiB writes, QD16 (with the final flush)", GROUP, "MB/s", "higher",
                       {"client": "qemu-img bench -w", "transfer": MIB, "queue_depth": 16, "connections": 1}, goal, peers=PEERS)
         count = ctx.size // MIB
         before = lambda name: os.sync()  # noqa: E731 - no writeback backlog carried into a run
-        yield ctx.measure(row, {n: (lambda t=t: qemu_bench(t, MIB, 16, count, write=True)) for n, t in targets.items()},
+        yield ctx.measure(row, {n: partial(qemu_bench, t, MIB, 16, count, write=True) for n, t in targets.items()},
                           before=before)
 
         ctx.step("writes: dirtying every other MiB of a session")
@@ -67,15 +68,15 @@ def run(ctx) -> Iterator[Row]:  # noqa: ANN001
                       "higher", {"client": "qemu-img bench", "transfer": MIB, "queue_depth": 16, "connections": 1, "cache": "warm",
                                  "compared_with": "the same reads of a clean session"},
                       Goal("≥ 0.8× the clean disk", peer=CLEAN, ratio=0.8))
-        yield ctx.measure(row, {OURS: lambda: qemu_bench(dirty, MIB, 16, count), CLEAN: lambda: qemu_bench(clean, MIB, 16, count)},
+        yield ctx.measure(row, {OURS: partial(qemu_bench, dirty, MIB, 16, count), CLEAN: partial(qemu_bench, clean, MIB, 16, count)},
                           warmup=True)
 
         out_dir = ctx.work / "ours" / "cache" / "exports"
         row = ctx.row("writes/export", "export of the half-written disk to a raw file, same volume", GROUP, "MB/s", "higher",
                       {"client": "instantnfs export job / qemu-img convert from nfs://", "cache": "warm"},
                       Goal("≥ 1000 MB/s", absolute=1000.0))
-        yield ctx.measure(row, {OURS: lambda: _export(ctx, names[1], out_dir, dirty.size),
-                                CONVERT: lambda: _convert(dirty, out_dir)})
+        yield ctx.measure(row, {OURS: partial(_export, ctx, names[1], out_dir, dirty.size),
+                                CONVERT: partial(_convert, dirty, out_dir)})
     finally:
         for n in names:
             try:
