@@ -204,12 +204,14 @@ def _nfs(rpc: _Rpc, proc: int, args: Any, what: str) -> Any:
 
 
 @dataclass(frozen=True)
-class _Resolved:
+class Resolved:
+    """A served file as a client knows it after MOUNT and LOOKUP."""
+
     fh: bytes
     size: int
 
 
-def resolve(target: NfsTarget, timeout: float = CONNECT_TIMEOUT) -> _Resolved:
+def resolve(target: NfsTarget, timeout: float = CONNECT_TIMEOUT) -> Resolved:
     """MOUNT the target's export, LOOKUP each component of its path: the file's handle and
     size; ``RuntimeError`` saying which step failed and what to check."""
     with _Rpc(target.host, target.mount_port, "MOUNT", timeout) as m:
@@ -233,7 +235,7 @@ def resolve(target: NfsTarget, timeout: float = CONNECT_TIMEOUT) -> _Resolved:
         attr = _nfs(n, NFSPROC3.GETATTR, GETATTR3args(nfs_fh3(fh)), f"GETATTR of {seen}").obj_attributes
     if attr.type != ftype3.NF3REG:
         raise RuntimeError(f"{target.url} is a {ftype3(attr.type).name}, not a regular file")
-    return _Resolved(fh, attr.size)
+    return Resolved(fh, attr.size)
 
 
 # -- planning ---------------------------------------------------------------------------------------
@@ -426,8 +428,8 @@ def _measure(spec: LoadSpec, targets: list[Any], results: list[dict[str, Any]], 
         "errors": errors,
         "error_statuses": statuses,
         "lat_us": {k: round(v / 1e3, 1) if not math.isnan(v) else None for k, v in pct.items()},
-        "client_cpu_seconds": round(cpu, 4),
-        "client_cpu_share": round(cpu / (seconds * len(results)), 4),
+        "client_cpu_seconds": round(cpu, 6),
+        "client_cpu_share": round(cpu / (seconds * len(results)), 6),
         "client_bound": bound,
         "worker_cpu_share": [round(s, 3) for s in shares],
         "processes": len(results),

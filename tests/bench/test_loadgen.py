@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import math
 import os
+import re
 import signal
 import socket
 import threading
@@ -99,7 +100,7 @@ def check_counts(m: Any, spec: LoadSpec) -> None:
     lat = x["lat_us"]
     assert 0 < lat["p50"] <= lat["p99"] <= lat["p999"]
     assert x["client_cpu_seconds"] > 0
-    assert x["client_cpu_share"] == pytest.approx(x["client_cpu_seconds"] / (x["seconds"] * x["processes"]), rel=1e-3)
+    assert x["client_cpu_share"] == pytest.approx(x["client_cpu_seconds"] / (x["seconds"] * x["processes"]), abs=1e-4)
     assert isinstance(x["client_bound"], bool)
 
 
@@ -111,8 +112,10 @@ def test_reads_count_what_the_server_served(served, repo, connections, depth, si
     served_now = reads_served(served) - before
     check_counts(m, spec)
     assert m.extra["processes"] == min(connections, os.cpu_count() or 1)
-    # every call sent was answered before the run ended (the drain): the server saw exactly them
+    # every call sent was answered before the run ended (the drain): the server saw exactly
+    # them, warmup and drain included, so at least the bytes counted in the window
     assert served_now == m.extra["calls"]
+    assert served_now * size >= m.extra["bytes"]
 
 
 def test_many_targets_share_the_connections(served, repo):
@@ -147,6 +150,24 @@ def test_writes_land_the_seeded_pattern_where_they_say(repo, tmp_path, stable):
         assert read_back(dmn, t, span[0] + span[1], 4096) == repo["data"][span[0] + span[1]:span[0] + span[1] + 4096]
     finally:
         stop(dmn)
+
+
+def test_refused_writes_are_counted_errors_not_a_hang(repo, tmp_path):
+    addr = take_address()
+    try:
+        dmn = Daemon(repo["repo"], tmp_path / "cache", addr, ["--read-only"]).start()
+        try:
+            dmn.api("POST", "/sessions", {"point": repo["point"], "name": "lg"})
+            m = run_load(target(dmn, repo), LoadSpec(op="write", depth=4, connections=1, stable="file_sync", **QUICK))
+        finally:
+            dmn.stop()
+    finally:
+        give_address(addr)
+    x = m.extra
+    assert x["ops"] == 0 and m.value == 0 and x["bytes"] == 0
+    assert x["errors"] == x["calls"] > 0
+    assert x["error_statuses"] == {"NFS3ERR_ROFS": x["calls"]}
+    assert "NFS3ERR_ROFS" in x["note"]
 
 
 def test_getattr_latency_one_at_a_time(served, repo):
@@ -209,10 +230,10 @@ def test_server_dying_mid_run_ends_the_run_with_an_error(repo, tmp_path):
     try:
         t = target(dmn, repo)
         pid = dmn.proc.pid if dmn.proc else 0
-        killer = threading.Timer(1.0, os.kill, (pid, signal.SIGKILL))
+        killer = threading.Timer(1.5, os.kill, (pid, signal.SIGKILL))
         killer.start()
-        try:
-            with pytest.raises(RuntimeError, match="load generator worker loadgen-0"):
+        try:  # the kill lands mid-run (or, on a slow machine, before the workers connect)
+            with pytest.raises(RuntimeError, match=re.escape(dmn.addr)):
                 run_load(t, LoadSpec(depth=4, connections=1, seconds=20, warmup=0.1))
         finally:
             killer.cancel()
