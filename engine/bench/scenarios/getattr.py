@@ -81,8 +81,7 @@ def probe(target: NfsTarget, load: str, seconds: float) -> Measure:
         extra = stop_load()
     if not lat:
         raise RuntimeError("no GETATTR completed in the window")
-    pct = loadgen.percentiles([x * 1e3 for x in lat], (50, 99, 99.9))
-    extra.update({"n": len(lat), "p50": pct["p50"], "p99": pct["p99"], "p999": pct["p99.9"] if "p99.9" in pct else pct.get("p999")})
+    extra.update(loadgen.percentiles([x * 1e3 for x in lat], (50, 99, 99.9)), n=len(lat))
     return Measure(extra["p99"], extra)
 
 

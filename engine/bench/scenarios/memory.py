@@ -10,6 +10,7 @@ bounded overhead, whatever the number of sessions.
 """
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
 from functools import partial
 
@@ -36,7 +37,9 @@ def rows(ctx) -> int:  # noqa: ANN001
 
 
 def one(ctx, cache_bytes: int) -> Measure:  # noqa: ANN001
-    d = OurDaemon(ctx.work / f"memory-{cache_bytes >> 20}", ctx.repo, ADDRESS, cache_bytes)
+    work = ctx.work / f"memory-{cache_bytes >> 20}"
+    shutil.rmtree(work, ignore_errors=True)  # a new daemon with no sessions each round
+    d = OurDaemon(work, ctx.repo, ADDRESS, cache_bytes)
     d.start()
     try:
         targets = [d.publish(ctx.point, f"vm{i}")[0] for i in range(SESSIONS)]
@@ -48,6 +51,7 @@ def one(ctx, cache_bytes: int) -> Measure:  # noqa: ANN001
                                             "read_iops": round(load.value), "sessions": SESSIONS})
     finally:
         d.stop()
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def run(ctx) -> Iterator[Row]:  # noqa: ANN001
