@@ -49,10 +49,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchlib import machine  # noqa: E402
-
+from engine.bench.diskgen import cached_image  # noqa: E402
+from engine.bench.machine import describe as machine  # noqa: E402
 from engine.blockmap import IMPLEMENTATION  # noqa: E402
 from engine.export import export_disk  # noqa: E402
 from engine.repo.ingest import BackupSettings, backup  # noqa: E402
@@ -81,14 +80,7 @@ def fs_type(path: Path) -> str:
 
 
 def source_image(size: int, seed: int) -> Path:
-    cache = Path(os.environ.get("INSTANTNFS_BENCH_CACHE", "/var/tmp/instantnfs-bench"))
-    cache.mkdir(parents=True, exist_ok=True)
-    for p in sorted(cache.glob(f"disk-{size}-s{seed}-v*.img")):
-        return p
-    out = cache / f"disk-{size}-s{seed}-wc.img"
-    if not out.exists():
-        subprocess.run([sys.executable, "-m", "engine.bench.diskgen", "-o", str(out), "--size", str(size), "--seed", str(seed)], check=True)
-    return out
+    return cached_image(size, seed, log=print)[0]
 
 
 def rate(n_ops: int, nbytes: int, seconds: float) -> dict:
