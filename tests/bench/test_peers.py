@@ -297,6 +297,18 @@ def test_ganesha_targets(ws: tuple[Workspace, bytes], monkeypatch: pytest.Monkey
     assert rt.size == ws[0].size and (rt.nfs_port, rt.mount_port) == (peers_ganesha.NFS_PORT, peers_ganesha.MNT_PORT)
 
 
+def test_a_dead_portmappers_socket_is_stale(tmp_path: Path) -> None:
+    import socket
+
+    path = tmp_path / "rpcbind.sock"
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(str(path))
+    s.listen()
+    assert not peers_ganesha._stale(path), "someone listens: not ours to remove"
+    s.close()
+    assert peers_ganesha._stale(path)
+
+
 def test_private_namespace_is_recognised() -> None:
     require(os.geteuid() == 0 and shutil.which("unshare") is not None, "needs root and unshare")
     code = "from engine.bench.peers import in_private_namespace as f; print(f())"
@@ -311,18 +323,18 @@ def test_private_namespace_is_recognised() -> None:
 def test_a_process_that_dies_is_reported_with_its_log(tmp_path: Path) -> None:
     p = peers_base.Process("fake", ["sh", "-c", "echo starting; echo port 111 taken >&2; exit 3"], tmp_path / "f.log")
     with pytest.raises(PeerFailed) as e:
-        p.wait_for(lambda: False, "listening")
-    assert "fake exited with status 3 before listening" in str(e.value) and "port 111 taken" in str(e.value)
+        p.wait_for(lambda: False, "its 'listening' line")
+    assert "fake exited with status 3 while we waited for its 'listening' line" in str(e.value) and "port 111 taken" in str(e.value)
 
 
 def test_a_process_is_stopped_by_its_pid(tmp_path: Path) -> None:
     log = tmp_path / "s.log"
     log.write_text("an earlier run's line\n")
     p = peers_base.Process("sleeper", ["sh", "-c", "echo ready; exec sleep 60"], log)
-    p.wait_for(lambda: "ready" in p.output(), "saying ready", timeout=30)
+    p.wait_for(lambda: "ready" in p.output(), "'ready' line", timeout=30)
     assert "earlier" not in p.output()
-    with pytest.raises(PeerFailed, match="sleeper did not say done within 0 s"):
-        p.wait_for(lambda: False, "say done", timeout=0.05)
+    with pytest.raises(PeerFailed, match="sleeper: still no 'done' line after 0 s"):
+        p.wait_for(lambda: False, "'done' line", timeout=0.05)
     p.stop()
     assert not p.alive() and p.popen.returncode == -15
     p.stop()
@@ -336,6 +348,8 @@ def test_a_mount_that_never_shows_the_file_fails_clearly(tmp_path: Path, monkeyp
     proc = peer.start("restic mount", ["sleep", "60"], tmp_path / "m.log")
     with pytest.raises(PeerFailed, match="has 100 bytes, not 4096"):
         peers_base.wait_file(target, 4096, proc, "the mount is ready", timeout=0.1)
+    with pytest.raises(PeerFailed, match=r"restic mount: still no .*/absent.img with 4096 bytes \(the mount is ready\)"):
+        peers_base.wait_file(tmp_path / "absent.img", 4096, proc, "the mount is ready", timeout=0.1)
     peer.close()
     assert not proc.alive() and peer.procs == []
 

@@ -95,16 +95,18 @@ class Process:
         return "\n".join(self.output().strip().splitlines()[-lines:])
 
     def wait_for(self, ready: Callable[[], bool], what: str, timeout: float = READY_TIMEOUT) -> None:
-        """Poll ``ready()`` until it holds; a clear error if the process exits or time runs out."""
+        """Poll ``ready()`` until it holds; a clear error if the process exits or time runs out.
+
+        ``what`` names what is awaited ("the portmapper's 'listening' line")."""
         deadline = time.monotonic() + timeout
         while True:
             if ready():
                 return
             if not self.alive():
-                raise PeerFailed(f"{self.name} exited with status {self.popen.returncode} before {what}; "
-                                 f"its log {self.log} ends:\n{self.tail()}")
+                raise PeerFailed(f"{self.name} exited with status {self.popen.returncode} while we waited for "
+                                 f"{what}; its log {self.log} ends:\n{self.tail()}")
             if time.monotonic() > deadline:
-                raise PeerFailed(f"{self.name} did not {what} within {timeout:.0f} s; its log {self.log} ends:\n"
+                raise PeerFailed(f"{self.name}: still no {what} after {timeout:.0f} s; its log {self.log} ends:\n"
                                  f"{self.tail()}")
             time.sleep(0.01)
 
@@ -222,12 +224,12 @@ def wait_file(path: Path, size: int, proc: Process, what: str, timeout: float = 
             return False
 
     try:
-        proc.wait_for(ready, f"showing {path} with {size} bytes ({what})", timeout)
-    except PeerFailed:
+        proc.wait_for(ready, f"{path} with {size} bytes ({what})", timeout)
+    except PeerFailed as e:
         try:
             seen = os.stat(path).st_size
         except OSError:
-            raise  # not there at all: the process's own story
+            raise e from None  # not there at all: the process's own story
         raise PeerFailed(f"{path} has {seen} bytes, not {size}: {what}") from None
 
 

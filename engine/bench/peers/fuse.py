@@ -196,7 +196,7 @@ class FuseBackupPeer(Peer):
                 os.close(fd)
 
         try:
-            proc.wait_for(first_byte, f"reading the first 4 KiB of {f}", READY_TIMEOUT)
+            proc.wait_for(first_byte, f"first 4 KiB read from {f}", READY_TIMEOUT)
             seconds = time.perf_counter() - t0
         finally:
             unmount(mnt)

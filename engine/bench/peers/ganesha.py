@@ -134,6 +134,18 @@ def registered(host: str = HOST) -> bool:
         return False
 
 
+def _stale(path: Path) -> bool:
+    """A unix socket nobody listens on any more."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        try:
+            s.connect(str(path))
+        except ConnectionRefusedError:
+            return True
+        except OSError:
+            return False
+    return False
+
+
 def _engine_pythonpath(env: dict[str, str]) -> dict[str, str]:
     """The environment in which ``python -m engine.nfs.portmap`` finds this very package."""
     import engine
@@ -176,6 +188,8 @@ class Ganesha(Peer):
             raise PeerFailed("Ganesha runs only in a private network namespace (it needs port 111 and a "
                              "portmapper of its own): run the benchmark as root, which re-executes it under "
                              "'unshare --net --mount'")
+        if PORTMAP_SOCKET.exists() and _stale(PORTMAP_SOCKET):
+            PORTMAP_SOCKET.unlink()  # left by a portmapper of ours that was killed
         if PORTMAP_SOCKET.exists():
             raise PeerFailed(f"{PORTMAP_SOCKET} exists: another portmapper is visible here and Ganesha would "
                              "register with it; mount a tmpfs over /run in this namespace first")
@@ -190,12 +204,12 @@ class Ganesha(Peer):
         pm = self.start("portmapper", [sys.executable, "-m", "engine.nfs.portmap", "--bind", HOST, "--port", "111",
                                        "--unix", str(PORTMAP_SOCKET)], g / "portmap.log",
                         env=_engine_pythonpath(dict(os.environ)))
-        pm.wait_for(lambda: "portmapper listening" in pm.output(), "listening on 127.0.0.1:111", 30)
+        pm.wait_for(lambda: "portmapper listening" in pm.output(), "'portmapper listening' (127.0.0.1:111)", 30)
         (g / "ganesha.pid").unlink(missing_ok=True)
         gan = self.start("ganesha.nfsd", ["ganesha.nfsd", "-F", "-f", str(conf), "-L", str(g / "ganesha.log"),
                                           "-p", str(g / "ganesha.pid"), "-N", "NIV_EVENT"], g / "ganesha.out")
         try:
-            gan.wait_for(registered, "registering NFS v3 and MOUNT v3 with the portmapper on 127.0.0.1:111")
+            gan.wait_for(registered, "registration of NFS v3 and MOUNT v3 with the portmapper on 127.0.0.1:111")
         except PeerFailed as e:
             log = (g / "ganesha.log").read_text(errors="replace").strip().splitlines()[-8:] \
                 if (g / "ganesha.log").exists() else []
