@@ -49,7 +49,7 @@ SCENARIOS: dict[str, str] = {
     "ingest": "ingest",
     "memory": "memory",
 }
-DEFAULT_PEERS = ("ganesha", "borg", "restic", "local")
+DEFAULT_PEERS = ("ganesha", "borg", "borg-fixed", "restic", "local")
 
 
 class Scenario(Protocol):

@@ -27,7 +27,7 @@ from engine.bench.core import OURS, Goal, Measure, Row, Samples, Systems
 
 NAME = "ingest"
 GROUP = "backup ingest"
-PEERS = ("borg", "restic")
+PEERS = ("borg", "borg-fixed", "restic")
 MIB = 1 << 20
 CHANGED = 0.05
 
@@ -154,7 +154,7 @@ def _peer_full(ctx, peer, ws) -> Measure:  # noqa: ANN001
 def _peer_increment(ctx, peer, ws, inc: Path) -> Measure:  # noqa: ANN001
     peer.backup(ws, ctx.image, "full")
     _page_in(inc)
-    m = peer.backup(ws, inc, "increment")
+    m = peer.backup(ws, inc, "increment", increment_of="full")
     if m is None:
         raise RuntimeError(f"{peer.name} does not back up")
     return Measure(m.extra.get("seconds", m.value), m.extra)

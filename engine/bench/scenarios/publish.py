@@ -25,7 +25,7 @@ from engine.nfs.client import NFSClient
 
 NAME = "publish"
 GROUP = "publish to first byte"
-PEERS = ("borg", "restic")
+PEERS = ("borg", "borg-fixed", "restic")
 GIB = 1 << 30
 MIB = 1 << 20
 
