@@ -8,7 +8,8 @@ what=${1:-build}
 pkgs=(gcc libc6-dev python3-dev)
 if [ "$what" = test ]; then
   pkgs+=(qemu-utils qemu-block-extra qemu-system-x86 libnfs-utils libtirpc3 netbase
-         linux-image-amd64 busybox-static e2fsprogs fdisk dosfstools mtools cpio kmod)
+         linux-image-amd64 busybox-static e2fsprogs fdisk dosfstools mtools cpio kmod
+         iproute2 util-linux)  # the last two: the benchmark's private network namespace (unshare, ip)
 fi
 here=$(cd "$(dirname "$0")/.." && pwd)
 as_root() {
