@@ -26,25 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from engine.bench.core import NfsTarget
+from engine.bench.pagecache import drop_file_pages, files_under
 
 READY = "instantnfs serving"
-
-
-def drop_file_pages(root: Path) -> int:
-    """posix_fadvise(DONTNEED) every regular file under ``root``; returns the bytes dropped."""
-    total = 0
-    paths = [root] if root.is_file() else [p for p in root.rglob("*") if p.is_file()]
-    for p in paths:
-        try:
-            fd = os.open(p, os.O_RDONLY)
-        except OSError:
-            continue
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            total += os.fstat(fd).st_size
-        finally:
-            os.close(fd)
-    return total
 
 
 class ApiError(RuntimeError):
@@ -181,7 +165,7 @@ class OurDaemon:
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def drop_pack_pages(self) -> int:
-        return drop_file_pages(self.repo)
+        return drop_file_pages(files_under(self.repo))
 
 
 def export_disk(d: OurDaemon, session: str, disk: str, output: Path, timeout: float = 1800.0) -> dict[str, Any]:

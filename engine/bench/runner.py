@@ -168,8 +168,13 @@ class Context:
         row.seconds = time.monotonic() - t0
         return row
 
-    def peer(self, name: str) -> Any | None:
-        return self.peers.get(name)
+    def unpublish(self, *names: str) -> None:
+        """Unpublish sessions a scenario made; a failure is logged (the daemon may be what failed)."""
+        for n in names:
+            try:
+                self.ours.unpublish(n)
+            except Exception as e:  # noqa: BLE001 - cleaning up after a row; the row has its error
+                self.log(f"unpublishing {n} failed: {e}")
 
 
 # -- the namespace -------------------------------------------------------------------------

@@ -23,7 +23,6 @@ from engine.bench.peers.base import (
     PeerFailed,
     PeerNotInstalled,
     Workspace,
-    drop_file_pages,
     in_private_namespace,
 )
 from engine.bench.peers.fuse import Borg, BorgFixed, Restic
@@ -46,5 +45,5 @@ def find_peers(names: Sequence[str]) -> dict[str, Peer]:
 
 __all__ = [
     "PEERS", "Borg", "BorgFixed", "Ganesha", "LocalFile", "Peer", "PeerError", "PeerFailed", "PeerNotInstalled",
-    "Restic", "Workspace", "drop_file_pages", "find_peers", "ganesha_config", "in_private_namespace", "install",
+    "Restic", "Workspace", "find_peers", "ganesha_config", "in_private_namespace", "install",
 ]

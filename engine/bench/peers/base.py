@@ -19,12 +19,13 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
 from engine.bench.core import Measure, Target
+from engine.bench.pagecache import drop_file_pages, files_under
 from engine.errors import InstantNFSError
 
 MIB = 1 << 20
@@ -151,38 +152,6 @@ def unmount(path: Path) -> None:
         subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, timeout=60)
     if is_mounted(path):
         raise PeerFailed(f"{path} is still mounted; unmount it with: fusermount3 -u {path}")
-
-
-def drop_file_pages(paths: Iterable[Path]) -> int:
-    """Drop the kernel's cached pages of these files (``posix_fadvise(DONTNEED)``).
-
-    Dirty pages cannot be dropped, so each file is fsync'ed first (a file opened read-only
-    can be fsync'ed). Returns the number of files. On a FUSE file this drops the pages the
-    kernel keeps for it (borg mounts with keep_cache), not the FUSE server's own memory.
-    """
-    n = 0
-    for p in paths:
-        try:
-            fd = os.open(p, os.O_RDONLY)
-        except FileNotFoundError:
-            continue
-        try:
-            try:
-                os.fsync(fd)
-            except OSError:
-                pass  # a read-only FUSE file system may refuse fsync
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            n += 1
-        finally:
-            os.close(fd)
-    return n
-
-
-def files_under(root: Path) -> list[Path]:
-    out: list[Path] = []
-    for d, _dirs, files in os.walk(root):
-        out.extend(Path(d, f) for f in files)
-    return out
 
 
 def tree_bytes(root: Path) -> int:

@@ -35,12 +35,12 @@ from pathlib import Path
 from typing import ClassVar
 
 from engine.bench.core import FileTarget, Measure, Target, Timer
+from engine.bench.pagecache import files_under
 from engine.bench.peers.base import (
     READY_TIMEOUT,
     Peer,
     PeerFailed,
     Workspace,
-    files_under,
     is_mounted,
     run_checked,
     tree_bytes,

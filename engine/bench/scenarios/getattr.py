@@ -109,7 +109,4 @@ def run(ctx) -> Iterator[Row]:  # noqa: ANN001
                     row.results[n] = out
                 yield row
     finally:
-        try:
-            ctx.ours.unpublish(session)
-        except Exception as e:  # noqa: BLE001
-            ctx.log(f"unpublishing {session} failed: {e}")
+        ctx.unpublish(session)

@@ -41,8 +41,4 @@ def run(ctx) -> Iterator[Row]:  # noqa: ANN001
                 single = row.results[OURS].median
             yield row
     finally:
-        for n in names:
-            try:
-                ctx.ours.unpublish(n)
-            except Exception as e:  # noqa: BLE001
-                ctx.log(f"unpublishing {n} failed: {e}")
+        ctx.unpublish(*names)

@@ -67,7 +67,4 @@ def run(ctx) -> Iterator[Row]:  # noqa: ANN001
             spec = loadgen.LoadSpec(op="read", size=size, depth=depth, connections=conns, seconds=ctx.settings.seconds)
             yield ctx.measure(row, {n: partial(loadgen.run_load, t, spec) for n, t in targets.items()}, before=drop)
     finally:
-        try:
-            ctx.ours.unpublish(session)
-        except Exception as e:  # noqa: BLE001
-            ctx.log(f"unpublishing {session} failed: {e}")
+        ctx.unpublish(session)

@@ -63,7 +63,7 @@ def run(ctx) -> Iterator[Row]:  # noqa: ANN001
                 systems = {n: partial(qemu_bench, t, MIB, depth, count) for n, t in targets.items()}
                 yield ctx.measure(row, systems, before=_before(ctx, state), warmup=state == "warm")
     finally:
-        _unpublish(ctx, session)
+        ctx.unpublish(session)
 
 
 def _before(ctx, state: str) -> Callable[[str], None]:  # noqa: ANN001
@@ -80,10 +80,3 @@ def _before(ctx, state: str) -> Callable[[str], None]:  # noqa: ANN001
             ctx.peers[name].drop_caches()
 
     return before
-
-
-def _unpublish(ctx, session: str) -> None:  # noqa: ANN001
-    try:
-        ctx.ours.unpublish(session)
-    except Exception as e:  # noqa: BLE001 - the daemon may be the thing that failed
-        ctx.log(f"unpublishing {session} failed: {e}")

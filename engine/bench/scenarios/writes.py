@@ -78,11 +78,7 @@ def run(ctx) -> Iterator[Row]:  # noqa: ANN001
         yield ctx.measure(row, {OURS: partial(_export, ctx, names[1], out_dir, dirty.size),
                                 CONVERT: partial(_convert, dirty, out_dir)})
     finally:
-        for n in names:
-            try:
-                ctx.ours.unpublish(n)
-            except Exception as e:  # noqa: BLE001
-                ctx.log(f"unpublishing {n} failed: {e}")
+        ctx.unpublish(*names)
 
 
 def _export(ctx, session: str, out_dir: Path, size: int) -> Measure:  # noqa: ANN001
