@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import signal
 import sys
 import tempfile
 import textwrap
@@ -85,6 +86,7 @@ def _size(text: str) -> int:
 
 
 def run_args(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:
+    _interruptible()
     if args.pairs is not None and args.pairs < 1:
         print("instantnfs bench: --pairs must be at least 1", file=sys.stderr)
         return 2
@@ -144,6 +146,16 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
     return p
+
+
+def _interruptible() -> None:
+    """SIGTERM (and a SIGINT a shell set to be ignored) stop the run like Ctrl-C: the
+    servers and mounts it started are stopped and results.json keeps what was measured."""
+    def stop(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

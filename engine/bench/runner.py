@@ -255,13 +255,14 @@ def prepare_repo(settings: Settings, log: Callable[[str], None]) -> tuple[Path, 
     return image, info, repo, p["id"], p["disks"][0]["name"]
 
 
-def setup_peers(settings: Settings, image: Path, size: int, log: Callable[[str], None]) -> tuple[dict[str, Any], dict[str, str], dict[str, Any]]:
-    """Set up every selected peer that is installed; the others are missing, with why."""
+def setup_peers(settings: Settings, image: Path, size: int, log: Callable[[str], None],
+                ready: dict[str, Any]) -> tuple[dict[str, str], dict[str, Any]]:
+    """Set up every selected peer that is installed, into ``ready`` (so that the caller
+    stops them even if this is interrupted); the others are missing, with why."""
     from engine.bench import peers as peermod
 
     found = peermod.find_peers(settings.peers)
     status: dict[str, Any] = {}
-    ready: dict[str, Any] = {}
     missing: dict[str, str] = {}
     ws = peermod.Workspace(work=settings.work / "peers", image=image, size=size, log=log)
     ws.work.mkdir(parents=True, exist_ok=True)
@@ -283,7 +284,10 @@ def setup_peers(settings: Settings, image: Path, size: int, log: Callable[[str],
             missing[name] = f"set-up failed: {e}"
             log(f"peer {name}: set-up failed: {e}")
             peer.close()
-    return ready, missing, status
+        except BaseException:
+            peer.close()
+            raise
+    return missing, status
 
 
 def run(settings: Settings, quiet: bool = False) -> dict[str, Any]:
@@ -323,7 +327,8 @@ def run(settings: Settings, quiet: bool = False) -> dict[str, Any]:
         results["settings"]["input"] = {k: info[k] for k in ("size", "seed", "generator_version", "sha256", "blocks") if k in info}
         wanted = sorted({p for s in scenarios.values() for p in s.PEERS} & set(settings.peers),
                         key=list(settings.peers).index)
-        ready, missing, status = setup_peers(Settings(**{**settings.__dict__, "peers": wanted}), image, info["size"], progress.log)
+        missing, status = setup_peers(Settings(**{**settings.__dict__, "peers": wanted}), image, info["size"],
+                                      progress.log, ready)
         results["peers"] = status
         results["machine"]["versions"].update({n: s.get("version") for n, s in status.items() if n != "local"})
         ctx = Context(settings, image, info, repo, point, disk, ours, ready, missing, progress.log, progress.step)
