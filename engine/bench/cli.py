@@ -29,7 +29,7 @@ peers:     {', '.join(runner.DEFAULT_PEERS)}
            (a peer that is not installed is a line in the report, with the command
            that installs it; --install-peers installs them)
 
-A full run takes about an hour on 2 cores with every peer installed (borg's and
+A full run takes about 30 minutes on 2 cores with every peer installed (borg's and
 restic's mounts read at 30-150 MB/s); --quick (a 256 MiB disk, 2 rounds, 1-second
 windows) takes 2 minutes without peers, 6 with them. As root the run happens in a
 private network namespace (nothing it starts is reachable from outside; ports 111 and
