@@ -5,7 +5,10 @@ Order of a run:
 1. Outside any namespace, as root, re-execute inside a private network namespace
    (``unshare --net --mount``; loopback up; a tmpfs over ``/run`` hides a host rpcbind),
    so fixed ports (111, 2049) are the suite's alone and nothing it starts is reachable
-   from outside. Not root: run on loopback addresses, port 111 of 127.0.0.2 must be free.
+   from outside. In a chroot, where "/" is no mount point and so cannot be made private,
+   the run gets the network namespace alone and Ganesha is left out (its portmapper
+   socket needs a private /run). Not root: run on loopback addresses, port 111 of
+   127.0.0.2 must be free.
 2. The input: a seeded disk image (cached across runs), backed up into a fresh
    instantnfs repository in the work directory.
 3. instantnfs on 127.0.0.2 (its chunk cache holds the whole disk), and each selected,
@@ -34,6 +37,7 @@ from engine.bench.core import OURS, Goal, Measure, Row, Systems, alternate
 from engine.bench.ours import OurDaemon
 
 NETNS_ENV = "INSTANTNFS_BENCH_NETNS"
+MOUNTNS_ENV = "INSTANTNFS_BENCH_MOUNTNS"
 OURS_ADDRESS = "127.0.0.2"
 MIB = 1 << 20
 GIB = 1 << 30
@@ -184,18 +188,29 @@ def in_namespace() -> bool:
     return os.environ.get(NETNS_ENV) == "1"
 
 
+def private_mounts() -> bool:
+    """Whether the run has a mount namespace of its own (a private /run for Ganesha)."""
+    return os.environ.get(MOUNTNS_ENV) == "1"
+
+
 def reexec_in_namespace(argv: Sequence[str]) -> None:
-    """Replace this process with itself inside a private network and mount namespace."""
+    """Replace this process with itself inside a private network namespace, and a private
+    mount namespace where the root can be made private (not in a chroot, where "/" is no
+    mount point: there the run gets the network namespace alone, and no Ganesha)."""
     if shutil.which("unshare") is None:
         raise SystemExit("instantnfs bench: 'unshare' (util-linux) is needed to run in a private network namespace")
-    env = dict(os.environ, **{NETNS_ENV: "1"})
-    os.execvpe("unshare", ["unshare", "--net", "--mount", "--propagation", "private", sys.executable, "-m", "engine.bench", *argv], env)
+    mounts = subprocess.run(["unshare", "--mount", "--propagation", "private", "true"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode == 0
+    env = dict(os.environ, **{NETNS_ENV: "1", MOUNTNS_ENV: "1" if mounts else "0"})
+    cmd = ["unshare", "--net", *(["--mount", "--propagation", "private"] if mounts else [])]
+    os.execvpe("unshare", [*cmd, sys.executable, "-m", "engine.bench", *argv], env)
 
 
 def setup_namespace() -> None:
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
-    # hide any host rpcbind's unix socket: Ganesha must register with our portmapper
-    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", "/run"], check=True)
+    if private_mounts():
+        # hide any host rpcbind's unix socket: Ganesha must register with our portmapper
+        subprocess.run(["mount", "-t", "tmpfs", "tmpfs", "/run"], check=True)
 
 
 # -- the run -------------------------------------------------------------------------------
@@ -273,8 +288,9 @@ def setup_peers(settings: Settings, image: Path, size: int, log: Callable[[str],
             missing[name] = f"not installed: {st['install']}"
             log(f"peer {name}: not installed ({st['install']})")
             continue
-        if not in_namespace() and name == "ganesha":
-            missing[name] = "needs a private network namespace (run instantnfs bench as root)"
+        if name == "ganesha" and not (in_namespace() and private_mounts()):
+            missing[name] = ("needs private network and mount namespaces (run instantnfs bench as root, "
+                             "not in a chroot)")
             continue
         try:
             log(f"peer {name}: setting up")
@@ -309,7 +325,7 @@ def run(settings: Settings, quiet: bool = False) -> dict[str, Any]:
             "seconds": settings.seconds, "scenarios": list(settings.only),
             "blockmap": "pure" if os.environ.get("INSTANTNFS_PURE") == "1" else "cython",
             "event_loop": "uvloop",
-            "namespace": "private" if in_namespace() else "loopback",
+            "namespace": ("private" if private_mounts() else "private network") if in_namespace() else "loopback",
         },
         "peers": {},
         "rows": [],
