@@ -85,5 +85,5 @@ def test_quick_run_writes_a_figure_for_every_scenario_and_the_report(tmp_path: P
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = readme.read_text()
     assert text.startswith("# x\n\nbefore\n<!-- bench:begin -->\n") and text.endswith("<!-- bench:end -->\nafter\n")
-    assert "old" not in text and "instantnfs bench --quick" in text
+    assert "\nold\n" not in text and "instantnfs bench --quick" in text  # replaced ("cold" rows contain "old")
     assert not (tmp_path / "work").exists()  # the scratch space is removed after the run
