@@ -181,3 +181,15 @@ def export_disk(d: OurDaemon, session: str, disk: str, output: Path, timeout: fl
     if job["state"] != "done":
         raise RuntimeError(f"the export of {session}/{disk} ended {job['state']}: {job.get('error')}")
     return dict(job)
+
+
+def cli_backup(repo: Path, vm: str, image: Path, extents: Path | None = None, timeout: float = 3600.0) -> dict[str, Any]:
+    """``instantnfs backup --json`` of ``image`` as VM ``vm`` (only ``extents`` read when
+    given, as from changed block tracking); the command's JSON result."""
+    cmd = [sys.executable, "-m", "engine.control.cli", "backup", "--repo", str(repo), "--vm", vm, "--json", "-q"]
+    if extents is not None:
+        cmd += ["--changed-extents", str(extents)]
+    r = subprocess.run([*cmd, str(image)], capture_output=True, text=True, timeout=timeout)
+    if r.returncode != 0:
+        raise RuntimeError(f"instantnfs backup of {vm} failed: {r.stderr.strip()[-500:]}")
+    return dict(json.loads(r.stdout))

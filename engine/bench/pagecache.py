@@ -3,6 +3,7 @@
 ``posix_fadvise(DONTNEED)`` asks the kernel to forget a file's clean pages; the next read
 goes to the disk (or, for a FUSE file, to the FUSE server). Nothing else is touched: the
 rest of the machine's cache stays as it was, so no root-only ``drop_caches`` is needed.
+The same walk of a repository's files gives its size on disk (``tree_bytes``).
 """
 from __future__ import annotations
 
@@ -41,3 +42,8 @@ def files_under(root: Path) -> list[Path]:
     for d, _dirs, files in os.walk(root):
         out.extend(Path(d, f) for f in files)
     return out
+
+
+def tree_bytes(root: Path) -> int:
+    """Apparent size of every file under root: what a copy of that repository costs."""
+    return sum(os.lstat(p).st_size for p in files_under(root))

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from engine.bench.core import Measure, Target
-from engine.bench.pagecache import drop_file_pages, files_under
+from engine.bench.pagecache import drop_file_pages
 from engine.errors import InstantNFSError
 
 MIB = 1 << 20
@@ -152,11 +152,6 @@ def unmount(path: Path) -> None:
         subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, timeout=60)
     if is_mounted(path):
         raise PeerFailed(f"{path} is still mounted; unmount it with: fusermount3 -u {path}")
-
-
-def tree_bytes(root: Path) -> int:
-    """Apparent size of every file under root: what a copy of that repository costs."""
-    return sum(os.lstat(p).st_size for p in files_under(root))
 
 
 def copy_sparse(src: Path, dst: Path) -> None:

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from engine.bench.core import FileTarget, Measure, Target, Timer
-from engine.bench.pagecache import files_under
+from engine.bench.pagecache import files_under, tree_bytes
 from engine.bench.peers.base import (
     READY_TIMEOUT,
     Peer,
@@ -43,7 +43,6 @@ from engine.bench.peers.base import (
     Workspace,
     is_mounted,
     run_checked,
-    tree_bytes,
     unmount,
     wait_file,
 )

@@ -13,7 +13,6 @@
 """
 from __future__ import annotations
 
-import json
 import random
 import shutil
 import subprocess
@@ -24,6 +23,8 @@ from functools import partial
 from pathlib import Path
 
 from engine.bench.core import OURS, Goal, Measure, Row, Samples, Systems
+from engine.bench.ours import cli_backup
+from engine.bench.pagecache import tree_bytes
 
 NAME = "ingest"
 GROUP = "backup ingest"
@@ -36,26 +37,12 @@ def rows(ctx) -> int:  # noqa: ANN001
     return 3
 
 
-def tree_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
-def _cli_backup(repo: Path, image: Path, extents: Path | None = None) -> dict:
-    cmd = [sys.executable, "-m", "engine.control.cli", "backup", "--repo", str(repo), "--vm", "ingest", "--json", "-q"]
-    if extents is not None:
-        cmd += ["--changed-extents", str(extents)]
-    r = subprocess.run([*cmd, str(image)], capture_output=True, text=True, timeout=3600)
-    if r.returncode != 0:
-        raise RuntimeError(f"instantnfs backup failed: {r.stderr.strip()[-500:]}")
-    return dict(json.loads(r.stdout))
-
-
 def ours_full(ctx, repo: Path) -> Measure:  # noqa: ANN001
     if repo.exists():
         shutil.rmtree(repo)
     subprocess.run([sys.executable, "-m", "engine.control.cli", "repo", "init", str(repo)], check=True, capture_output=True)
     t0 = time.perf_counter()
-    _cli_backup(repo, ctx.image)
+    cli_backup(repo, "ingest", ctx.image)
     seconds = time.perf_counter() - t0
     return Measure(ctx.size / seconds / 1e6, {"seconds": round(seconds, 3), "repo_bytes": tree_bytes(repo)})
 
@@ -78,7 +65,7 @@ def make_increment(ctx) -> tuple[Path, Path, int]:  # noqa: ANN001
 
 def ours_increment(ctx, repo: Path, inc: Path, extents: Path, changed: int) -> Measure:  # noqa: ANN001
     t0 = time.perf_counter()
-    out = _cli_backup(repo, inc, extents)
+    out = cli_backup(repo, "ingest", inc, extents)
     seconds = time.perf_counter() - t0
     return Measure(seconds, {"changed_bytes": changed, "stored_bytes": out.get("stored_bytes")})
 

@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import os
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from functools import partial
 
 from engine.bench.core import OURS, Goal, Measure, Row, Systems
+from engine.bench.ours import cli_backup
 from engine.nfs.client import NFSClient
 
 NAME = "publish"
@@ -47,13 +46,7 @@ def sparse_point(ctx, size: int) -> str:  # noqa: ANN001
             f.seek(at)
             f.write(os.urandom(MIB))
     try:
-        r = subprocess.run([sys.executable, "-m", "engine.control.cli", "backup", "--repo", str(ctx.repo), "--vm",
-                            f"sparse-{size >> 30}g", "--json", "-q", str(path)], capture_output=True, text=True, timeout=1800)
-        if r.returncode != 0:
-            raise RuntimeError(f"backup of the {size >> 30} GiB sparse disk failed: {r.stderr.strip()[-500:]}")
-        import json
-
-        return str(json.loads(r.stdout)["id"])
+        return str(cli_backup(ctx.repo, f"sparse-{size >> 30}g", path, timeout=1800)["id"])
     finally:
         path.unlink(missing_ok=True)
 
