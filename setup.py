@@ -1,4 +1,4 @@
-"""Build the instantnfs package and its Cython extension (engine._blockmap).
+"""Build the instantnfs package and its Cython extensions (engine._blockmap, engine.nfs._wire).
 
 Metadata lives in pyproject.toml; this file declares the extension and the
 dependency lower bounds.
@@ -25,7 +25,8 @@ extensions = [
         include_dirs=[numpy.get_include()],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
         extra_compile_args=["-O3"],
-    )
+    ),
+    Extension("engine.nfs._wire", ["engine/nfs/_wire.pyx"], extra_compile_args=["-O3"]),
 ]
 
 setup(
@@ -59,5 +60,5 @@ setup(
         "bench": ["matplotlib>=3.8"],
         "lint": ["ruff>=0.5", "mypy>=1.10", "import-linter>=2.1"],
     },
-    package_data={"engine": ["*.pyx", "*.pxd", "*.pyi", "py.typed"]},
+    package_data={"engine": ["*.pyx", "*.pxd", "*.pyi", "py.typed"], "engine.nfs": ["*.pyx", "*.pyi"]},
 )

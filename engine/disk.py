@@ -114,6 +114,24 @@ class BackupDisk:
                 out.append(memoryview(chunk)[skip : skip + take])
         return out
 
+    def peekv(self, offset: int, length: int) -> list[memoryview] | None:
+        """``aread``'s buffers when it would not wait: a range inside one block that is
+        cached or a hole (counted for readahead as ``aread`` counts it); None otherwise."""
+        key = self.map.locate(offset, length)
+        if key >= 0:
+            data = self._cache.peek(key)
+            if data is None:
+                return None
+            block = offset >> self._shift
+            if block != self._ra.next_block - 1:
+                self._ra.after(block, block)
+            skip = offset & self._mask
+            return [memoryview(data)[skip : skip + length]]
+        if key == -1:
+            self._ra.next_block = (offset >> self._shift) + 1
+            return self._zeros(length)
+        return None
+
     async def aread(self, offset: int, length: int) -> list[memoryview]:
         """``readv`` for the event loop: cached chunks at once, misses in the thread pool."""
         key = self.map.locate(offset, length)

@@ -370,6 +370,15 @@ class WriteCache:
             for lk in reversed(locks):
                 lk.release()
 
+    def peekv(self, offset: int, length: int) -> list[memoryview] | None:
+        """``aread``'s buffers when it would not wait: a clean range the base has at hand
+        (``base.peekv``); None when the range touches a dirty granule or the base must load."""
+        self._check_open()
+        if self.is_dirty(offset, length):
+            return None
+        peek = getattr(self.base, "peekv", None)
+        return peek(offset, length) if peek is not None else None
+
     async def aread(self, offset: int, length: int) -> list[memoryview]:
         """``readv`` for the event loop: clean ranges straight from the base, else in the executor."""
         self._check_open()

@@ -23,10 +23,10 @@ def callpath(*args: str) -> dict[str, Any]:
 def test_read_goes_from_the_nfs_program_to_the_pack_file() -> None:
     read = callpath("--op", "read")["ops"]["read"]
     mods = read["modules"]
-    assert "engine.nfs.nfs3" in mods, mods
+    assert "engine.nfs.fastlane" in mods, mods  # a READ takes the fast lane, not engine.nfs.nfs3
     repo = [m for m in mods if m.startswith("engine.repo.")]
     assert repo, f"the READ never reached a repo module: {mods}"
-    assert mods.index("engine.nfs.nfs3") < mods.index(repo[0])
+    assert mods.index("engine.nfs.fastlane") < mods.index(repo[0])
     assert read["chunk_cache_misses"] >= 1  # a block never read before: a cache miss
     assert read["crossings"] > 0
     assert read["crossings"] == sum(read["edges"].values())

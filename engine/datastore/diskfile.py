@@ -81,6 +81,17 @@ class DiskFiles:
         if now - s.mtimes[i] >= MTIME_STEP:
             s.mtimes[i] = now - now % MTIME_STEP
 
+    def read_now(self, node: Node, offset: int, count: int) -> tuple[list[Any], int, bool] | None:
+        """``read``'s result when it needs no wait (every byte cached, a hole, or clean and
+        cached under the writes); None: await ``read``."""
+        s = node.session
+        assert s is not None
+        disk = s.caches[node.ino // 2]
+        bufs = disk.peekv(offset, count)
+        if bufs is None:
+            return None
+        return self._read_done(s, disk.size, offset, bufs)
+
     async def read(self, node: Node, offset: int, count: int) -> tuple[list[Any], int, bool]:
         """(buffers, total length, eof)."""
         s = node.session
@@ -91,34 +102,52 @@ class DiskFiles:
             bufs = await disk.aread(offset, count)
         finally:
             self._op_ended(s)
-        n = sum(len(b) for b in bufs)
+        return self._read_done(s, disk.size, offset, bufs)
+
+    @staticmethod
+    def _read_done(s: Session, size: int, offset: int, bufs: list[Any]) -> tuple[list[Any], int, bool]:
+        n = 0
+        for b in bufs:
+            n += len(b)
         s.read_ops += 1
         s.read_bytes += n
-        return bufs, n, offset + n >= disk.size
+        return bufs, n, offset + n >= size
 
     async def write(self, node: Node, offset: int, data: Any, stable: int) -> tuple[int, int]:
         """Write; ``stable`` is the stable_how value asked (0 UNSTABLE, 1 DATA_SYNC,
         2 FILE_SYNC). Returns (bytes written, the stable_how the data reached)."""
+        r = self.write_now(node, offset, data, stable)
+        if r is not None:
+            return r
+        s = node.session
+        assert s is not None
+        s.inflight += 1
+        try:
+            await s.caches[node.ino // 2].awrite(offset, data, stable != 0)
+        finally:
+            self._op_ended(s)
+        return self._wrote(s, node.ino // 2, len(data), stable)
+
+    def write_now(self, node: Node, offset: int, data: Any, stable: int) -> tuple[int, int] | None:
+        """``write`` when it runs here, on the loop: a small UNSTABLE write that reads
+        nothing from the backup is one pwrite into the page cache, cheaper than a thread
+        hand-off (and no export is running, so it never waits for paused writes). None:
+        await ``write``."""
         s = node.session
         assert s is not None
         i = node.ino // 2
         cache = s.caches[i]
         if stable == 0 and len(data) <= INLINE_WRITE and not s.jobs and cache.needs_no_copy(offset, len(data)):
-            # a small UNSTABLE write that reads nothing from the backup is one pwrite
-            # into the page cache: cheaper here than a thread hand-off (no export is
-            # running, so it can never wait for paused writes)
             cache.write(offset, data)
-        else:
-            s.inflight += 1
-            try:
-                await cache.awrite(offset, data, stable != 0)
-            finally:
-                self._op_ended(s)
+            return self._wrote(s, i, len(data), stable)
+        return None
+
+    def _wrote(self, s: Session, i: int, n: int, stable: int) -> tuple[int, int]:
         self._touch(s, i)
         s.write_ops += 1
-        s.write_bytes += len(data)
+        s.write_bytes += n
         # a stable write commits data, then the bitmap (the cache's metadata): FILE_SYNC
-        return len(data), 0 if stable == 0 else 2
+        return n, 0 if stable == 0 else 2
 
     async def commit(self, node: Node) -> None:
         s = node.session

@@ -139,7 +139,7 @@ def _memo(table: dict[int, tuple[Attr, Any]], a: Attr, build: Callable[..., Any]
     return v
 
 
-def _wcc_attr(a: Attr) -> Any:
+def wcc_attr_of(a: Attr) -> Any:
     return wcc_attr(a.size, nfstime(a.mtime_ns), nfstime(a.ctime_ns))
 
 
@@ -186,7 +186,7 @@ class NFS3:
             a = self.ds.getattr(node)
         except OSError:
             return None
-        return _memo(self._wcc, a, _wcc_attr)
+        return _memo(self._wcc, a, wcc_attr_of)
 
     def wcc(self, before: Any, node: Node | None) -> Any:
         return wcc_data(before, self.post_op(node))
@@ -220,6 +220,10 @@ class NFS3:
 
     def nfs3_access(self, args: Any, ctx: CallContext) -> Any:
         node = self.node(args.object)
+        return ACCESS3resok(self.post_op(node), args.access & self.granted(node))
+
+    def granted(self, node: Node) -> int:
+        """The ACCESS3 bits an allowed client has on ``node``."""
         readable, writable, lookup = self.ds.access(node)
         is_dir = node.kind != VDISK and stat.S_ISDIR(self.ds.getattr(node).mode)
         granted = 0
@@ -229,7 +233,7 @@ class NFS3:
             granted |= ACCESS3_LOOKUP if is_dir else ACCESS3_EXECUTE
         if writable:  # a disk file's size is fixed: modify, never extend
             granted |= ACCESS3_MODIFY | (ACCESS3_EXTEND if node.kind != VDISK else 0) | (ACCESS3_DELETE if is_dir else 0)
-        return ACCESS3resok(self.post_op(node), args.access & granted)
+        return granted
 
     def nfs3_readlink(self, args: Any, ctx: CallContext) -> Any:
         node = self.node(args.symlink)
@@ -461,4 +465,4 @@ def procedures(nfs: NFS3) -> dict[int, Proc]:
     return {int(k): v for k, v in t.items()}
 
 
-__all__ = ["NFS3", "procedures"]
+__all__ = ["NFS3", "procedures", "wcc_attr_of"]

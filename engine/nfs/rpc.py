@@ -57,6 +57,9 @@ _ACCEPT_HEAD = struct.Struct(">IIIIII")  # xid, REPLY, MSG_ACCEPTED, verf flavor
 _CALL_HEAD = struct.Struct(">8I")  # xid, CALL, rpcvers, prog, vers, proc, cred flavor, cred length
 
 
+NOT_MINE = object()  # a fast lane's answer: "not a call I answer; take the generic path"
+
+
 class ProcError(Exception):
     """A procedure failed with a protocol status (an nfsstat3 / mountstat3 value)."""
 
@@ -233,8 +236,11 @@ class RpcServer:
         self.drc = DuplicateRequestCache()
         self.allow = allow or AllowList(["0.0.0.0/0", "::/0"])
         self.calls = 0
-        self._creds: dict[tuple[int, bytes], Cred] = {}
+        self.creds: dict[tuple[int, bytes], Cred] = {}  # credentials parsed and accepted
         self.io_calls = 0  # calls of MAKES_IO procedures (READ, WRITE)
+        # (record, client, local) -> a reply, an awaitable of one, or NOT_MINE: the calls
+        # a program answers without the generic path (engine.nfs.fastlane)
+        self.fast: Callable[[Any, tuple[str, int], str], Any] | None = None
 
     @staticmethod
     def _parse_head(record: Any) -> tuple | None:
@@ -267,7 +273,14 @@ class RpcServer:
         return r
 
     def handle_start(self, record: memoryview | bytes, client: tuple[str, int], local: str = "") -> Any:
-        """Decode and dispatch; returns the reply, or an awaitable for it."""
+        """Decode and dispatch; returns the reply, or an awaitable for it. ``record`` may
+        be a view of the transport's buffer, valid only during this call."""
+        if self.fast is not None:
+            r = self.fast(record, client, local)
+            if r is not NOT_MINE:
+                return r
+        if isinstance(record, memoryview):
+            record = bytes(record)  # the generic path's decoders keep views of it
         fast = self._parse_head(record)
         if fast is not None:
             xid, prog, vers, procnum, cflavor, cbody, u = fast
@@ -293,15 +306,15 @@ class RpcServer:
                 return [reply_auth_error(xid, auth_stat.AUTH_BADCRED)] if u.pos > 16 else None
         self.calls += 1
         ckey = (cflavor, cbody)
-        cred = self._creds.get(ckey)
+        cred = self.creds.get(ckey)
         if cred is None:
             try:
                 cred = parse_cred(cflavor, cbody)
             except RpcDenied as e:
                 return [reply_auth_error(xid, e.why)]
-            if len(self._creds) > 1024:
-                self._creds.clear()
-            self._creds[ckey] = cred
+            if len(self.creds) > 1024:
+                self.creds.clear()
+            self.creds[ckey] = cred
         program = self.programs.get(prog)
         if program is None:
             return [accepted_head(xid, accept_stat.PROG_UNAVAIL)]
@@ -335,13 +348,13 @@ class RpcServer:
             self.io_calls += 1
         if refused and program.refuse_client is not None:  # a program that answers them with a status (MOUNT)
             log.warning("%s %s from %s refused: not an allowed client", program.name, proc.name, host)
-            return self._finish_error(program, proc, args, ctx, key, ProcError(program.refuse_client))
+            return self.finish_error(program, proc, args, ctx, ProcError(program.refuse_client), key)
         if proc.flags & MAKES_WRITE and program.refuse_write is not None:
-            return self._finish_error(program, proc, args, ctx, key, ProcError(program.refuse_write))
+            return self.finish_error(program, proc, args, ctx, ProcError(program.refuse_write), key)
         try:
             res = proc.handler(args, ctx)
         except BaseException as e:  # noqa: BLE001 - mapped below, bugs logged
-            return self._finish_error(program, proc, args, ctx, key, e)
+            return self.finish_error(program, proc, args, ctx, e, key)
         if inspect.isawaitable(res):
             return self._finish_async(program, proc, args, ctx, key, res)
         return self._finish_ok(proc, ctx, key, res)
@@ -356,7 +369,7 @@ class RpcServer:
                 self.drc.drop(key)
             raise
         except BaseException as e:  # noqa: BLE001
-            return self._finish_error(program, proc, args, ctx, key, e)
+            return self.finish_error(program, proc, args, ctx, e, key)
         return self._finish_ok(proc, ctx, key, res)
 
     def _finish_ok(self, proc: Proc, ctx: CallContext, key: tuple | None, res: Any) -> list[Any]:
@@ -367,7 +380,7 @@ class RpcServer:
         proc.encode_ok(p, res)
         return self._done(p, key)
 
-    def _finish_error(self, program: Program, proc: Proc, args: Any, ctx: CallContext, key: tuple | None, e: BaseException) -> list[Any]:
+    def finish_error(self, program: Program, proc: Proc, args: Any, ctx: CallContext, e: BaseException, key: tuple | None = None) -> list[Any]:
         status = e.status if isinstance(e, ProcError) else program.map_error(e)
         if status is None or proc.encode_fail is None:
             log.error("%s %s failed (xid %#x): a bug, answered SYSTEM_ERR", program.name, proc.name, ctx.xid, exc_info=e)

@@ -26,6 +26,7 @@ from typing import Any
 from engine.datastore import Datastore
 from engine.errors import PortInUse
 from engine.nfs import portmap
+from engine.nfs.fastlane import FastLane
 from engine.nfs.mount import Mount3
 from engine.nfs.mount_types import MOUNT_PROGRAM
 from engine.nfs.nfs3 import NFS3
@@ -64,7 +65,9 @@ class NFSServices:
         self.mount3 = Mount3(ds, server_cfg["export"], server_cfg["allowed_clients"])
         self.pmap = portmap.PortMapper()
         self.nfs_rpc = RpcServer(allow)
-        self.nfs_rpc.add(self.nfs3.program())
+        program = self.nfs3.program()
+        self.nfs_rpc.add(program)
+        self.nfs_rpc.fast = FastLane(self.nfs3, self.nfs_rpc, program)
         self.mount_rpc = RpcServer(allow)
         self.mount_rpc.add(self.mount3.program())
         self.pmap_rpc = RpcServer()

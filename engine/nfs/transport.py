@@ -44,6 +44,7 @@ log = logging.getLogger("instantnfs.rpc")
 DEFAULT_MAX_RECORD = (1 << 20) + 64 * 1024
 DEFAULT_MAX_QUEUED = 32 << 20  # reply bytes queued per connection before reading pauses
 DEFAULT_MAX_FRAGMENTS = 256  # fragments of one record (clients send one)
+DEFAULT_TURN_BYTES = 1 << 20  # reply bytes one connection produces before the loop serves the others
 _LAST = 0x80000000
 _U32 = struct.Struct(">I")
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
@@ -90,8 +91,9 @@ class RpcStreamProtocol(asyncio.BufferedProtocol):
     def __init__(self, server: RpcServer, max_record: int = DEFAULT_MAX_RECORD, max_inflight: int = 64,
                  bufsize: int = 16 << 10, max_queued: int = DEFAULT_MAX_QUEUED, max_fragments: int = DEFAULT_MAX_FRAGMENTS,
                  idle_timeout: float | None = None, limits: ConnectionLimits | None = None,
-                 check_allowed: bool = False) -> None:
+                 check_allowed: bool = False, turn_bytes: int = DEFAULT_TURN_BYTES) -> None:
         self.server = server
+        self.turn_bytes = turn_bytes
         self.max_record = max_record
         self.max_inflight = max_inflight
         self.max_queued = max_queued
@@ -229,6 +231,14 @@ class RpcStreamProtocol(asyncio.BufferedProtocol):
                 # the connection is paused (a client that does not read its replies).
                 self._update_reading()
                 break
+            if self._out_bytes >= self.turn_bytes:
+                # this connection's turn is over: the loop sends these replies and serves
+                # the other connections before it parses on, so a GETATTR on another
+                # connection never waits behind more than one turn of bulk data
+                if not self._resume_scheduled:
+                    self._resume_scheduled = True
+                    asyncio.get_running_loop().call_soon(self._resume_parse)
+                break
             mv = self._mv
             avail = self._end - self._start
             if avail < 4:
@@ -246,7 +256,8 @@ class RpcStreamProtocol(asyncio.BufferedProtocol):
             a = self._start + 4
             self._start = a + flen
             if hdr & _LAST and not self._frags:
-                record: bytes = bytes(mv[a : a + flen])
+                # a view, not a copy: the dispatcher copies what it keeps past the call
+                record: bytes | memoryview = mv[a : a + flen]
             else:
                 if len(self._frags) >= self.max_fragments:
                     log.warning("RPC connection from %s: record in more than %d fragments, closing it", self.peer[0], self.max_fragments)
@@ -264,7 +275,7 @@ class RpcStreamProtocol(asyncio.BufferedProtocol):
         elif self._start > len(self._buf) // 2:
             self._compact()
 
-    def _dispatch(self, record: bytes) -> None:
+    def _dispatch(self, record: bytes | memoryview) -> None:
         try:
             r = self.server.handle_start(record, self.peer, self.local)
         except Exception:  # noqa: BLE001
