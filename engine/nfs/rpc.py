@@ -19,6 +19,48 @@ retransmission (same client address, xid, program, version, procedure and argume
 bytes) gets the original reply, or nothing while the original is running; ``MAKES_IO``:
 counted in ``io_calls``. Programs only declare; none checks a flag itself.
 
+A program may add a fast lane (``RpcServer.fast``, see ``engine.nfs.fastlane``): it sees
+each record first and answers the calls it is sure of exactly as this dispatcher would,
+or hands the record back (``NOT_MINE``) before it has had any effect.
+
+What runs where (threads, processes, cores)
+-------------------------------------------
+
+One process, one event loop thread (uvloop), and pools:
+
+- the loop thread: accept, record marking, the fast lane and this dispatcher, every
+  reply's encoding and its ``writev``; attribute and namespace work; reads of cached or
+  zero data (views of the decompression cache go to the socket uncopied); UNSTABLE
+  writes of up to 64 KiB that need no copy on write (one ``pwrite`` into the page cache,
+  cheaper than a thread hand-off). It never waits for a disk read, an fsync, a
+  fallocate or a directory walk: those run in the pools below.
+- ``chunk`` pool (``engine.stack``): pack reads, CRC32C and LZ4 decompression with the
+  GIL released, readahead hints. One decompression cache for the whole daemon, shared
+  by every session of every point (sandboxes of one backup share their chunks).
+- ``wc-io`` (write-cache writes with copy on write, dirty reads, client files),
+  ``wc-sync`` (COMMIT and FILE_SYNC fsyncs) and ``ds-admin`` (publish, unpublish) in
+  ``engine.datastore.sessions``: no task ever waits for work queued behind it in its
+  own pool.
+
+Metadata never waits behind bulk data: a connection's turn on the loop ends once it has
+produced 1 MiB of replies (``engine.nfs.transport``), so a GETATTR on another
+connection waits for at most one turn, and reply bytes queued per connection are capped.
+
+Why not a second loop or worker processes on two cores: the work on the loop thread
+is Python (it holds the GIL), so a second loop thread in this process would take turns
+with the first rather than run beside it, and the C work that can run beside it
+(decompression, CRC, the kernel's share of send and receive) already does, in the
+pools. The hypervisor on the same host (as in the benchmark) takes the second core;
+with both cores busy, a second process only adds context switches.
+
+How it scales on a 16- or 64-core server: worker processes, each with its own loop and
+fast lane, listening on the NFS port with ``SO_REUSEPORT`` so the kernel spreads
+connections (each ESXi host mounts over its own connections), and a session's write
+cache owned by one worker (calls for a session another worker owns are forwarded over a
+local socket, or its hosts are steered with a per-session export port). The
+decompression cache moves into shared memory (a memfd arena of block-sized slots, an
+index of chunk key to slot with a generation per slot, checked before a slot is reused),
+so that it stays one cache for every session of a point, whichever worker serves it.
 """
 from __future__ import annotations
 

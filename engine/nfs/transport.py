@@ -11,7 +11,10 @@ client address and in total, shared by every listener of the daemon); one silent
 ``idle_timeout`` seconds with nothing in flight is closed. Each request's coroutine is
 stepped at once (one that completes without waiting, e.g. a READ of cached data, costs
 no Task); one that waits resumes from its futures' callbacks, so replies go out in
-completion order and a slow READ never holds up a GETATTR behind it. Replies produced
+completion order and a slow READ never holds up a GETATTR behind it. A connection's turn on the loop ends after ``turn_records`` records or once its replies
+reach ``turn_bytes``: the rest of its buffer is parsed in a later turn, after the loop has
+served the other connections, so a small call on one connection (a GETATTR heartbeat)
+never waits behind another's whole backlog. Replies produced
 in one loop iteration go out in one writev, written with ``writelines`` as the list of
 buffers the encoder produced (READ data is not copied on the way). Back-pressure: the
 connection pauses when ``max_inflight`` requests are running, when the transport holds
@@ -45,6 +48,7 @@ DEFAULT_MAX_RECORD = (1 << 20) + 64 * 1024
 DEFAULT_MAX_QUEUED = 32 << 20  # reply bytes queued per connection before reading pauses
 DEFAULT_MAX_FRAGMENTS = 256  # fragments of one record (clients send one)
 DEFAULT_TURN_BYTES = 1 << 20  # reply bytes one connection produces before the loop serves the others
+DEFAULT_TURN_RECORDS = 16  # records one connection dispatches before the loop serves the others
 _LAST = 0x80000000
 _U32 = struct.Struct(">I")
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
@@ -91,9 +95,12 @@ class RpcStreamProtocol(asyncio.BufferedProtocol):
     def __init__(self, server: RpcServer, max_record: int = DEFAULT_MAX_RECORD, max_inflight: int = 64,
                  bufsize: int = 16 << 10, max_queued: int = DEFAULT_MAX_QUEUED, max_fragments: int = DEFAULT_MAX_FRAGMENTS,
                  idle_timeout: float | None = None, limits: ConnectionLimits | None = None,
-                 check_allowed: bool = False, turn_bytes: int = DEFAULT_TURN_BYTES) -> None:
+                 check_allowed: bool = False, turn_bytes: int = DEFAULT_TURN_BYTES,
+                 turn_records: int = DEFAULT_TURN_RECORDS) -> None:
         self.server = server
         self.turn_bytes = turn_bytes
+        self.turn_records = turn_records
+        self._turn = 0  # records dispatched in this turn
         self.max_record = max_record
         self.max_inflight = max_inflight
         self.max_queued = max_queued
@@ -208,6 +215,8 @@ class RpcStreamProtocol(asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         self._end += nbytes
+        if not self._resume_scheduled:
+            self._turn = 0  # a new turn, unless this connection's next one is already queued
         if self.idle_timeout:
             self._last = asyncio.get_running_loop().time()
         try:
@@ -231,7 +240,7 @@ class RpcStreamProtocol(asyncio.BufferedProtocol):
                 # the connection is paused (a client that does not read its replies).
                 self._update_reading()
                 break
-            if self._out_bytes >= self.turn_bytes:
+            if self._out_bytes >= self.turn_bytes or self._turn >= self.turn_records:
                 # this connection's turn is over: the loop sends these replies and serves
                 # the other connections before it parses on, so a GETATTR on another
                 # connection never waits behind more than one turn of bulk data
@@ -269,6 +278,7 @@ class RpcStreamProtocol(asyncio.BufferedProtocol):
                     continue
                 record = b"".join(self._frags)
                 self._frags, self._fraglen = [], 0
+            self._turn += 1
             self._dispatch(record)
         if self._start == self._end:
             self._start = self._end = 0
@@ -375,6 +385,7 @@ class RpcStreamProtocol(asyncio.BufferedProtocol):
 
     def _resume_parse(self) -> None:
         self._resume_scheduled = False
+        self._turn = 0
         if not self.closed and not self._blocked():
             try:
                 self._parse()

@@ -239,3 +239,32 @@ def test_arbitrary_arguments_are_garbage_or_a_status(dispatcher: Any, target: tu
     u.opaque(400)
     stat = u.u32()
     assert stat in (0, 4), f"accept_stat {stat}: SYSTEM_ERR means a handler bug"
+
+
+def test_a_connection_yields_the_loop_after_its_turn() -> None:
+    """40 records arriving at once: one turn dispatches ``turn_records`` of them, and the
+    rest wait for later turns, after the loop has served the others (no record is lost,
+    none is reordered)."""
+    records = [struct.pack(">I", i) * 3 for i in range(40)]
+    stream = b"".join(struct.pack(">I", 0x80000000 | len(r)) + r for r in records)
+
+    async def main() -> list[int]:
+        rec = _Recorder()
+        proto = RpcStreamProtocol(rec, bufsize=1 << 16, turn_records=16)  # type: ignore[arg-type]
+        proto.connection_made(_Transport())  # type: ignore[arg-type]
+        seen = []
+        buf = proto.get_buffer(-1)
+        buf[: len(stream)] = stream
+        proto.buffer_updated(len(stream))
+        seen.append(len(rec.records))
+        while len(rec.records) < len(records) and len(seen) < 10:
+            await asyncio.sleep(0)
+            seen.append(len(rec.records))
+        assert rec.records == records
+        return seen
+
+    loop = asyncio.new_event_loop()
+    try:
+        assert loop.run_until_complete(main()) == [16, 32, 40]
+    finally:
+        loop.close()
