@@ -115,6 +115,7 @@ class RpcStreamProtocol(asyncio.BufferedProtocol):
         self._frags: list[bytes] = []
         self._fraglen = 0
         self.transport: asyncio.Transport | None = None
+        self._loop: Any = None  # the running loop, kept at connection_made
         self.peer: tuple[str, int] = ("?", 0)
         self.local = ""
         self.inflight = 0
@@ -133,6 +134,11 @@ class RpcStreamProtocol(asyncio.BufferedProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        # kept: asyncio.get_running_loop() costs a getpid() system call at every use
+        try:
+            self._loop = asyncio.get_running_loop()
+        except RuntimeError:  # driven by hand, outside a loop (tests of the framing)
+            self._loop = None
         peer = transport.get_extra_info("peername")
         sock_obj = transport.get_extra_info("socket")
         if sock_obj is not None and sock_obj.family == socket.AF_UNIX:
@@ -158,7 +164,7 @@ class RpcStreamProtocol(asyncio.BufferedProtocol):
             self._admitted = True
         transport.set_write_buffer_limits(high=self.max_queued, low=self.max_queued // 4)  # type: ignore[attr-defined]
         if self.idle_timeout:
-            loop = asyncio.get_running_loop()
+            loop = self._loop
             self._last = loop.time()
             self._idle = loop.call_later(self.idle_timeout, self._idle_check)
 
@@ -181,7 +187,7 @@ class RpcStreamProtocol(asyncio.BufferedProtocol):
         self._idle = None
         if self.closed or not self.idle_timeout:
             return
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         quiet = loop.time() - self._last
         if self.inflight == 0 and quiet >= self.idle_timeout:
             log.debug("RPC connection from %s idle for %.0f s: closing it", self.peer[0], quiet)
@@ -218,7 +224,7 @@ class RpcStreamProtocol(asyncio.BufferedProtocol):
         if not self._resume_scheduled:
             self._turn = 0  # a new turn, unless this connection's next one is already queued
         if self.idle_timeout:
-            self._last = asyncio.get_running_loop().time()
+            self._last = self._loop.time()
         try:
             self._parse()
         except Exception:  # noqa: BLE001 - nothing raises out of buffer_updated
@@ -246,7 +252,7 @@ class RpcStreamProtocol(asyncio.BufferedProtocol):
                 # connection never waits behind more than one turn of bulk data
                 if not self._resume_scheduled:
                     self._resume_scheduled = True
-                    asyncio.get_running_loop().call_soon(self._resume_parse)
+                    self._loop.call_soon(self._resume_parse)
                 break
             mv = self._mv
             avail = self._end - self._start
@@ -328,7 +334,7 @@ class RpcStreamProtocol(asyncio.BufferedProtocol):
                 self._paused_inflight = True
                 self._update_reading()
         if fut is None:  # a bare yield (asyncio.sleep(0))
-            asyncio.get_running_loop().call_soon(self._step, coro, None)
+            self._loop.call_soon(self._step, coro, None)
         else:
             fut._asyncio_future_blocking = False
             fut.add_done_callback(lambda f: self._step(coro, f))
@@ -352,10 +358,10 @@ class RpcStreamProtocol(asyncio.BufferedProtocol):
         if self._out_bytes >= self.max_queued and not self._paused_queue:
             self._paused_queue = True  # replies produced at once (cached READs) count too
         if self.idle_timeout:
-            self._last = asyncio.get_running_loop().time()
+            self._last = self._loop.time()
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
+            self._loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         self._flush_scheduled = False
@@ -381,7 +387,7 @@ class RpcStreamProtocol(asyncio.BufferedProtocol):
             if self._end > self._start and not self._resume_scheduled:
                 # records that arrived before the pause: parse them (not from inside _parse)
                 self._resume_scheduled = True
-                asyncio.get_running_loop().call_soon(self._resume_parse)
+                self._loop.call_soon(self._resume_parse)
 
     def _resume_parse(self) -> None:
         self._resume_scheduled = False
@@ -400,7 +406,7 @@ class RpcStreamProtocol(asyncio.BufferedProtocol):
     def resume_writing(self) -> None:
         self._paused_write = False
         if self.idle_timeout:  # a client draining its replies is not idle
-            self._last = asyncio.get_running_loop().time()
+            self._last = self._loop.time()
         self._update_reading()
 
 

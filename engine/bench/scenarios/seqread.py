@@ -9,6 +9,10 @@ Three cache states per queue depth:
   dropped from the page cache with ``posix_fadvise(DONTNEED)``: the disk is read too;
 - **warm**: after one full pass (the chunk cache holds the whole disk).
 
+Then, per queue depth and cold state, instantnfs' cold figure as a fraction of its warm
+one (each cold run over the warm median; goal ≥ 0.8×): how much of the warm speed a
+first read keeps.
+
 Every run reads the whole disk once. Peers: Ganesha serving the raw image over NFS,
 borg and restic mounts (the disk file under the FUSE mount), the local file. The FUSE
 mounts' file pages are dropped before each of their runs in every state: borg keeps
@@ -23,7 +27,7 @@ from collections.abc import Callable, Iterator
 from functools import partial
 
 from engine.bench.clients import qemu_bench
-from engine.bench.core import OURS, Goal, Row, Target
+from engine.bench.core import OURS, Goal, Row, Samples, Target
 
 NAME = "seq-read"
 GROUP = "sequential reads"
@@ -44,7 +48,7 @@ def goal(depth: int, state: str) -> Goal:
 
 
 def rows(ctx) -> int:  # noqa: ANN001 - the runner's Context
-    return len(DEPTHS) * len(STATES)
+    return len(DEPTHS) * len(STATES) + len(DEPTHS) * (len(STATES) - 1)
 
 
 def run(ctx) -> Iterator[Row]:  # noqa: ANN001
@@ -52,6 +56,7 @@ def run(ctx) -> Iterator[Row]:  # noqa: ANN001
     ours = ctx.ours.publish(ctx.point, session)[0]
     count = ctx.size // MIB
     targets: dict[str, Target] = {OURS: ours}
+    measured: dict[tuple[str, int], Row] = {}
     for name in PEERS:
         if name in ctx.peers:
             targets[name] = ctx.peers[name].read_target()
@@ -66,9 +71,28 @@ def run(ctx) -> Iterator[Row]:  # noqa: ANN001
                               goal(depth, state), peers=PEERS)
                 systems = {n: partial(qemu_bench, t, MIB, depth, min(count, FUSE_READ) if n in FUSE else count)
                            for n, t in targets.items()}
-                yield ctx.measure(row, systems, before=_before(ctx, state), warmup=state == "warm")
+                measured[(state, depth)] = ctx.measure(row, systems, before=_before(ctx, state), warmup=state == "warm")
+                yield measured[(state, depth)]
     finally:
         ctx.unpublish(session)
+    for state in STATES[:-1]:
+        for depth in DEPTHS:
+            yield cold_over_warm(ctx, measured[(state, depth)], measured[("warm", depth)], state, depth)
+
+
+def cold_over_warm(ctx, cold: Row, warm: Row, state: str, depth: int) -> Row:  # noqa: ANN001
+    """Our cold runs as fractions of our warm median (no peer: a property of ours)."""
+    row = ctx.row(f"seq-read/1M/qd{depth}/{state}-over-warm", f"sequential 1 MiB reads, QD{depth}, {state} / warm",
+                  GROUP, "× warm", "higher",
+                  {"client": "qemu-img bench", "transfer": MIB, "queue_depth": depth, "connections": 1,
+                   "cache": f"{state} over warm", "derived_from": [cold.id, warm.id]},
+                  Goal("≥ 0.8× warm", absolute=0.8))
+    if cold.error or warm.error or OURS not in cold.results or OURS not in warm.results:
+        row.error = f"needs both {cold.id} and {warm.id}"
+        return row
+    w = warm.results[OURS].median
+    row.results[OURS] = Samples([v / w for v in cold.results[OURS].values])
+    return row
 
 
 def _before(ctx, state: str) -> Callable[[str], None]:  # noqa: ANN001
