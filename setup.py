@@ -27,6 +27,9 @@ extensions = [
         extra_compile_args=["-O3"],
     ),
     Extension("engine.nfs._wire", ["engine/nfs/_wire.pyx"], extra_compile_args=["-O3"]),
+    # the fast lane's glue, compiled from its readable source (engine/nfs/fastlane.py,
+    # which INSTANTNFS_PURE=1 runs as it is)
+    Extension("engine.nfs._fastlane_c", ["engine/nfs/fastlane.py"], extra_compile_args=["-O3"]),
 ]
 
 setup(

@@ -26,7 +26,7 @@ from typing import Any
 from engine.datastore import Datastore
 from engine.errors import PortInUse
 from engine.nfs import portmap
-from engine.nfs.fastlane import FastLane
+from engine.nfs.lane import FastLane
 from engine.nfs.mount import Mount3
 from engine.nfs.mount_types import MOUNT_PROGRAM
 from engine.nfs.nfs3 import NFS3
