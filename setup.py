@@ -27,9 +27,10 @@ extensions = [
         extra_compile_args=["-O3"],
     ),
     Extension("engine.nfs._wire", ["engine/nfs/_wire.pyx"], extra_compile_args=["-O3"]),
-    # the fast lane's glue, compiled from its readable source (engine/nfs/fastlane.py,
-    # which INSTANTNFS_PURE=1 runs as it is)
+    # the fast lane's glue and the transports, compiled from their readable sources
+    # (which INSTANTNFS_PURE=1 runs as they are; see engine/nfs/compiled.py)
     Extension("engine.nfs._fastlane_c", ["engine/nfs/fastlane.py"], extra_compile_args=["-O3"]),
+    Extension("engine.nfs._transport_c", ["engine/nfs/transport.py"], extra_compile_args=["-O3"]),
 ]
 
 setup(

@@ -26,20 +26,14 @@ from typing import Any
 from engine.datastore import Datastore
 from engine.errors import PortInUse
 from engine.nfs import portmap
-from engine.nfs.lane import FastLane
+from engine.nfs.compiled import ConnectionLimits, FastLane, RpcDatagramProtocol, RpcStreamProtocol
 from engine.nfs.mount import Mount3
 from engine.nfs.mount_types import MOUNT_PROGRAM
 from engine.nfs.nfs3 import NFS3
 from engine.nfs.nfs3_types import NFS_PROGRAM
 from engine.nfs.portmap_types import IPPROTO_TCP, IPPROTO_UDP, PMAP_PROG
 from engine.nfs.rpc import AllowList, RpcServer
-from engine.nfs.transport import (
-    DEFAULT_MAX_FRAGMENTS,
-    DEFAULT_MAX_QUEUED,
-    ConnectionLimits,
-    RpcDatagramProtocol,
-    RpcStreamProtocol,
-)
+from engine.nfs.transport import DEFAULT_MAX_FRAGMENTS, DEFAULT_MAX_QUEUED
 
 log = logging.getLogger("instantnfs.server")
 

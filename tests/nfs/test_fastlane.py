@@ -19,10 +19,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from engine.datastore import Datastore
-from engine.nfs import _wire_py, wire
-from engine.nfs import lane as lane_impl
+from engine.nfs import _wire_py, compiled, wire
 from engine.nfs.client import AUTH_NONE, auth_sys, build_call
-from engine.nfs.lane import FastLane
+from engine.nfs.compiled import FastLane
 from engine.nfs.nfs3 import NFS3
 from engine.nfs.nfs3_types import NFSPROC3
 from engine.nfs.rpc import NOT_MINE, AllowList, RpcServer
@@ -275,4 +274,5 @@ def test_the_selected_codec_is_the_one_asked_for() -> None:
     import os
 
     want = "pure-python" if os.environ.get("INSTANTNFS_PURE") == "1" else "cython"
-    assert wire.IMPLEMENTATION == want and lane_impl.IMPLEMENTATION == want
+    assert wire.IMPLEMENTATION == want and compiled.IMPLEMENTATION == want
+    assert (FastLane.__module__ == "engine.nfs.fastlane") == (want == "pure-python")

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from engine.datastore import Datastore
-from engine.nfs import mount_types, nfs3_types, portmap_types, rpc_types, xdr
+from engine.nfs import compiled, mount_types, nfs3_types, portmap_types, rpc_types, transport, xdr
 from engine.nfs.client import build_call
 from engine.nfs.mount import Mount3
 from engine.nfs.nfs3 import NFS3
@@ -21,6 +21,10 @@ from engine.nfs.rpc import RpcServer
 from engine.nfs.transport import RpcStreamProtocol
 from engine.nfs.xdr import UnionValue, Unpacker
 from engine.stack import Stack
+
+# the transport's source and its compiled build (the same class under INSTANTNFS_PURE=1)
+STREAMS = pytest.mark.parametrize("stream_cls", sorted({transport.RpcStreamProtocol, compiled.RpcStreamProtocol},
+                                                        key=lambda c: c.__module__))
 
 # -- a strategy for any XDR type, from its declaration ----------------------------------------
 
@@ -167,12 +171,13 @@ def framed(draw: Any) -> tuple[list[bytes], bytes]:
     return records, bytes(stream)
 
 
+@STREAMS
 @given(framed(), st.lists(st.integers(0, 20000), max_size=12), st.sampled_from([16, 64, 4096]))
 @settings(max_examples=300, deadline=None)
-def test_record_marking_over_arbitrary_tcp_splits(fr: tuple[list[bytes], bytes], cuts: list[int], bufsize: int) -> None:
+def test_record_marking_over_arbitrary_tcp_splits(stream_cls: Any, fr: tuple[list[bytes], bytes], cuts: list[int], bufsize: int) -> None:
     records, stream = fr
     rec = _Recorder()
-    proto = RpcStreamProtocol(rec, bufsize=bufsize)  # type: ignore[arg-type]
+    proto = stream_cls(rec, bufsize=bufsize)  # type: ignore[arg-type]
     tr = _Transport()
     proto.connection_made(tr)  # type: ignore[arg-type]
     feed(proto, stream, cuts)
@@ -180,11 +185,12 @@ def test_record_marking_over_arbitrary_tcp_splits(fr: tuple[list[bytes], bytes],
     assert not tr.aborted
 
 
+@STREAMS
 @given(st.integers(101, 5000), st.lists(st.integers(0, 6000), max_size=5))
 @settings(max_examples=50, deadline=None)
-def test_record_over_the_cap_closes_the_connection(size: int, cuts: list[int]) -> None:
+def test_record_over_the_cap_closes_the_connection(stream_cls: Any, size: int, cuts: list[int]) -> None:
     rec = _Recorder()
-    proto = RpcStreamProtocol(rec, max_record=100, bufsize=64)  # type: ignore[arg-type]
+    proto = stream_cls(rec, max_record=100, bufsize=64)  # type: ignore[arg-type]
     tr = _Transport()
     proto.connection_made(tr)  # type: ignore[arg-type]
     stream = struct.pack(">I", 10) + b"a" * 10 + struct.pack(">I", 0x80000000 | size) + b"b" * size
@@ -241,7 +247,8 @@ def test_arbitrary_arguments_are_garbage_or_a_status(dispatcher: Any, target: tu
     assert stat in (0, 4), f"accept_stat {stat}: SYSTEM_ERR means a handler bug"
 
 
-def test_a_connection_yields_the_loop_after_its_turn() -> None:
+@STREAMS
+def test_a_connection_yields_the_loop_after_its_turn(stream_cls: Any) -> None:
     """40 records arriving at once: one turn dispatches ``turn_records`` of them, and the
     rest wait for later turns, after the loop has served the others (no record is lost,
     none is reordered)."""
@@ -250,7 +257,7 @@ def test_a_connection_yields_the_loop_after_its_turn() -> None:
 
     async def main() -> list[int]:
         rec = _Recorder()
-        proto = RpcStreamProtocol(rec, bufsize=1 << 16, turn_records=16)  # type: ignore[arg-type]
+        proto = stream_cls(rec, bufsize=1 << 16, turn_records=16)  # type: ignore[arg-type]
         proto.connection_made(_Transport())  # type: ignore[arg-type]
         seen = []
         buf = proto.get_buffer(-1)
