@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set everything up and run the whole test suite: the import contracts, the fast tests
-# (with the Cython block map, then with its pure-Python twin), then the slow end-to-end
+# (with the Cython builds, then with their pure-Python twins), then the slow end-to-end
 # group. Extra arguments go to pytest (for every group).
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -14,8 +14,9 @@ echo "== import contracts" >&2
 lint-imports --no-cache || status=$?
 echo "== fast tests" >&2
 python -m pytest -m "not slow" -q "$@" || status=$?
-# the readable twin of the Cython block map must serve the same daemon (INSTANTNFS_PURE=1)
-echo "== fast tests, pure-Python block map" >&2
+# the readable twins of the Cython builds (block map, wire codec, fast lane, transports)
+# must serve the same daemon (INSTANTNFS_PURE=1)
+echo "== fast tests, pure-Python twins" >&2
 INSTANTNFS_PURE=1 python -m pytest -m "not slow" -q "$@" || { s=$?; [ "$status" -ne 0 ] || status=$s; }
 echo "== slow tests (end to end, crash trials)" >&2
 python -m pytest -m slow -q "$@" || { s=$?; [ "$status" -ne 0 ] || status=$s; }
