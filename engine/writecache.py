@@ -225,7 +225,7 @@ class WriteCache:
         self._data_fd = files.data_fd
         self._bitmap_fd = files.bitmap_fd
         self._file = DataFile(files.data_fd, base, self.granule)
-        self._dirty = DirtyMap(files.bits, self.granule, self.size)
+        self._dirty = DirtyMap(files.bits, self.granule, self.size, files.dirty)
         self._locks = [threading.Lock() for _ in range(STRIPES)]
         self._gate = WriteGate()
         self._executor = executor
@@ -493,7 +493,7 @@ class WriteCache:
 
     def stats(self) -> WriteCacheStats:
         ngran = self._dirty.granules
-        dirty = self._dirty.count(0, ngran - 1)
+        dirty = self._dirty.dirty  # kept by DirtyMap.mark: no walk of a whole disk's bitmap
         dirty_bytes = dirty * self.granule
         if dirty and self._dirty.count(ngran - 1, ngran - 1):
             dirty_bytes -= ngran * self.granule - self.size

@@ -16,14 +16,16 @@ A cache directory holds two files:
     Bits past the last granule mean nothing and are cleared on open.
 
 ``create_files`` makes both and syncs them (the bitmap is written under a temporary
-name and renamed, so a directory holds a bitmap only once the bitmap is whole);
+name and renamed, so a directory holds a bitmap only once the bitmap is whole). Its
+cost does not grow with the disk: ``data`` is only truncated to size, and the bitmap
+is preallocated (allocated space reads as zeros) with only its header page written;
 ``open_files`` checks the header against the disk it is opened over. Both take the lock:
 an exclusive ``flock`` on the bitmap, held while the file descriptor is open, so one
 process at a time owns a cache and ``remove_stale_temporaries`` can tell a live
 temporary cache (locked) from one a killed daemon left (unlocked).
 
 ``DirtyMap`` is the bitmap in memory with what hangs on it (export trackers, the pages
-a commit must write, the write generation); ``DataFile`` reads and writes runs of
+a commit must write, the write generation, the count of dirty granules); ``DataFile`` reads and writes runs of
 granules in ``data``, copying clean granules from the base at a write's unaligned
 edges. Neither takes the granule locks nor decides when to sync: that, the order of a
 commit and what a failure means are ``engine.writecache``'s design note, and its
@@ -146,6 +148,7 @@ class CacheFiles:
     bitmap_fd: int
     granule: int
     bits: np.ndarray
+    dirty: int | None = None  # set bits in ``bits`` when known (0 for a new cache), else counted
 
 
 class DirtyTracker:
@@ -187,9 +190,12 @@ class DirtyMap:
     held only for in-memory work, never across I/O.
     """
 
-    def __init__(self, bits: np.ndarray, granule: int, size: int) -> None:
+    def __init__(self, bits: np.ndarray, granule: int, size: int, dirty: int | None = None) -> None:
         self.bits = bits
         self.granules = -(-size // granule)
+        # dirty granules, kept up to date by ``mark`` so that ``stats`` never walks the
+        # bitmap (32 MiB for a 1 TiB disk); counted once here unless the caller knows it
+        self.dirty = bits_count(bits, 0, self.granules) if dirty is None else dirty
         self.meta = threading.Lock()
         self.trackers: list[DirtyTracker] = []
         self.gen = 0  # writes marked so far
@@ -213,6 +219,7 @@ class DirtyMap:
         """A write of the granules [g0, g1] is in the data file; its ``clean`` runs
         ``(start, count)`` are now dirty. Call it with ``meta`` held."""
         for start, count in clean:
+            self.dirty += count - bits_count(self.bits, start, count)
             bits_set(self.bits, start, count)
         for t in self.trackers:
             bits_set(t.bits, g0, g1 - g0 + 1)
@@ -363,8 +370,10 @@ def create_files(p: Path, size: int, granule: int, base_tag: bytes) -> CacheFile
         tmp = p / (BITMAP_FILE + ".new")
         bfd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
+            # allocated space reads as zeros: the bitmap of an empty cache needs no writing,
+            # so creating one costs the same for a 1 GiB and a 1 TiB disk
             os.posix_fallocate(bfd, 0, HEADER_SIZE + nbytes)
-            pwrite_all(bfd, head.encode() + bytes(nbytes), 0)
+            pwrite_all(bfd, head.encode(), 0)
             os.fsync(bfd)
         finally:
             os.close(bfd)
@@ -375,7 +384,7 @@ def create_files(p: Path, size: int, granule: int, base_tag: bytes) -> CacheFile
     except OSError as e:
         _close_all(data_fd, bitmap_fd)
         volume_error(e, f"creating the write cache in {p}")
-    return CacheFiles(data_fd, bitmap_fd, granule, np.zeros(nbytes, dtype=np.uint8))
+    return CacheFiles(data_fd, bitmap_fd, granule, np.zeros(nbytes, dtype=np.uint8), dirty=0)
 
 
 def open_files(p: Path, size: int, base_tag: bytes | None) -> CacheFiles:

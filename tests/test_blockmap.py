@@ -131,6 +131,21 @@ def test_bitmap_ops_match_list_model(impl, nbytes, ops):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+@settings(max_examples=300, deadline=None)
+@given(raw=st.binary(min_size=1, max_size=100), data=st.data())
+def test_bits_count_of_any_bitmap_and_range(impl, raw, data):
+    """Counting bits of any pattern (not only runs set by bits_set) over any range,
+    whatever its alignment to bytes and 8-byte words, against one value per bit."""
+    bits = np.frombuffer(raw, dtype=np.uint8).copy()
+    model = np.unpackbits(bits, bitorder="little").tolist()
+    start = data.draw(st.integers(0, len(model)), label="start")
+    count = data.draw(st.integers(0, len(model) - start), label="count")
+    assert impl.bits_count(bits, start, count) == sum(model[start : start + count])
+    if len(raw) > 3:  # a view starting 3 bytes into the buffer: words read unaligned
+        assert impl.bits_count(bits[3:], 0, (len(raw) - 3) * 8) == sum(model[24:])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_bitmap_range_checked(impl):
     bits = np.zeros(2, dtype=np.uint8)
     for fn in (impl.bits_set, impl.bits_clear, impl.bits_count, impl.bits_runs):

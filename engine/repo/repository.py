@@ -89,6 +89,10 @@ class RestorePoint:
         raise NotFound(f"restore point {self.id} has no disk {which!r} (disks: {names})")
 
     def open_blockmap(self, which: str | int) -> BlockMap:
+        """The block map of disk ``which``: a read-only memory map of its file, checked
+        against the manifest. Nothing is read but the header, so it costs the same for
+        a 1 GiB and a 1 TiB disk; entries are paged in when a read first touches them
+        (the file never changes: a restore point is immutable)."""
         info = self.disk_info(which)
         mapinfo, entries = load_map(self.path / info.map_file)
         if mapinfo.block_size != self.repo.block_size or mapinfo.disk_size != info.size:

@@ -18,6 +18,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
+from engine.blockmap import bits_count
 from engine.writecache import WriteCache
 from tests.writecache.model import DiskModel, pattern
 from tests.writecache.strategies import lengths, offsets
@@ -120,6 +121,9 @@ def make_machine(backup_repo):
                 st_ = self.wc.stats()
                 assert 0 <= st_.dirty_bytes <= size
                 assert st_.dirty_granules * self.granule >= st_.dirty_bytes
+                # the count kept by DirtyMap.mark is the bitmap's, without a walk of it
+                d = self.wc._dirty
+                assert st_.dirty_granules == bits_count(d.bits, 0, d.granules)
 
         @precondition(lambda self: hasattr(self, "wc"))
         @rule()

@@ -247,3 +247,27 @@ def test_stale_temporaries_are_removed_but_live_ones_kept(backup_repo, tmp_path)
     live.write(0, b"still fine")
     assert live.read(0, 10) == b"still fine"
     live.close()
+
+
+def test_a_new_cache_writes_only_its_header_and_reopens_with_its_dirty_count(backup_repo, tmp_path):
+    """Creating a cache writes no bitmap (preallocated space reads as zeros), so its cost
+    does not grow with the disk; the dirty count survives a reopen (counted from the file)."""
+    from engine.writecache_format import BITMAP_FILE, HEADER_SIZE
+
+    base = backup_repo.disk()
+    with WriteCache.create(tmp_path / "c", base, granule=4096) as wc:
+        raw = (tmp_path / "c" / BITMAP_FILE).read_bytes()
+        nbytes = -(-wc.size // 4096 // 8)
+        assert len(raw) == HEADER_SIZE + nbytes
+        assert raw[HEADER_SIZE:] == bytes(nbytes)
+        st = os.stat(tmp_path / "c" / BITMAP_FILE)
+        assert st.st_blocks * 512 >= HEADER_SIZE + nbytes  # preallocated: persisting bits needs no new space
+        wc.write(0, b"a")
+        wc.write(3 * 4096 + 5, bytes(2 * 4096))  # granules 3, 4, 5
+        wc.write(0, b"b")  # already dirty: counted once
+        assert wc.stats().dirty_granules == 4
+    with WriteCache.open(tmp_path / "c", base) as wc:
+        assert wc.stats().dirty_granules == 4
+        wc.write(4 * 4096, b"c")  # dirty already
+        wc.write(8 * 4096, b"d")
+        assert wc.stats().dirty_granules == 5
