@@ -1,4 +1,4 @@
-"""Build the instantnfs package and its Cython extension (engine._blockmap).
+"""Build the instantnfs package and its Cython extensions (engine._blockmap, engine._codec).
 
 Metadata lives in pyproject.toml; this file declares the extension and the
 dependency lower bounds.
@@ -13,7 +13,7 @@ try:
     from Cython.Build import cythonize
 except ImportError:  # pragma: no cover - a build without Cython is a setup error
     sys.exit(
-        "instantnfs: Cython is needed to build engine/_blockmap.pyx "
+        "instantnfs: Cython is needed to build engine/_blockmap.pyx and engine/_codec.pyx "
         "(pip install 'Cython>=3.0'); set INSTANTNFS_PURE=1 at run time to use the pure-Python twin."
     )
 import numpy
@@ -25,7 +25,13 @@ extensions = [
         include_dirs=[numpy.get_include()],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
         extra_compile_args=["-O3"],
-    )
+    ),
+    Extension(
+        "engine._codec",
+        ["engine/_codec.pyx"],
+        libraries=["lz4"],  # the system liblz4 (Debian liblz4-dev): its block API
+        extra_compile_args=["-O3"],
+    ),
 ]
 
 setup(

@@ -17,8 +17,8 @@ if [ ! -x .venv/bin/python ]; then
 fi
 extra=$([ "$what" = test ] && echo "[test,lint]" || echo "")
 stamp=.venv/.setup-stamp-$what
-want=$(cat setup.py pyproject.toml engine/_blockmap.pyx engine/_blockmap.pxd 2>/dev/null | sha256sum | cut -c1-16)
-if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || ! ls engine/_blockmap*.so >/dev/null 2>&1; then
+want=$(cat setup.py pyproject.toml engine/_blockmap.pyx engine/_blockmap.pxd engine/_codec.pyx 2>/dev/null | sha256sum | cut -c1-16)
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || ! ls engine/_blockmap*.so >/dev/null 2>&1 || ! ls engine/_codec*.so >/dev/null 2>&1; then
   echo "instantnfs: installing into .venv (first run takes a minute; log in .venv/setup.log)" >&2
   log=.venv/setup.log
   if ! {
