@@ -3,7 +3,8 @@
 The compiled half of ``engine.codec`` (the pure-Python twin, ``engine._codec_py``, is
 the specification: same results, same refusals). ``lz4_decompress_into`` decompresses
 one LZ4 block (no size prefix, as ``lz4.block.compress(store_size=False)`` writes it)
-into ``out`` and returns how many bytes it wrote, or -1 when the input is corrupt or
+into ``out`` and returns how many bytes it wrote (the bytes after them in ``out`` are
+unspecified: liblz4's wild copies may write there), or -1 when the input is corrupt or
 does not fit ``out``. It never writes past ``len(out)`` (``LZ4_decompress_safe`` with
 the capacity of ``out``; after a refusal part of ``out`` may be written) and allocates nothing: the caller reuses ``out``.
 

@@ -3,8 +3,8 @@
 The pure-Python twin of ``engine/_codec.pyx``; ``engine.codec`` picks the compiled one
 unless ``INSTANTNFS_PURE=1``. ``lz4_decompress_into(src, out)`` decompresses one LZ4
 block (no size prefix, as ``lz4.block.compress(store_size=False)`` writes it) into the
-writable buffer ``out`` and returns how many bytes it wrote (the rest of ``out`` is left
-as it was), or -1 when ``src`` is corrupt or decompresses to more than ``len(out)``
+writable buffer ``out`` and returns how many bytes it wrote (what follows them in ``out``
+is unspecified: liblz4 may scribble there, within ``len(out)``), or -1 when ``src`` is corrupt or decompresses to more than ``len(out)``
 bytes (what ``out`` holds after a refusal is unspecified: the compiled one may have
 written part of it). An empty ``src`` is corrupt. The twin goes through a temporary ``bytes``
 (python-lz4 has no output-buffer API); the compiled one writes ``out`` directly.
