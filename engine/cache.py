@@ -28,8 +28,10 @@ passes ``capacity`` bytes. Nobody writes into a cached value: readers get it (``
 ``get``) or views of it, and the disk above hands out read-only copies or views.
 
 Buffer reuse. A load decompresses into a block-sized ``bytearray`` taken from a small
-pool (``POOL_BUFFERS``), not into fresh memory (a fresh MiB costs 256 page faults and a
-zeroing). An evicted value goes back to the pool only when nothing else references it
+pool (``POOL_BUFFERS``), not into fresh memory: on this project's VMs faulting in a
+fresh MiB (256 page faults) costs as much as decompressing it. A new buffer, while the
+cache grows, comes from ``engine.codec.new_block``: not zeroed, its pages faulted in by
+one ``madvise``. An evicted value goes back to the pool only when nothing else references it
 (``sys.getrefcount`` under the GIL, once it is out of the LRU so nobody can obtain it
 again): a memoryview slice of it may still be queued for sending in a transport, or
 another thread may hold it between ``peek`` and its slicing; such a buffer is simply
@@ -70,6 +72,7 @@ from concurrent.futures import Executor, Future
 from typing import Protocol
 
 from engine.blockmap import KEY_SHIFT, BlockMap
+from engine.codec import new_block
 
 POOL_BUFFERS = 32  # evicted block buffers kept for reuse (at most this many, unreferenced)
 MAX_STREAMS = 8  # sequential streams tracked per disk
@@ -158,7 +161,7 @@ class ChunkCache:
         with self._lock:
             buf = self._pool.pop() if self._pool else None
         if buf is None:
-            buf = bytearray(self.block_size)
+            buf = new_block(self.block_size)  # written in full by the load: not zeroed
         else:
             self.reused += 1
         try:

@@ -20,4 +20,5 @@ else:
         ) from e
 
 lz4_decompress_into = impl.lz4_decompress_into
+new_block = impl.new_block
 IMPLEMENTATION = impl.IMPLEMENTATION
