@@ -295,7 +295,9 @@ class Readahead:
     """One disk's sequential-stream detector and prefetcher (see the design note).
 
     Called by the disk after every read (``after(offset, length)``). Not locked: the
-    disk's callers may race on it, and a race only costs or saves a prefetch."""
+    disk's callers (the event loop, an export thread) may race on it; the stream list is
+    replaced, never changed in place, so a race can lose a stream or duplicate a
+    prefetch request (which the cache's single flight absorbs), never raise."""
 
     def __init__(self, blockmap: BlockMap, cache: ChunkCache, depth: int = MIN_DEPTH, max_depth: int = MAX_DEPTH,
                  streams: int = MAX_STREAMS) -> None:
@@ -317,18 +319,16 @@ class Readahead:
         if length <= 0:
             return
         end = offset + length
-        streams = self.streams
+        streams = self.streams  # replaced, never changed in place: racing callers see a whole list
         s = streams[-1] if streams else None
         if s is None or s.next != offset:
             for s in streams:
                 if s.next == offset:
-                    streams.remove(s)
-                    streams.append(s)
+                    self.streams = [x for x in streams if x is not s] + [s]
                     break
             else:  # not a continuation: a new stream, no prefetch
-                if len(streams) >= self.max_streams:
-                    del streams[0]
-                streams.append(_Stream(end, (end - 1) >> self.shift, self.min_depth))
+                self.streams = streams[max(0, len(streams) + 1 - self.max_streams) :] + [
+                    _Stream(end, (end - 1) >> self.shift, self.min_depth)]
                 return
         s.next = end
         self.sequential += 1

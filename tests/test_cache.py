@@ -315,3 +315,32 @@ def test_a_stream_is_forgotten_after_max_streams_others():
         ra.after((10 + 10 * i) * BS, 4096)  # each a new stream
     ra.after(4096, 4096)  # would have continued the first one, which is gone
     assert cache.prefetched == [] and ra.sequential == 0
+
+
+def test_racing_readers_never_break_the_detector():
+    """The loop and an export thread may call ``after`` at once: no exception, bounded table."""
+    cache = FakeCache()
+    ra = _ra(cache)
+    errors: list[BaseException] = []
+
+    def run(seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        try:
+            pos = int(rng.integers(0, NBLOCKS // 2)) * BS
+            for _ in range(3000):
+                if rng.random() < 0.5:
+                    ra.after(pos, 4096)
+                    pos += 4096
+                else:
+                    ra.after(int(rng.integers(0, NBLOCKS * BS - 4096)), 4096)
+                assert len(ra.streams) <= MAX_STREAMS + 4  # a race may add one per racer
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(s,)) for s in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert ra.sequential > 0
