@@ -184,3 +184,14 @@ def test_a_flipped_payload_byte_fails_the_checksum(tmp_path, impl):
                 reader.read_chunk(pack, off, clen, bytearray(BS))
     finally:
         reader.close()
+
+
+def test_a_payload_longer_than_a_block_is_refused_and_its_buffer_not_kept(tmp_path, impl):
+    block = os.urandom(BS)
+    reader, [(pack, off, clen)] = _pack(tmp_path, [(CODEC_RAW, block + b"0123456789", block)])
+    try:
+        with pytest.raises(IntegrityError, match="raw payload has the wrong size"):
+            reader.read_chunk(pack, off, clen, bytearray(BS))
+        assert len(getattr(reader._local, "buf", b"")) <= packs.HDR + BS
+    finally:
+        reader.close()

@@ -430,10 +430,11 @@ class PackReader:
 
     def _scratch(self, size: int) -> bytearray:
         """This thread's buffer for a record header and a compressed payload (reused)."""
+        if size > HDR + self.block_size:  # longer than any record our writers make: not kept
+            return bytearray(size)
         buf: bytearray | None = getattr(self._local, "buf", None)
-        if buf is None or len(buf) < size:
-            buf = bytearray(max(size, HDR + self.block_size))
-            self._local.buf = buf
+        if buf is None:
+            buf = self._local.buf = bytearray(HDR + self.block_size)
         return buf
 
     def read_chunk(self, pack: int, offset: int, clen: int, out: bytearray | None = None) -> bytearray:
