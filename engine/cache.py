@@ -81,6 +81,20 @@ MAX_DEPTH = 64  # the most a stream's window grows to (also capped by the cache 
 HINT_FACTOR = 2  # blocks beyond the window hinted to the kernel, per block of depth
 
 
+def _refs(obj: object) -> int:
+    return sys.getrefcount(obj)
+
+
+def _unshared_refs() -> int:
+    """What ``_refs`` says of an object only a local variable holds, measured the way
+    ``ChunkCache._load`` measures an evicted buffer (so it holds on any CPython version)."""
+    old = bytearray(1)
+    return _refs(old)
+
+
+_UNSHARED = _unshared_refs()
+
+
 class ChunkReader(Protocol):
     """What the cache loads from (``engine.repo.packs.PackReader``)."""
 
@@ -181,20 +195,15 @@ class ChunkCache:
                 while self.size > self.capacity:
                     _, old = self._lru.popitem(last=False)
                     self.size -= len(old)
-                    self._recycle(old)
+                    # pooled only if unshared: no view, no other thread holds it (the GIL
+                    # is held, and it is out of the LRU: nobody can take a new reference)
+                    if _refs(old) <= _UNSHARED and len(old) == self.block_size and len(self._pool) < POOL_BUFFERS:
+                        self._pool.append(old)
+                    else:
+                        self.kept += 1
                     del old
         fut.set_result(data)
         return data
-
-    def _recycle(self, old: bytearray) -> None:
-        """Under the lock: pool an evicted buffer if nothing else references it."""
-        # unshared: referenced only by the caller's variable, this argument and
-        # getrefcount's own argument (the GIL is held: nobody can take a new reference,
-        # the buffer is out of the LRU)
-        if sys.getrefcount(old) <= 3 and len(old) == self.block_size and len(self._pool) < POOL_BUFFERS:
-            self._pool.append(old)
-        else:
-            self.kept += 1
 
     def get(self, pack: int, rec: int, clen: int) -> bytearray:
         """The chunk stored at (pack, rec), loading it in this thread on a miss (blocking)."""
