@@ -1,4 +1,5 @@
-"""Build the instantnfs package and its Cython extensions (engine._blockmap, engine.nfs._wire).
+"""Build the instantnfs package and its Cython extensions (engine._blockmap, engine._codec,
+engine.nfs._wire, and the compiled builds of engine/nfs/fastlane.py and transport.py).
 
 Metadata lives in pyproject.toml; this file declares the extension and the
 dependency lower bounds.
@@ -13,7 +14,7 @@ try:
     from Cython.Build import cythonize
 except ImportError:  # pragma: no cover - a build without Cython is a setup error
     sys.exit(
-        "instantnfs: Cython is needed to build engine/_blockmap.pyx "
+        "instantnfs: Cython is needed to build engine/_blockmap.pyx and engine/_codec.pyx "
         "(pip install 'Cython>=3.0'); set INSTANTNFS_PURE=1 at run time to use the pure-Python twin."
     )
 import numpy
@@ -31,6 +32,12 @@ extensions = [
     # (which INSTANTNFS_PURE=1 runs as they are; see engine/nfs/compiled.py)
     Extension("engine.nfs._fastlane_c", ["engine/nfs/fastlane.py"], extra_compile_args=["-O3"]),
     Extension("engine.nfs._transport_c", ["engine/nfs/transport.py"], extra_compile_args=["-O3"]),
+    Extension(
+        "engine._codec",
+        ["engine/_codec.pyx"],
+        libraries=["lz4"],  # the system liblz4 (Debian liblz4-dev): its block API
+        extra_compile_args=["-O3"],
+    ),
 ]
 
 setup(

@@ -16,8 +16,16 @@ source's executor. It holds no lock of its own: the source is thread-safe, and t
 sequential-read detector is a hint whose races only cost a prefetch.
 
 Reads past the end of the disk are cut at the end (a read starting at or past it is
-empty), as a file read is. ``readv`` and ``aread`` return a list of buffers (slices of
-cached chunks and of a shared zero block) so a server can send them without copying.
+empty), as a file read is. ``readv``, ``aread`` and ``peekv`` return a list of buffers
+(read-only use: slices of cached chunks and of a shared zero block) so a server can send
+them without copying; a view keeps its chunk's buffer from being reused by the cache
+(``engine.cache``) for as long as it lives. ``read`` returns a copy.
+
+Every read is reported to the readahead once (``after(offset, length)``), after the
+read's own misses were queued, so the prefetch it triggers never runs ahead of it.
+``peekv`` is the non-blocking lookup a server's fast lane tries first: the buffers
+``aread`` would return when every block is cached or zero, else None (then it counted
+nothing, and the caller's ``aread`` counts the read).
 """
 from __future__ import annotations
 
@@ -39,21 +47,20 @@ class Disk(Protocol):
 
 
 class ChunkSource(Protocol):
-    """Decompressed chunks by key (``pack << KEY_SHIFT | record offset``) or location."""
+    """Decompressed chunks by key (``pack << KEY_SHIFT | record offset``) or location.
+    A chunk is a block-sized buffer nobody writes while it is referenced."""
 
-    def peek(self, key: int) -> bytes | None: ...
+    def peek(self, key: int) -> bytes | bytearray | None: ...
 
-    def get(self, pack: int, rec: int, clen: int) -> bytes: ...
+    def get(self, pack: int, rec: int, clen: int) -> bytes | bytearray: ...
 
-    def get_future(self, pack: int, rec: int, clen: int) -> Future[bytes]: ...
+    def get_future(self, pack: int, rec: int, clen: int) -> Future[bytearray]: ...
 
 
 class SequentialHint(Protocol):
-    """A disk's readahead: told which blocks each read covered."""
+    """A disk's readahead: told the byte range of every read, after its own loads."""
 
-    next_block: int
-
-    def after(self, first: int, last: int) -> None: ...
+    def after(self, offset: int, length: int) -> None: ...
 
 
 class BackupDisk:
@@ -76,22 +83,21 @@ class BackupDisk:
         return max(0, min(length, self.size - offset))
 
     def read(self, offset: int, length: int) -> bytes:
-        """The disk's bytes in [offset, offset + length), cut at the end of the disk."""
+        """The disk's bytes in [offset, offset + length), cut at the end of the disk (a
+        copy: cached chunks are reused buffers, never handed out whole)."""
         key = self.map.locate(offset, length)
         if key >= 0:  # the common case: inside one stored block
             data = self._cache.peek(key)
-            block = offset >> self._shift
-            if data is not None:
-                if block != self._ra.next_block - 1:
-                    self._ra.after(block, block)
-            else:
-                self._ra.after(block, block)
-                pack, clen, rec = self.map.entry(block)
+            if data is None:
+                self._ra.after(offset, length)  # prefetch alongside this thread's own load
+                pack, clen, rec = self.map.entry(offset >> self._shift)
                 data = self._cache.get(pack, rec, clen)
+            else:
+                self._ra.after(offset, length)
             skip = offset & self._mask
-            return data[skip : skip + length]  # a whole block is the cached object itself
+            return bytes(memoryview(data)[skip : skip + length])
         elif key == -1:
-            self._ra.next_block = (offset >> self._shift) + 1
+            self._ra.after(offset, length)
             return bytes(length)
         length = self._clip(offset, length)
         if length == 0:
@@ -103,7 +109,7 @@ class BackupDisk:
         length = self._clip(offset, length)
         if length == 0:
             return []
-        self._ra.after(offset >> self._shift, (offset + length - 1) >> self._shift)
+        self._ra.after(offset, length)  # prefetches run alongside this thread's loads
         out: list[memoryview] = []
         cache = self._cache
         for pack, rec, clen, skip, take in self.map.translate(offset, length).tolist():
@@ -115,44 +121,57 @@ class BackupDisk:
         return out
 
     def peekv(self, offset: int, length: int) -> list[memoryview] | None:
-        """``aread``'s buffers when it would not wait: a range inside one block that is
-        cached or a hole (counted for readahead as ``aread`` counts it); None otherwise."""
+        """What ``aread`` would return, when no block of the range needs a load: every
+        block is cached or a zero block. Otherwise None, and nothing is counted for
+        readahead (the caller then calls ``aread``, which counts the read once); the
+        chunks looked at before the miss count as uses in the cache, nothing more.
+        Never blocks, never awaits: for a server's fast lane."""
         key = self.map.locate(offset, length)
         if key >= 0:
             data = self._cache.peek(key)
             if data is None:
                 return None
-            block = offset >> self._shift
-            if block != self._ra.next_block - 1:
-                self._ra.after(block, block)
+            self._ra.after(offset, length)
             skip = offset & self._mask
             return [memoryview(data)[skip : skip + length]]
-        if key == -1:
-            self._ra.next_block = (offset >> self._shift) + 1
-            return self._zeros(length)
-        return None
-
-    async def aread(self, offset: int, length: int) -> list[memoryview]:
-        """``readv`` for the event loop: cached chunks at once, misses in the thread pool."""
-        key = self.map.locate(offset, length)
-        if key >= 0:  # inside one stored block, and cached: no translate, no awaiting
-            data = self._cache.peek(key)
-            if data is not None:
-                block = offset >> self._shift
-                if block != self._ra.next_block - 1:
-                    self._ra.after(block, block)
-                skip = offset & self._mask
-                return [memoryview(data)[skip : skip + length]]
         elif key == -1:
-            self._ra.next_block = (offset >> self._shift) + 1
+            self._ra.after(offset, length)
             return self._zeros(length)
         length = self._clip(offset, length)
         if length == 0:
             return []
-        self._ra.after(offset >> self._shift, (offset + length - 1) >> self._shift)
+        out: list[memoryview] = []
+        cache = self._cache
+        for pack, rec, _clen, skip, take in self.map.translate(offset, length).tolist():
+            if pack < 0:
+                out.extend(self._zeros(take))
+                continue
+            data = cache.peek(pack << KEY_SHIFT | rec)
+            if data is None:
+                return None
+            out.append(memoryview(data)[skip : skip + take])
+        self._ra.after(offset, length)
+        return out
+
+    async def aread(self, offset: int, length: int) -> list[memoryview]:
+        """``readv`` for the event loop: cached chunks at once, misses in the thread pool
+        (queued before the readahead this read triggers)."""
+        key = self.map.locate(offset, length)
+        if key >= 0:  # inside one stored block, and cached: no translate, no awaiting
+            data = self._cache.peek(key)
+            if data is not None:
+                self._ra.after(offset, length)
+                skip = offset & self._mask
+                return [memoryview(data)[skip : skip + length]]
+        elif key == -1:
+            self._ra.after(offset, length)
+            return self._zeros(length)
+        length = self._clip(offset, length)
+        if length == 0:
+            return []
         rows = self.map.translate(offset, length).tolist()
         cache = self._cache
-        chunks: list[bytes | asyncio.Future[bytes] | None] = []
+        chunks: list[bytes | bytearray | asyncio.Future[bytearray] | None] = []
         pending = False
         for pack, rec, clen, _skip, _take in rows:
             if pack < 0:
@@ -164,6 +183,7 @@ class BackupDisk:
                 pending = True
             else:
                 chunks.append(data)
+        self._ra.after(offset, length)  # after this read's own loads: never ahead of them
         if pending:
             for i, c in enumerate(chunks):
                 if isinstance(c, asyncio.Future):

@@ -18,7 +18,11 @@ fi
 extra=$([ "$what" = test ] && echo "[test,lint]" || echo "")
 stamp=.venv/.setup-stamp-$what
 want=$(cat setup.py pyproject.toml $(find engine -name "*.pyx" -o -name "*.pxd" | sort) engine/nfs/fastlane.py engine/nfs/transport.py 2>/dev/null | sha256sum | cut -c1-16)
-if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || ! ls engine/_blockmap*.so engine/nfs/_wire*.so engine/nfs/_fastlane_c*.so engine/nfs/_transport_c*.so >/dev/null 2>&1; then
+built=true
+for so in engine/_blockmap engine/_codec engine/nfs/_wire engine/nfs/_fastlane_c engine/nfs/_transport_c; do
+  ls "$so".*.so >/dev/null 2>&1 || built=false
+done
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || [ "$built" = false ]; then
   echo "instantnfs: installing into .venv (first run takes a minute; log in .venv/setup.log)" >&2
   log=.venv/setup.log
   if ! {

@@ -5,7 +5,7 @@
 # Runs apt-get as root (or through sudo); prints what it installs.
 set -euo pipefail
 what=${1:-build}
-pkgs=(gcc libc6-dev python3-dev)
+pkgs=(gcc libc6-dev python3-dev liblz4-dev)  # liblz4-dev: engine/_codec.pyx links the system liblz4
 if [ "$what" = test ]; then
   pkgs+=(qemu-utils qemu-block-extra qemu-system-x86 libnfs-utils libtirpc3 netbase
          linux-image-amd64 busybox-static e2fsprogs fdisk dosfstools mtools cpio kmod

@@ -88,9 +88,9 @@ def test_concurrent_misses_decompress_once(tmp_path):
         calls: list[tuple[int, int]] = []
         real = repo.reader.read_chunk
 
-        def counting(pack, offset, clen):
+        def counting(pack, offset, clen, out=None):
             calls.append((pack, offset))
-            return real(pack, offset, clen)
+            return real(pack, offset, clen, out)
 
         repo.reader.read_chunk = counting  # type: ignore[method-assign]
 

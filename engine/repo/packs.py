@@ -7,9 +7,13 @@ the repository id. ``seal()`` flushes and fsyncs each pack, then writes its inde
 (carrying the same uid) atomically; only then may a manifest reference its records
 (see ``format``).
 
-Reader: ``read_chunk`` is one ``pread`` of header + payload, a CRC32C check over both,
+Reader: ``read_chunk`` is one ``preadv`` of header + payload, a CRC32C check over both,
 a decompression to exactly the block size and (``VERIFY_FINGERPRINT``) a BLAKE3 check of
-the result against the record's fingerprint. Every failure (short read, bad magic,
+the result against the record's fingerprint. It writes into a buffer the caller gives
+(the chunk cache reuses evicted ones) and allocates nothing per record: a raw record
+(``clen`` equal to the block size) is read straight into that buffer, a compressed one
+into a per-thread scratch buffer and decompressed from there by liblz4's block API with
+the GIL released (``engine.codec``; ``INSTANTNFS_PURE=1``: the python-lz4 twin). Every failure (short read, bad magic,
 length mismatch, CRC or fingerprint mismatch, decompressor error) raises
 ``IntegrityError`` naming the pack and offset: wrong bytes are never returned. A pack is
 opened once and its header checked (magic, pack id, repository id, and the uid its index
@@ -40,6 +44,7 @@ import crc32c
 import lz4.block
 import numpy as np
 
+from engine.codec import lz4_decompress_into
 from engine.errors import InstantNFSError, IntegrityError, RepositoryError
 from engine.fsutil import no_space
 from engine.repo.format import (
@@ -228,6 +233,7 @@ class PackReader:
         self._lock = threading.Lock()
         self._next_sweep = time.monotonic() + SWEEP_INTERVAL
         self._hint_tasks = 0
+        self._local = threading.local()  # per reading thread: a scratch buffer
         self._stop = threading.Event()
         self._sweeper: threading.Thread | None = None
         self.closed_deleted = 0
@@ -422,31 +428,82 @@ class PackReader:
             with self._lock:
                 self._hint_tasks -= 1
 
-    def read_chunk(self, pack: int, offset: int, clen: int) -> bytes:
-        """The decompressed block stored at (pack, offset): exactly block_size bytes."""
-        codec, fp, payload, ulen = self.read_record(pack, offset, clen)
-        data = self.decode(pack, offset, codec, payload, ulen)
-        if VERIFY_FINGERPRINT and blake3.blake3(data, max_threads=1).digest() != fp:
-            raise IntegrityError(f"chunk at pack {pack_name(pack)} offset {offset}: content does not match its fingerprint")
-        return data
+    def _scratch(self, size: int) -> bytearray:
+        """This thread's buffer for a record header and a compressed payload (reused)."""
+        if size > HDR + self.block_size:  # longer than any record our writers make: not kept
+            return bytearray(size)
+        buf: bytearray | None = getattr(self._local, "buf", None)
+        if buf is None:
+            buf = self._local.buf = bytearray(HDR + self.block_size)
+        return buf
 
-    def decode(self, pack: int, offset: int, codec: int, payload: memoryview, ulen: int) -> bytes:
+    def read_chunk(self, pack: int, offset: int, clen: int, out: bytearray | None = None) -> bytearray:
+        """The decompressed block stored at (pack, offset), exactly block_size bytes,
+        written into ``out`` (a bytearray of block_size, reused by the caller) or a new
+        bytearray; returns it. After an error ``out`` holds garbage.
+
+        One ``preadv``: a raw record's payload lands straight in ``out`` (no copy); a
+        compressed one in this thread's scratch buffer, decompressed from there into
+        ``out`` (liblz4, GIL released). Then the same checks as ``read_record`` +
+        ``decode``, with the same messages."""
+        bs = self.block_size
+        if out is None:
+            out = bytearray(bs)
+        elif len(out) != bs:
+            raise ValueError(f"the output buffer holds {len(out)} bytes, not the block size {bs}")
+        self._maybe_sweep()
+        where = f"pack {pack_name(pack)} offset {offset}"
+        scratch = memoryview(self._scratch(HDR + clen))
+        head = scratch[:HDR]
+        direct = clen == bs  # a raw record: its payload is the block
+        body = memoryview(out) if direct else scratch[HDR : HDR + clen]
+        h = self._acquire(pack)
+        try:
+            n = os.preadv(h.fd, [head, body], offset)
+        except OSError as e:
+            raise IntegrityError(f"chunk at {where}: read failed: {e.strerror}") from e
+        finally:
+            self._release(h)
+        if n != HDR + clen:
+            raise IntegrityError(f"chunk at {where}: record is truncated")
+        magic, codec, rclen, ulen, fingerprint, crc = RECORD_HEADER.unpack_from(head)
+        if magic != RECORD_MAGIC or rclen != clen:
+            raise IntegrityError(f"chunk at {where}: no record here (bad magic or length)")
+        if crc32c.crc32c(body, crc32c.crc32c(head[:RECORD_CRC_SPAN])) != crc:
+            raise IntegrityError(f"chunk at {where}: checksum mismatch")
+        if direct and codec != CODEC_RAW:  # a compressed payload as long as a block: not from
+            scratch[HDR : HDR + clen] = body  # compress_block, but readable: decode from scratch
+            body = scratch[HDR : HDR + clen]
+        self.decode_into(pack, offset, codec, body, ulen, out)
+        if VERIFY_FINGERPRINT and blake3.blake3(out, max_threads=1).digest() != fingerprint:
+            raise IntegrityError(f"chunk at {where}: content does not match its fingerprint")
+        return out
+
+    def decode(self, pack: int, offset: int, codec: int, payload: memoryview, ulen: int) -> bytearray:
+        """A record's payload decoded into a new buffer (see ``decode_into``)."""
+        out = bytearray(self.block_size)
+        self.decode_into(pack, offset, codec, payload, ulen, out)
+        return out
+
+    def decode_into(self, pack: int, offset: int, codec: int, payload: memoryview, ulen: int, out: bytearray) -> None:
+        """Decode a CRC-checked payload into ``out`` (block_size bytes). A raw payload that
+        already is ``out``'s memory (``read_chunk``'s direct read) is left where it is."""
         where = f"pack {pack_name(pack)} offset {offset}"
         if ulen != self.block_size:
             raise IntegrityError(f"chunk at {where}: size {ulen} is not the block size {self.block_size}")
         if codec == CODEC_RAW:
             if len(payload) != ulen:
                 raise IntegrityError(f"chunk at {where}: raw payload has the wrong size")
-            return payload.tobytes()
+            if payload.obj is not out:
+                out[:] = payload
+            return
         if codec != CODEC_LZ4:
             raise IntegrityError(f"chunk at {where}: unknown codec {codec}")
-        try:
-            data = lz4.block.decompress(payload, uncompressed_size=ulen)
-        except lz4.block.LZ4BlockError as e:
-            raise IntegrityError(f"chunk at {where}: LZ4 data is corrupt") from e
-        if len(data) != ulen:
-            raise IntegrityError(f"chunk at {where}: decompressed to {len(data)} bytes, expected {ulen}")
-        return data
+        n = lz4_decompress_into(payload, out)
+        if n < 0:
+            raise IntegrityError(f"chunk at {where}: LZ4 data is corrupt")
+        if n != ulen:
+            raise IntegrityError(f"chunk at {where}: decompressed to {n} bytes, expected {ulen}")
 
     def close(self) -> None:
         self._stop.set()
