@@ -230,6 +230,12 @@ class RpcStreamProtocol(asyncio.BufferedProtocol):
         except Exception:  # noqa: BLE001 - nothing raises out of buffer_updated
             log.exception("RPC connection from %s: internal error, closing it", self.peer[0])
             self._abort()
+            return
+        if self._out:
+            # the replies this batch of records produced at once (cached READs, GETATTRs)
+            # go out now, in one writev, not one loop pass later: a client waiting on
+            # each reply (QD1) gets it sooner
+            self._flush()
 
     def _abort(self) -> None:
         self.closed = True
