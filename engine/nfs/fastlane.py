@@ -101,6 +101,7 @@ class FastLane:
         self._creds = server.creds  # the credentials the dispatcher parsed and accepted
         self._fattr: dict[int, tuple[Attr, bytes]] = {}
         self._wcc: dict[int, tuple[Attr, bytes]] = {}
+        self._allowed: dict[str, bool] = {}
         self._table: dict[int, Callable[..., Any]] = {
             _GETATTR: self._getattr, _LOOKUP: self._lookup, _ACCESS: self._access,
             _READ: self._read, _WRITE: self._write, _COMMIT: self._commit,
@@ -117,7 +118,14 @@ class FastLane:
         if fn is None:
             return NOT_MINE
         cred = self._creds.get((cflavor, bytes(rec[c0:c1])))
-        if cred is None or client[0] not in self.server.allow:
+        if cred is None:
+            return NOT_MINE
+        allowed = self._allowed.get(client[0])
+        if allowed is None:  # the list is fixed for the dispatcher's life: remembered per address
+            if len(self._allowed) > MEMO:
+                self._allowed.clear()
+            allowed = self._allowed[client[0]] = client[0] in self.server.allow
+        if not allowed:
             return NOT_MINE
         return fn(rec, pos, xid, client, cred)
 

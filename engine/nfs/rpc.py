@@ -321,6 +321,10 @@ class RpcServer:
             r = self.fast(record, client, local)
             if r is not NOT_MINE:
                 return r
+        return self.generic(record, client, local)
+
+    def generic(self, record: memoryview | bytes, client: tuple[str, int], local: str = "") -> Any:
+        """``handle_start`` without the fast lane: the generic path, for every program."""
         if isinstance(record, memoryview):
             record = bytes(record)  # the generic path's decoders keep views of it
         fast = self._parse_head(record)
