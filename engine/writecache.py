@@ -92,6 +92,7 @@ from engine.fsutil import pwrite_all
 from engine.writecache_format import (
     DEFAULT_GRANULE,
     HEADER_SIZE,
+    JOURNAL_BYTES,
     PAGE,
     CacheFiles,
     DataFile,
@@ -101,6 +102,7 @@ from engine.writecache_format import (
     holds_cache,
     make_temporary_dir,
     open_files,
+    pread_exact,
     remove_stale_temporaries,
     volume_error,
 )
@@ -112,6 +114,7 @@ __all__ = [
 ]
 
 LOCK_SPAN = 64  # granules per lock region
+JOURNAL_MAX_WRITE = min(1 << 20, JOURNAL_BYTES // 8)  # larger stable writes commit instead of journalling
 STRIPES = 64
 
 log = logging.getLogger("instantnfs.writecache")
@@ -224,6 +227,7 @@ class WriteCache:
         self._shift = self.granule.bit_length() - 1
         self._data_fd = files.data_fd
         self._bitmap_fd = files.bitmap_fd
+        self._journal = files.journal
         self._file = DataFile(files.data_fd, base, self.granule)
         self._dirty = DirtyMap(files.bits, self.granule, self.size)
         self._locks = [threading.Lock() for _ in range(STRIPES)]
@@ -304,6 +308,7 @@ class WriteCache:
             self._closed = True
             os.close(self._data_fd)
             os.close(self._bitmap_fd)
+            os.close(self._journal.fd)
             if self.is_temporary:
                 shutil.rmtree(self.path, ignore_errors=True)
 
@@ -370,6 +375,21 @@ class WriteCache:
             for lk in reversed(locks):
                 lk.release()
 
+    def peekv(self, offset: int, length: int) -> list | None:
+        """The fast lane's read, on the loop with no hand-off: for a range no write has
+        touched, the base's ``peekv`` (its buffers when every block is cached or zero,
+        else None); None when a granule of the range is dirty or the base cannot peek
+        (the caller then takes ``aread``). A write racing it is seen or not, as with
+        any read; the base's buffers are immutable, so they stay valid while sent."""
+        self._check_open()
+        clipped = self._clip(offset, length)
+        if clipped and self._dirty.count(offset >> self._shift, (offset + clipped - 1) >> self._shift):
+            return None
+        peek = getattr(self.base, "peekv", None)
+        if peek is None:
+            return None
+        return peek(offset, length)
+
     async def aread(self, offset: int, length: int) -> list[memoryview]:
         """``readv`` for the event loop: clean ranges straight from the base, else in the executor."""
         self._check_open()
@@ -389,16 +409,22 @@ class WriteCache:
             raise ValueError(f"negative offset {offset}")
         if offset + n > self.size:
             raise FileTooLarge(f"a write of {n} bytes at {offset} goes past the end of the {self.size}-byte disk")
+        record = None
         if n:
             self._gate.enter()
             try:
-                self._write(offset, view)
+                record = self._write(offset, view, stable and self.durable and n <= JOURNAL_MAX_WRITE)
             finally:
                 self._gate.leave()
-        if stable:
+        if not stable:
+            return
+        if record is None or not self._append(*record):
             self.commit()
 
-    def _write(self, offset: int, view: memoryview) -> None:
+    def _write(self, offset: int, view: memoryview, journal: bool) -> tuple | None:
+        """Write under the locks of the granules; with ``journal``, also take the write's
+        place in the journal and return what ``_append`` writes there (None if the
+        journal is full: the caller commits instead)."""
         g0, g1 = offset >> self._shift, (offset + len(view) - 1) >> self._shift
         locks = self._stripes(g0, g1)
         for lk in locks:
@@ -414,9 +440,31 @@ class WriteCache:
                 self._dirty.mark([(s, c) for s, c, v in runs if not v], g0, g1)
                 self.writes += 1
                 self.bytes_written += len(view)
+            if not journal:
+                return None
+            # the record holds the granules' whole newest content, read under their locks
+            a, b = g0 << self._shift, min((g1 + 1) << self._shift, self.size)
+            content = view if (a == offset and b == offset + len(view)) else memoryview(pread_exact(self._data_fd, b - a, a))
+            ticket = self._journal.reserve(b - a)
+            return None if ticket is None else (ticket, g0, g1 - g0 + 1, content)
         finally:
             for lk in reversed(locks):
                 lk.release()
+
+    def _append(self, ticket: tuple[int, int, bytes], granule: int, count: int, content: memoryview) -> bool:
+        """Make a stable write durable in one step: its record, then one fdatasync of the
+        journal. False if the volume had no room for the record (the caller commits)."""
+        try:
+            self._journal.append(ticket, granule, count, content)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                return False
+            volume_error(e, "a write to the write cache's journal")
+        try:
+            _fdatasync(self._journal.fd)
+        except OSError as e:
+            self._fail("fdatasync", e)
+        return True
 
     async def awrite(self, offset: int, data: bytes | bytearray | memoryview, stable: bool = False) -> None:
         """``write`` in the executor (copy on write and fsync never block the loop); while
@@ -429,7 +477,8 @@ class WriteCache:
     # -- durability ----------------------------------------------------------------------
 
     def commit(self) -> None:
-        """Make every write that returned before this call durable: data, then bitmap."""
+        """Make every write that returned before this call durable: data, then bitmap,
+        then a new journal epoch (its records are all in the data file now)."""
         self._check_writable()
         with self._dirty.meta:
             target = self._dirty.gen
@@ -437,26 +486,39 @@ class WriteCache:
             self._check_writable()  # an earlier commit may have failed while this one waited
             if self._durable_gen >= target:
                 return
-            gen, pages, snap = self._dirty.take_pages()
             if not self.durable:
+                gen, _pages, _snap = self._dirty.take_pages()
                 self._durable_gen = gen
                 self.commits += 1
                 return
-            try:
-                _fdatasync(self._data_fd)
-            except OSError as e:
-                self._fail("fdatasync", e)
-            try:
-                for p, raw in snap:
-                    pwrite_all(self._bitmap_fd, raw, HEADER_SIZE + p * PAGE)
-            except OSError as e:
-                self._dirty.return_pages(pages)
-                volume_error(e, "committing the write cache")
-            if snap:
+            with self._journal.exclusive():
+                gen, pages, snap = self._dirty.take_pages()
                 try:
-                    _fdatasync(self._bitmap_fd)
+                    _fdatasync(self._data_fd)
                 except OSError as e:
                     self._fail("fdatasync", e)
+                try:
+                    for p, raw in snap:
+                        pwrite_all(self._bitmap_fd, raw, HEADER_SIZE + p * PAGE)
+                except OSError as e:
+                    self._dirty.return_pages(pages)
+                    volume_error(e, "committing the write cache")
+                if snap:
+                    try:
+                        _fdatasync(self._bitmap_fd)
+                    except OSError as e:
+                        self._fail("fdatasync", e)
+                if self._journal.used:
+                    # the records' granules are durable in data and bitmap: void them, or a
+                    # replay would lay them over the newer writes this commit covered
+                    try:
+                        self._journal.new_epoch()
+                    except OSError as e:
+                        volume_error(e, "starting a new journal epoch")
+                    try:
+                        _fdatasync(self._journal.fd)
+                    except OSError as e:
+                        self._fail("fdatasync", e)
             self._durable_gen = gen
             self.commits += 1
 
