@@ -1,9 +1,11 @@
 """The copy-on-write write cache: a writable layer over a read-only disk.
 
-A ``WriteCache`` lives in one directory and holds two files: ``data``, a sparse file as
+A ``WriteCache`` lives in one directory and holds three files: ``data``, a sparse file as
 large as the disk in which every *dirty* granule's newest bytes sit at the granule's own
 offset (clean granules are holes, or stale bytes left by a write that never became
-dirty, and are never read), and ``bitmap``, a header page and then one bit per granule.
+dirty, and are never read), ``bitmap``, a header page and then one bit per granule, and
+``journal``, the stable writes since the last commit, each a record of its granules'
+whole content.
 Their layout, the header's checks, the one-process lock, the stale temporaries, the
 bitmap in memory (``DirtyMap``) and the granule reads and writes of ``data``
 (``DataFile``) are ``engine.writecache_format``; this module decides when they happen:
@@ -18,11 +20,25 @@ Invariants
   clean granule's content is the base's.
 - Bits are never cleared, so persisted bits only go 0 -> 1: ``commit`` fdatasyncs
   ``data`` first, then writes the changed bitmap pages in place and fdatasyncs
-  ``bitmap``. A persisted dirty bit always has its data on disk, and a torn bitmap page
-  holds only bits whose data is already durable. After a crash, ``open`` restores every
-  committed write; an uncommitted write to a clean granule is forgotten (its bit was not
-  persisted), an uncommitted write to a committed-dirty granule may or may not survive,
-  per byte, which is what NFSv3 allows for UNSTABLE writes (the verifier changes).
+  ``bitmap``, then (if the journal holds records) starts a new journal epoch and
+  fdatasyncs ``journal``. A persisted dirty bit always has its data on disk, and a torn
+  bitmap page holds only bits whose data is already durable. After a crash, ``open``
+  restores every committed write; an uncommitted write to a clean granule is forgotten
+  (its bit was not persisted), an uncommitted write to a committed-dirty granule may or
+  may not survive, per byte, which is what NFSv3 allows for UNSTABLE writes (the
+  verifier changes).
+- A stable write (FILE_SYNC) is one durable step (RFC 1813 asks it to make itself
+  durable, not the unstable writes before it): its bytes go into ``data`` (page cache)
+  and, under the same granule locks, the granules' whole newest content is read back
+  and given the next journal sequence number; the record is written to the journal and
+  the journal fdatasynced (over zeros laid ahead, so the sync carries no allocation).
+  ``open`` replays the current epoch's whole records in sequence order over ``data``
+  and sets their bits (then syncs, persists the bitmap, starts a new epoch): a granule
+  gets the content of its last whole record, which holds every write to it before that
+  one; a torn record was never acknowledged. A commit voids the records (new epoch), so
+  a replay never lays an old record over a write the commit made durable. A stable
+  write larger than ``JOURNAL_MAX_WRITE``, or one that finds the journal full or has
+  no room on the volume for its record, commits instead.
 - A failing write (ENOSPC, EDQUOT) raises ``NoSpace``; it writes newly allocated
   granules before it touches any already-dirty one, and it sets no bit unless all of it
   was written, so everything written before it reads back unchanged.
@@ -38,7 +54,16 @@ overlapping reads and writes see each region either before or after a write, and
 partial writes to one clean granule never both copy it from the base. Bits, export
 trackers and the set of bitmap pages to persist change together under one short
 ``DirtyMap.meta`` lock. Commits are serialised, and a commit whose writes an earlier commit
-already covered returns at once (group commit). The async variants run the blocking
+already covered returns at once (group commit). A commit holds the journal exclusively
+(``Journal.exclusive``: no new record reserved, every reserved one written) while it
+syncs and starts a new epoch; stable writes in threads sync the journal concurrently
+(the kernel shares one flush among them). ``awrite_inline`` is the loop's stable write
+for writes that read nothing from the base: its pwrites run on the loop and it waits
+for the journal's group sync (``_group_sync``: one thread syncs for every stable write
+waiting, batch after batch), since a thread hand-off per request, and each worker
+thread taking the GIL back after its syscalls, cost more than the pwrites; whatever
+would block the loop (a pause, a commit holding the journal, a full journal, zeros to
+lay ahead) goes to a thread instead. The async variants run the blocking
 work (pwrite, fsync, copy on write) in an executor; a read of clean granules only goes
 straight to ``base.aread``.
 
@@ -125,6 +150,16 @@ def _fdatasync(fd: int) -> None:
     os.fdatasync(fd)
 
 
+def _settle(futs: list[asyncio.Future], exc: BaseException | None) -> None:
+    for fut in futs:
+        if fut.done():
+            continue
+        if exc is None:
+            fut.set_result(None)
+        else:
+            fut.set_exception(exc)
+
+
 def _wake(fut: asyncio.Future) -> None:
     if not fut.done():
         fut.set_result(None)
@@ -178,6 +213,14 @@ class WriteGate:
                 fut = loop.create_future()
                 self._waiters.append((loop, fut))
             await fut
+
+    def try_enter(self) -> bool:
+        """Count a write in progress unless a pause is on (then False: nothing counted)."""
+        with self._cond:
+            if self._frozen:
+                return False
+            self._writers += 1
+            return True
 
     @contextmanager
     def paused(self) -> Iterator[None]:
@@ -234,6 +277,9 @@ class WriteCache:
         self._gate = WriteGate()
         self._executor = executor
         self._commit_lock = threading.Lock()
+        self._sync_mu = threading.Lock()  # the stable writes waiting for the journal's group sync
+        self._sync_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = []
+        self._syncing = False
         self._durable_gen = 0
         self._closed = False
         self.failed: str | None = None
@@ -421,7 +467,7 @@ class WriteCache:
         if record is None or not self._append(*record):
             self.commit()
 
-    def _write(self, offset: int, view: memoryview, journal: bool) -> tuple | None:
+    def _write(self, offset: int, view: memoryview, journal: bool, wait: bool = True) -> tuple | None:
         """Write under the locks of the granules; with ``journal``, also take the write's
         place in the journal and return what ``_append`` writes there (None if the
         journal is full: the caller commits instead)."""
@@ -445,7 +491,7 @@ class WriteCache:
             # the record holds the granules' whole newest content, read under their locks
             a, b = g0 << self._shift, min((g1 + 1) << self._shift, self.size)
             content = view if (a == offset and b == offset + len(view)) else memoryview(pread_exact(self._data_fd, b - a, a))
-            ticket = self._journal.reserve(b - a)
+            ticket = self._journal.reserve(b - a, wait)
             return None if ticket is None else (ticket, g0, g1 - g0 + 1, content)
         finally:
             for lk in reversed(locks):
@@ -465,6 +511,74 @@ class WriteCache:
         except OSError as e:
             self._fail("fdatasync", e)
         return True
+
+    async def awrite_inline(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """A stable write from the event loop, for a write that reads nothing from the
+        base (``needs_no_copy``): its pwrites (data, journal record) go into the page
+        cache here, and it waits for the journal's group sync, one fdatasync in a thread
+        for every stable write waiting then (a thread hand-off per request costs more
+        than the pwrites, and each worker thread takes the GIL back after its syscalls).
+        Whatever would block the loop goes to a thread instead: a pause, a commit holding
+        the journal, zeros to lay ahead, a full journal."""
+        self._check_writable()
+        view = memoryview(data).cast("B")
+        n = len(view)
+        if not (self.durable and 0 < n <= JOURNAL_MAX_WRITE and 0 <= offset and offset + n <= self.size) \
+                or not self._gate.try_enter():
+            return await self.awrite(offset, data, True)
+        try:
+            record = self._write(offset, view, True, wait=False)
+        finally:
+            self._gate.leave()
+        loop = asyncio.get_running_loop()
+        if record is None:
+            return await loop.run_in_executor(self._executor, self.commit)
+        ticket, granule, count, content = record
+        if not self._journal.filled(ticket, len(content)):
+            if not await loop.run_in_executor(self._executor, self._append, ticket, granule, count, content):
+                await loop.run_in_executor(self._executor, self.commit)
+            return
+        try:
+            self._journal.append(ticket, granule, count, content)
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                volume_error(e, "a write to the write cache's journal")
+            return await loop.run_in_executor(self._executor, self.commit)
+        fut = loop.create_future()
+        with self._sync_mu:
+            self._sync_waiters.append((loop, fut))
+            start, self._syncing = not self._syncing, True
+        if start:
+            loop.run_in_executor(self._executor, self._group_sync)
+        await fut
+
+    def _group_sync(self) -> None:
+        """Sync the journal for every stable write waiting, batch after batch, until none
+        waits; each waiter registered after its record's pwrite, so the sync that
+        follows covers it."""
+        while True:
+            with self._sync_mu:
+                batch, self._sync_waiters = self._sync_waiters, []
+                if not batch:
+                    self._syncing = False
+                    return
+            exc: BaseException | None = None
+            try:
+                self._check_writable()
+                try:
+                    _fdatasync(self._journal.fd)
+                except OSError as e:
+                    self._fail("fdatasync", e)
+            except WriteCacheError as e:
+                exc = e
+            loops: dict[asyncio.AbstractEventLoop, list[asyncio.Future]] = {}
+            for lp, fut in batch:
+                loops.setdefault(lp, []).append(fut)
+            for lp, futs in loops.items():
+                try:
+                    lp.call_soon_threadsafe(_settle, futs, exc)
+                except RuntimeError:
+                    pass  # that loop is closed: nobody waits there any more
 
     async def awrite(self, offset: int, data: bytes | bytearray | memoryview, stable: bool = False) -> None:
         """``write`` in the executor (copy on write and fsync never block the loop); while

@@ -478,12 +478,15 @@ class Journal:
         """Whether the current epoch has records (reserved or written)."""
         return self.pos > JOURNAL_START
 
-    def reserve(self, nbytes: int) -> tuple[int, int, bytes] | None:
+    def reserve(self, nbytes: int, wait: bool = True) -> tuple[int, int, bytes] | None:
         """(position, sequence number, nonce) for a record of ``nbytes`` data bytes, or
-        None when the epoch has no room left for it (the caller commits instead)."""
+        None when the epoch has no room left for it, or (``wait`` false) when a commit
+        holds the journal: the caller commits instead."""
         size = record_size(nbytes)
         with self._cond:
             while self._held:
+                if not wait:
+                    return None
                 self._cond.wait()
             if self.pos + size > JOURNAL_START + self.capacity:
                 return None
@@ -492,6 +495,11 @@ class Journal:
             self.seq += 1
             self._appending += 1
             return pos, seq, self.nonce
+
+    def filled(self, ticket: tuple[int, int, bytes], nbytes: int) -> bool:
+        """Whether the record ``ticket`` reserved lies over zeros already written (its
+        append then never fills ahead: one pwrite into the page cache)."""
+        return ticket[0] + JREC_HEAD + nbytes <= self.zeroed
 
     def append(self, ticket: tuple[int, int, bytes], granule: int, count: int, data: memoryview | bytes | bytearray) -> None:
         """Write the record ``ticket`` reserved (OSError as pwrite raises it); the append

@@ -17,7 +17,9 @@ Operations count as in flight on their session (``Session.inflight``) while they
 in a pool, so an unpublish never closes a cache under them (the last one to finish on
 an unpublished session tells ``Sessions.last_op_ended``). A small UNSTABLE
 write that needs no copy on write (``WriteCache.needs_no_copy``) runs on the loop: one
-pwrite into the page cache is cheaper than a thread hand-off.
+pwrite into the page cache is cheaper than a thread hand-off; a small stable one too
+(``WriteCache.awrite_inline``: only its fdatasync runs in a thread, shared by the stable
+writes waiting then).
 """
 from __future__ import annotations
 
@@ -108,6 +110,13 @@ class DiskFiles:
             # into the page cache: cheaper here than a thread hand-off (no export is
             # running, so it can never wait for paused writes)
             cache.write(offset, data)
+        elif len(data) <= INLINE_WRITE and not s.jobs and cache.needs_no_copy(offset, len(data)):
+            # a small stable one: its pwrites here, its fdatasync in the cache's group sync
+            s.inflight += 1
+            try:
+                await cache.awrite_inline(offset, data)
+            finally:
+                self._op_ended(s)
         else:
             s.inflight += 1
             try:

@@ -3,10 +3,13 @@ missing records are skipped on replay; a commit voids the records; version 1 cac
 (no journal) open after an upgrade; ``peekv`` passes clean ranges to the base."""
 from __future__ import annotations
 
+import asyncio
+import errno
 import os
 import shutil
 import struct
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -270,3 +273,101 @@ def test_replay_applies_records_in_the_order_they_were_written(tmp_path):
     expect[5000 - 4096 : 6000 - 4096] = second
     with WriteCache.open(tmp_path / "x", base) as back:
         assert back.read(4096, 4096) == bytes(expect)
+
+
+def test_inline_stable_writes_share_the_journals_group_sync(tmp_path, monkeypatch):
+    """Stable writes from the loop: their pwrites there, one fdatasync of the journal per
+    batch of waiters (never of data or bitmap); each survives losing the data file."""
+    synced: list[int] = []
+    real = writecache._fdatasync
+    monkeypatch.setattr(writecache, "_fdatasync", lambda fd: (synced.append(fd), real(fd)))
+    base = MemDisk(IMAGE)
+    pool = ThreadPoolExecutor(4)
+    wc = WriteCache.create(tmp_path / "c", base, executor=pool)
+    expect = bytearray(IMAGE)
+    writes = [(i * 4096 * 5, pattern(i, 4096)) for i in range(40)]
+    for off, data in writes:
+        expect[off : off + 4096] = data
+
+    async def go() -> None:
+        await asyncio.gather(*(wc.awrite_inline(off, data) for off, data in writes))
+
+    try:
+        asyncio.run(go())
+        assert synced and set(synced) == {wc._journal.fd}
+        assert len(synced) <= len(writes)
+        assert wc._journal.seq == len(writes) and wc.commits == 0
+        crash_copy(tmp_path / "c", tmp_path / "x", keep_data=False)
+    finally:
+        wc.close()
+        pool.shutdown()
+    with WriteCache.open(tmp_path / "x", base) as back:
+        assert back.read(0, SIZE) == bytes(expect)
+
+
+def test_inline_stable_writes_fall_back_rather_than_block_the_loop(tmp_path):
+    """A pause, a commit holding the journal, a full journal or zeros to lay ahead send
+    the write to a thread; it is durable all the same."""
+    base = MemDisk(IMAGE)
+    pool = ThreadPoolExecutor(4)
+    wc = WriteCache.create(tmp_path / "c", base, executor=pool)
+    expect = bytearray(IMAGE)
+
+    async def write(off: int, seed: int) -> None:
+        data = pattern(seed, 4096)
+        expect[off : off + 4096] = data
+        await wc.awrite_inline(off, data)
+
+    async def go() -> None:
+        await write(0, 1)  # the first record lays zeros ahead: in a thread
+        assert wc._journal.seq == 1 and wc._journal.zeroed > JOURNAL_START
+        with wc._journal.exclusive():  # as a commit holds it
+            task = asyncio.ensure_future(write(8192, 2))
+            await asyncio.sleep(0.05)
+            assert not task.done()  # waits in a thread for the commit, not on the loop
+        await task
+        assert wc.commits == 1
+        wc._journal.capacity = 0  # full: commits
+        await write(16384, 3)
+        assert wc.commits == 2
+        wc._journal.capacity = 1 << 20
+        with wc.writes_paused():
+            pass
+        await write(24576, 4)
+
+    try:
+        asyncio.run(go())
+        crash_copy(tmp_path / "c", tmp_path / "x", keep_data=True)
+    finally:
+        wc.close()
+        pool.shutdown()
+    with open(tmp_path / "x" / DATA_FILE, "r+b") as f:  # the last write was only journalled
+        f.seek(24576)
+        f.write(bytes(4096))
+    with WriteCache.open(tmp_path / "x", base) as back:
+        assert back.read(0, SIZE) == bytes(expect)
+
+
+def test_a_failed_group_sync_fails_its_writes_and_the_cache(tmp_path, monkeypatch):
+    def fail(fd: int) -> None:
+        raise OSError(errno.EIO, "EIO")
+
+    base = MemDisk(IMAGE)
+    pool = ThreadPoolExecutor(2)
+    wc = WriteCache.create(tmp_path / "c", base, executor=pool)
+    wc.write(0, pattern(1, 4096), stable=True)  # zeros laid ahead: the next records go inline
+    monkeypatch.setattr(writecache, "_fdatasync", fail)
+
+    async def go() -> list:
+        return await asyncio.gather(*(wc.awrite_inline(i * 8192, pattern(i, 4096)) for i in range(1, 5)),
+                                    return_exceptions=True)
+
+    try:
+        res = asyncio.run(go())
+        assert res and all(isinstance(r, WriteCacheError) for r in res)
+        assert wc.failed == "fdatasync: EIO"
+        with pytest.raises(WriteCacheError):
+            wc.write(0, b"x", stable=True)
+    finally:
+        wc.close()
+        pool.shutdown()
