@@ -116,6 +116,7 @@ from engine.errors import FileTooLarge, WriteCacheError
 from engine.fsutil import pwrite_all
 from engine.writecache_format import (
     DEFAULT_GRANULE,
+    FRAGMENTED_RUNS,
     HEADER_SIZE,
     JOURNAL_BYTES,
     PAGE,
@@ -143,6 +144,7 @@ JOURNAL_MAX_WRITE = min(1 << 20, JOURNAL_BYTES // 8)  # larger stable writes com
 STRIPES = 64
 
 log = logging.getLogger("instantnfs.writecache")
+_RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
 
 
 def _fdatasync(fd: int) -> None:
@@ -437,12 +439,62 @@ class WriteCache:
         return peek(offset, length)
 
     async def aread(self, offset: int, length: int) -> list[memoryview]:
-        """``readv`` for the event loop: clean ranges straight from the base, else in the executor."""
+        """``readv`` for the event loop: clean ranges straight from the base; a range with
+        dirty granules on the loop when their bytes are in the page cache (``_read_nowait``),
+        else in the executor."""
         self._check_open()
         if not self.is_dirty(offset, length):
             return await self.base.aread(offset, length)
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self.readv, offset, length)
+        parts = self._read_nowait(offset, self._clip(offset, length))
+        if parts is None:
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._executor, self.readv, offset, length)
+        out: list[memoryview] = []
+        for part in parts:
+            if isinstance(part, tuple):
+                out.extend(await self.base.aread(*part))
+            else:
+                out.append(part)
+        return out
+
+    def _read_nowait(self, offset: int, length: int) -> list[memoryview | tuple[int, int]] | None:
+        """The dirty runs of the range read from ``data`` without waiting (``RWF_NOWAIT``:
+        only what the page cache holds) under the granule locks, taken without waiting,
+        and the clean runs as ``(offset, length)`` for the base (clean when the locks
+        were held: the answer is the disk as of then). None when something would wait:
+        a lock, a page not cached, or many small runs (the executor merges those)."""
+        if not _RWF_NOWAIT:
+            return None
+        g0, g1 = offset >> self._shift, (offset + length - 1) >> self._shift
+        locks = self._stripes(g0, g1)
+        taken: list[threading.Lock] = []
+        try:
+            for lk in locks:
+                if not lk.acquire(blocking=False):
+                    return None
+                taken.append(lk)
+            runs = self._dirty.runs(g0, g1)
+            if len(runs) > FRAGMENTED_RUNS:
+                return None
+            sh, end = self._shift, offset + length
+            out: list[memoryview | tuple[int, int]] = []
+            for start, count, is_dirty in runs:
+                lo, hi = max(offset, start << sh), min(end, (start + count) << sh)
+                if not is_dirty:
+                    out.append((lo, hi - lo))
+                    continue
+                buf = bytearray(hi - lo)
+                try:
+                    n = os.preadv(self._data_fd, [buf], lo, _RWF_NOWAIT)
+                except (BlockingIOError, OSError):
+                    return None
+                if n != hi - lo:
+                    return None
+                out.append(memoryview(buf))
+            return out
+        finally:
+            for lk in reversed(taken):
+                lk.release()
 
     # -- writing -------------------------------------------------------------------------
 

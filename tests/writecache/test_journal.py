@@ -371,3 +371,35 @@ def test_a_failed_group_sync_fails_its_writes_and_the_cache(tmp_path, monkeypatc
     finally:
         wc.close()
         pool.shutdown()
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@given(writes=st.lists(st.tuples(st.integers(0, SIZE - 1), st.integers(1, 70000)), max_size=8),
+       reads=st.lists(st.tuples(st.integers(0, SIZE), st.integers(0, 300000)), min_size=1, max_size=6))
+def test_aread_of_dirty_ranges_on_the_loop_matches_the_model(tmp_path_factory, writes, reads):
+    """Dirty ranges are read on the loop when the page cache holds them (RWF_NOWAIT),
+    with their clean runs from the base: the same bytes as the model."""
+    base = MemDisk(IMAGE)
+    model = bytearray(IMAGE)
+    with WriteCache.create(tmp_path_factory.mktemp("r") / "c", base) as wc:
+        for i, (off, n) in enumerate(writes):
+            n = min(n, SIZE - off)
+            data = pattern(i, n)
+            wc.write(off, data)
+            model[off : off + n] = data
+
+        async def go() -> list[bytes]:
+            return [b"".join(await wc.aread(off, n)) for off, n in reads]
+
+        got = asyncio.run(go())
+        for (off, n), g in zip(reads, got):
+            assert g == bytes(model[off : off + n])
+
+
+def test_a_cached_dirty_range_is_read_without_a_thread(tmp_path):
+    base = MemDisk(IMAGE)
+    with WriteCache.create(tmp_path / "c", base) as wc:
+        wc.write(5000, pattern(1, 20000))
+        parts = wc._read_nowait(0, 65536)  # written just now: in the page cache
+        assert parts is not None
+        assert [p for p in parts if isinstance(p, tuple)] == [(0, 4096), (28672, 65536 - 28672)]
