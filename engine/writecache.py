@@ -65,7 +65,10 @@ thread taking the GIL back after its syscalls, cost more than the pwrites; whate
 would block the loop (a pause, a commit holding the journal, a full journal, zeros to
 lay ahead) goes to a thread instead. The async variants run the blocking
 work (pwrite, fsync, copy on write) in an executor; a read of clean granules only goes
-straight to ``base.aread``.
+straight to ``base.aread`` (and ``peekv``, the fast lane's, to ``base.peekv``), and a
+read with dirty granules runs on the loop when their bytes are in the page cache
+(``preadv`` with ``RWF_NOWAIT``, the granule locks taken without waiting), else in the
+executor.
 
 What it assumes of the base: ``base.size`` is fixed, and ``base.read`` returns the same
 bytes for the same range every time (a restore point is immutable), is thread-safe, and

@@ -18,10 +18,10 @@ A cache directory holds three files:
     The stable writes since the last commit, each one record carrying its granules'
     whole newest content, so that a stable (FILE_SYNC) write is durable after one
     pwrite of its record and one fdatasync of the journal (``Journal``). Two header
-    slots (pages 0 and 1, little-endian: magic ``INFS-WJ\0``, version, epoch, an 8-byte
+    slots (pages 0 and 1, little-endian: magic ``INFS-WJ\\0``, version, epoch, an 8-byte
     random nonce, CRC32 of those): the slot with the highest epoch and a good CRC is
     current. Records follow from ``JOURNAL_START``, each at a multiple of
-    ``JOURNAL_ALIGN``: a 64-byte head (magic ``WJR\1``, CRC32 of the rest of the head
+    ``JOURNAL_ALIGN``: a 64-byte head (magic ``WJR\\1``, CRC32 of the rest of the head
     and the data, the epoch's nonce, sequence number, first granule, granule count,
     data length), then the data. A record counts only if its nonce is the current
     epoch's and its CRC holds, so a torn record, a slot reserved but never written and
@@ -41,8 +41,9 @@ journal and then rewrites their header as version 2, so a live instant session's
 survives a daemon upgrade (the older daemon refuses a version 2 cache, which may hold
 stable writes only in its journal).
 
-``create_files`` makes both and syncs them (the bitmap is written under a temporary
-name and renamed, so a directory holds a bitmap only once the bitmap is whole);
+``create_files`` makes the three and syncs them (the journal and then the bitmap are
+written under temporary names and renamed, so a directory holds a bitmap only once the
+cache is whole);
 ``open_files`` checks the header against the disk it is opened over. Both take the lock:
 an exclusive ``flock`` on the bitmap, held while the file descriptor is open, so one
 process at a time owns a cache and ``remove_stale_temporaries`` can tell a live
