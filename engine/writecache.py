@@ -1,9 +1,11 @@
 """The copy-on-write write cache: a writable layer over a read-only disk.
 
-A ``WriteCache`` lives in one directory and holds two files: ``data``, a sparse file as
+A ``WriteCache`` lives in one directory and holds three files: ``data``, a sparse file as
 large as the disk in which every *dirty* granule's newest bytes sit at the granule's own
 offset (clean granules are holes, or stale bytes left by a write that never became
-dirty, and are never read), and ``bitmap``, a header page and then one bit per granule.
+dirty, and are never read), ``bitmap``, a header page and then one bit per granule, and
+``journal``, the stable writes since the last commit, each a record of its granules'
+whole content.
 Their layout, the header's checks, the one-process lock, the stale temporaries, the
 bitmap in memory (``DirtyMap``) and the granule reads and writes of ``data``
 (``DataFile``) are ``engine.writecache_format``; this module decides when they happen:
@@ -18,11 +20,25 @@ Invariants
   clean granule's content is the base's.
 - Bits are never cleared, so persisted bits only go 0 -> 1: ``commit`` fdatasyncs
   ``data`` first, then writes the changed bitmap pages in place and fdatasyncs
-  ``bitmap``. A persisted dirty bit always has its data on disk, and a torn bitmap page
-  holds only bits whose data is already durable. After a crash, ``open`` restores every
-  committed write; an uncommitted write to a clean granule is forgotten (its bit was not
-  persisted), an uncommitted write to a committed-dirty granule may or may not survive,
-  per byte, which is what NFSv3 allows for UNSTABLE writes (the verifier changes).
+  ``bitmap``, then (if the journal holds records) starts a new journal epoch and
+  fdatasyncs ``journal``. A persisted dirty bit always has its data on disk, and a torn
+  bitmap page holds only bits whose data is already durable. After a crash, ``open``
+  restores every committed write; an uncommitted write to a clean granule is forgotten
+  (its bit was not persisted), an uncommitted write to a committed-dirty granule may or
+  may not survive, per byte, which is what NFSv3 allows for UNSTABLE writes (the
+  verifier changes).
+- A stable write (FILE_SYNC) is one durable step (RFC 1813 asks it to make itself
+  durable, not the unstable writes before it): its bytes go into ``data`` (page cache)
+  and, under the same granule locks, the granules' whole newest content is read back
+  and given the next journal sequence number; the record is written to the journal and
+  the journal fdatasynced (over zeros laid ahead, so the sync carries no allocation).
+  ``open`` replays the current epoch's whole records in sequence order over ``data``
+  and sets their bits (then syncs, persists the bitmap, starts a new epoch): a granule
+  gets the content of its last whole record, which holds every write to it before that
+  one; a torn record was never acknowledged. A commit voids the records (new epoch), so
+  a replay never lays an old record over a write the commit made durable. A stable
+  write larger than ``JOURNAL_MAX_WRITE``, or one that finds the journal full or has
+  no room on the volume for its record, commits instead.
 - A failing write (ENOSPC, EDQUOT) raises ``NoSpace``; it writes newly allocated
   granules before it touches any already-dirty one, and it sets no bit unless all of it
   was written, so everything written before it reads back unchanged.
@@ -38,9 +54,21 @@ overlapping reads and writes see each region either before or after a write, and
 partial writes to one clean granule never both copy it from the base. Bits, export
 trackers and the set of bitmap pages to persist change together under one short
 ``DirtyMap.meta`` lock. Commits are serialised, and a commit whose writes an earlier commit
-already covered returns at once (group commit). The async variants run the blocking
+already covered returns at once (group commit). A commit holds the journal exclusively
+(``Journal.exclusive``: no new record reserved, every reserved one written) while it
+syncs and starts a new epoch; stable writes in threads sync the journal concurrently
+(the kernel shares one flush among them). ``awrite_inline`` is the loop's stable write
+for writes that read nothing from the base: its pwrites run on the loop and it waits
+for the journal's group sync (``_group_sync``: one thread syncs for every stable write
+waiting, batch after batch), since a thread hand-off per request, and each worker
+thread taking the GIL back after its syscalls, cost more than the pwrites; whatever
+would block the loop (a pause, a commit holding the journal, a full journal, zeros to
+lay ahead) goes to a thread instead. The async variants run the blocking
 work (pwrite, fsync, copy on write) in an executor; a read of clean granules only goes
-straight to ``base.aread``.
+straight to ``base.aread`` (and ``peekv``, the fast lane's, to ``base.peekv``), and a
+read with dirty granules runs on the loop when their bytes are in the page cache
+(``preadv`` with ``RWF_NOWAIT``, the granule locks taken without waiting), else in the
+executor.
 
 What it assumes of the base: ``base.size`` is fixed, and ``base.read`` returns the same
 bytes for the same range every time (a restore point is immutable), is thread-safe, and
@@ -91,7 +119,9 @@ from engine.errors import FileTooLarge, WriteCacheError
 from engine.fsutil import pwrite_all
 from engine.writecache_format import (
     DEFAULT_GRANULE,
+    FRAGMENTED_RUNS,
     HEADER_SIZE,
+    JOURNAL_BYTES,
     PAGE,
     CacheFiles,
     DataFile,
@@ -101,6 +131,7 @@ from engine.writecache_format import (
     holds_cache,
     make_temporary_dir,
     open_files,
+    pread_exact,
     remove_stale_temporaries,
     volume_error,
 )
@@ -112,14 +143,26 @@ __all__ = [
 ]
 
 LOCK_SPAN = 64  # granules per lock region
+JOURNAL_MAX_WRITE = min(1 << 20, JOURNAL_BYTES // 8)  # larger stable writes commit instead of journalling
 STRIPES = 64
 
 log = logging.getLogger("instantnfs.writecache")
+_RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
 
 
 def _fdatasync(fd: int) -> None:
     """Every sync of the write cache goes through here (tests replace it to fail)."""
     os.fdatasync(fd)
+
+
+def _settle(futs: list[asyncio.Future], exc: BaseException | None) -> None:
+    for fut in futs:
+        if fut.done():
+            continue
+        if exc is None:
+            fut.set_result(None)
+        else:
+            fut.set_exception(exc)
 
 
 def _wake(fut: asyncio.Future) -> None:
@@ -176,6 +219,14 @@ class WriteGate:
                 self._waiters.append((loop, fut))
             await fut
 
+    def try_enter(self) -> bool:
+        """Count a write in progress unless a pause is on (then False: nothing counted)."""
+        with self._cond:
+            if self._frozen:
+                return False
+            self._writers += 1
+            return True
+
     @contextmanager
     def paused(self) -> Iterator[None]:
         """Hold new writes back and wait for the ones in progress (in a thread)."""
@@ -224,12 +275,16 @@ class WriteCache:
         self._shift = self.granule.bit_length() - 1
         self._data_fd = files.data_fd
         self._bitmap_fd = files.bitmap_fd
+        self._journal = files.journal
         self._file = DataFile(files.data_fd, base, self.granule)
         self._dirty = DirtyMap(files.bits, self.granule, self.size, files.dirty)
         self._locks = [threading.Lock() for _ in range(STRIPES)]
         self._gate = WriteGate()
         self._executor = executor
         self._commit_lock = threading.Lock()
+        self._sync_mu = threading.Lock()  # the stable writes waiting for the journal's group sync
+        self._sync_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = []
+        self._syncing = False
         self._durable_gen = 0
         self._closed = False
         self.failed: str | None = None
@@ -304,6 +359,7 @@ class WriteCache:
             self._closed = True
             os.close(self._data_fd)
             os.close(self._bitmap_fd)
+            os.close(self._journal.fd)
             if self.is_temporary:
                 shutil.rmtree(self.path, ignore_errors=True)
 
@@ -370,22 +426,78 @@ class WriteCache:
             for lk in reversed(locks):
                 lk.release()
 
-    def peekv(self, offset: int, length: int) -> list[memoryview] | None:
-        """``aread``'s buffers when it would not wait: a clean range the base has at hand
-        (``base.peekv``); None when the range touches a dirty granule or the base must load."""
+    def peekv(self, offset: int, length: int) -> list | None:
+        """The fast lane's read, on the loop with no hand-off: for a range no write has
+        touched, the base's ``peekv`` (its buffers when every block is cached or zero,
+        else None); None when a granule of the range is dirty or the base cannot peek
+        (the caller then takes ``aread``). A write racing it is seen or not, as with
+        any read; the base's buffers are immutable, so they stay valid while sent."""
         self._check_open()
-        if self.is_dirty(offset, length):
+        clipped = self._clip(offset, length)
+        if clipped and self._dirty.count(offset >> self._shift, (offset + clipped - 1) >> self._shift):
             return None
         peek = getattr(self.base, "peekv", None)
-        return peek(offset, length) if peek is not None else None
+        if peek is None:
+            return None
+        return peek(offset, length)
 
     async def aread(self, offset: int, length: int) -> list[memoryview]:
-        """``readv`` for the event loop: clean ranges straight from the base, else in the executor."""
+        """``readv`` for the event loop: clean ranges straight from the base; a range with
+        dirty granules on the loop when their bytes are in the page cache (``_read_nowait``),
+        else in the executor."""
         self._check_open()
         if not self.is_dirty(offset, length):
             return await self.base.aread(offset, length)
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self.readv, offset, length)
+        parts = self._read_nowait(offset, self._clip(offset, length))
+        if parts is None:
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._executor, self.readv, offset, length)
+        out: list[memoryview] = []
+        for part in parts:
+            if isinstance(part, tuple):
+                out.extend(await self.base.aread(*part))
+            else:
+                out.append(part)
+        return out
+
+    def _read_nowait(self, offset: int, length: int) -> list[memoryview | tuple[int, int]] | None:
+        """The dirty runs of the range read from ``data`` without waiting (``RWF_NOWAIT``:
+        only what the page cache holds) under the granule locks, taken without waiting,
+        and the clean runs as ``(offset, length)`` for the base (clean when the locks
+        were held: the answer is the disk as of then). None when something would wait:
+        a lock, a page not cached, or many small runs (the executor merges those)."""
+        if not _RWF_NOWAIT:
+            return None
+        g0, g1 = offset >> self._shift, (offset + length - 1) >> self._shift
+        locks = self._stripes(g0, g1)
+        taken: list[threading.Lock] = []
+        try:
+            for lk in locks:
+                if not lk.acquire(blocking=False):
+                    return None
+                taken.append(lk)
+            runs = self._dirty.runs(g0, g1)
+            if len(runs) > FRAGMENTED_RUNS:
+                return None
+            sh, end = self._shift, offset + length
+            out: list[memoryview | tuple[int, int]] = []
+            for start, count, is_dirty in runs:
+                lo, hi = max(offset, start << sh), min(end, (start + count) << sh)
+                if not is_dirty:
+                    out.append((lo, hi - lo))
+                    continue
+                buf = bytearray(hi - lo)
+                try:
+                    n = os.preadv(self._data_fd, [buf], lo, _RWF_NOWAIT)
+                except (BlockingIOError, OSError):
+                    return None
+                if n != hi - lo:
+                    return None
+                out.append(memoryview(buf))
+            return out
+        finally:
+            for lk in reversed(taken):
+                lk.release()
 
     # -- writing -------------------------------------------------------------------------
 
@@ -398,16 +510,22 @@ class WriteCache:
             raise ValueError(f"negative offset {offset}")
         if offset + n > self.size:
             raise FileTooLarge(f"a write of {n} bytes at {offset} goes past the end of the {self.size}-byte disk")
+        record = None
         if n:
             self._gate.enter()
             try:
-                self._write(offset, view)
+                record = self._write(offset, view, stable and self.durable and n <= JOURNAL_MAX_WRITE)
             finally:
                 self._gate.leave()
-        if stable:
+        if not stable:
+            return
+        if record is None or not self._append(*record):
             self.commit()
 
-    def _write(self, offset: int, view: memoryview) -> None:
+    def _write(self, offset: int, view: memoryview, journal: bool, wait: bool = True) -> tuple | None:
+        """Write under the locks of the granules; with ``journal``, also take the write's
+        place in the journal and return what ``_append`` writes there (None if the
+        journal is full: the caller commits instead)."""
         g0, g1 = offset >> self._shift, (offset + len(view) - 1) >> self._shift
         locks = self._stripes(g0, g1)
         for lk in locks:
@@ -423,9 +541,99 @@ class WriteCache:
                 self._dirty.mark([(s, c) for s, c, v in runs if not v], g0, g1)
                 self.writes += 1
                 self.bytes_written += len(view)
+            if not journal:
+                return None
+            # the record holds the granules' whole newest content, read under their locks
+            a, b = g0 << self._shift, min((g1 + 1) << self._shift, self.size)
+            content = view if (a == offset and b == offset + len(view)) else memoryview(pread_exact(self._data_fd, b - a, a))
+            ticket = self._journal.reserve(b - a, wait)
+            return None if ticket is None else (ticket, g0, g1 - g0 + 1, content)
         finally:
             for lk in reversed(locks):
                 lk.release()
+
+    def _append(self, ticket: tuple[int, int, bytes], granule: int, count: int, content: memoryview) -> bool:
+        """Make a stable write durable in one step: its record, then one fdatasync of the
+        journal. False if the volume had no room for the record (the caller commits)."""
+        try:
+            self._journal.append(ticket, granule, count, content)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                return False
+            volume_error(e, "a write to the write cache's journal")
+        try:
+            _fdatasync(self._journal.fd)
+        except OSError as e:
+            self._fail("fdatasync", e)
+        return True
+
+    async def awrite_inline(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """A stable write from the event loop, for a write that reads nothing from the
+        base (``needs_no_copy``): its pwrites (data, journal record) go into the page
+        cache here, and it waits for the journal's group sync, one fdatasync in a thread
+        for every stable write waiting then (a thread hand-off per request costs more
+        than the pwrites, and each worker thread takes the GIL back after its syscalls).
+        Whatever would block the loop goes to a thread instead: a pause, a commit holding
+        the journal, zeros to lay ahead, a full journal."""
+        self._check_writable()
+        view = memoryview(data).cast("B")
+        n = len(view)
+        if not (self.durable and 0 < n <= JOURNAL_MAX_WRITE and 0 <= offset and offset + n <= self.size) \
+                or not self._gate.try_enter():
+            return await self.awrite(offset, data, True)
+        try:
+            record = self._write(offset, view, True, wait=False)
+        finally:
+            self._gate.leave()
+        loop = asyncio.get_running_loop()
+        if record is None:
+            return await loop.run_in_executor(self._executor, self.commit)
+        ticket, granule, count, content = record
+        if not self._journal.filled(ticket, len(content)):
+            if not await loop.run_in_executor(self._executor, self._append, ticket, granule, count, content):
+                await loop.run_in_executor(self._executor, self.commit)
+            return
+        try:
+            self._journal.append(ticket, granule, count, content)
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                volume_error(e, "a write to the write cache's journal")
+            return await loop.run_in_executor(self._executor, self.commit)
+        fut = loop.create_future()
+        with self._sync_mu:
+            self._sync_waiters.append((loop, fut))
+            start, self._syncing = not self._syncing, True
+        if start:
+            loop.run_in_executor(self._executor, self._group_sync)
+        await fut
+
+    def _group_sync(self) -> None:
+        """Sync the journal for every stable write waiting, batch after batch, until none
+        waits; each waiter registered after its record's pwrite, so the sync that
+        follows covers it."""
+        while True:
+            with self._sync_mu:
+                batch, self._sync_waiters = self._sync_waiters, []
+                if not batch:
+                    self._syncing = False
+                    return
+            exc: BaseException | None = None
+            try:
+                self._check_writable()
+                try:
+                    _fdatasync(self._journal.fd)
+                except OSError as e:
+                    self._fail("fdatasync", e)
+            except WriteCacheError as e:
+                exc = e
+            loops: dict[asyncio.AbstractEventLoop, list[asyncio.Future]] = {}
+            for lp, fut in batch:
+                loops.setdefault(lp, []).append(fut)
+            for lp, futs in loops.items():
+                try:
+                    lp.call_soon_threadsafe(_settle, futs, exc)
+                except RuntimeError:
+                    pass  # that loop is closed: nobody waits there any more
 
     async def awrite(self, offset: int, data: bytes | bytearray | memoryview, stable: bool = False) -> None:
         """``write`` in the executor (copy on write and fsync never block the loop); while
@@ -438,7 +646,8 @@ class WriteCache:
     # -- durability ----------------------------------------------------------------------
 
     def commit(self) -> None:
-        """Make every write that returned before this call durable: data, then bitmap."""
+        """Make every write that returned before this call durable: data, then bitmap,
+        then a new journal epoch (its records are all in the data file now)."""
         self._check_writable()
         with self._dirty.meta:
             target = self._dirty.gen
@@ -446,26 +655,39 @@ class WriteCache:
             self._check_writable()  # an earlier commit may have failed while this one waited
             if self._durable_gen >= target:
                 return
-            gen, pages, snap = self._dirty.take_pages()
             if not self.durable:
+                gen, _pages, _snap = self._dirty.take_pages()
                 self._durable_gen = gen
                 self.commits += 1
                 return
-            try:
-                _fdatasync(self._data_fd)
-            except OSError as e:
-                self._fail("fdatasync", e)
-            try:
-                for p, raw in snap:
-                    pwrite_all(self._bitmap_fd, raw, HEADER_SIZE + p * PAGE)
-            except OSError as e:
-                self._dirty.return_pages(pages)
-                volume_error(e, "committing the write cache")
-            if snap:
+            with self._journal.exclusive():
+                gen, pages, snap = self._dirty.take_pages()
                 try:
-                    _fdatasync(self._bitmap_fd)
+                    _fdatasync(self._data_fd)
                 except OSError as e:
                     self._fail("fdatasync", e)
+                try:
+                    for p, raw in snap:
+                        pwrite_all(self._bitmap_fd, raw, HEADER_SIZE + p * PAGE)
+                except OSError as e:
+                    self._dirty.return_pages(pages)
+                    volume_error(e, "committing the write cache")
+                if snap:
+                    try:
+                        _fdatasync(self._bitmap_fd)
+                    except OSError as e:
+                        self._fail("fdatasync", e)
+                if self._journal.used:
+                    # the records' granules are durable in data and bitmap: void them, or a
+                    # replay would lay them over the newer writes this commit covered
+                    try:
+                        self._journal.new_epoch()
+                    except OSError as e:
+                        volume_error(e, "starting a new journal epoch")
+                    try:
+                        _fdatasync(self._journal.fd)
+                    except OSError as e:
+                        self._fail("fdatasync", e)
             self._durable_gen = gen
             self.commits += 1
 

@@ -17,7 +17,9 @@ Operations count as in flight on their session (``Session.inflight``) while they
 in a pool, so an unpublish never closes a cache under them (the last one to finish on
 an unpublished session tells ``Sessions.last_op_ended``). A small UNSTABLE
 write that needs no copy on write (``WriteCache.needs_no_copy``) runs on the loop: one
-pwrite into the page cache is cheaper than a thread hand-off.
+pwrite into the page cache is cheaper than a thread hand-off; a small stable one too
+(``WriteCache.awrite_inline``: only its fdatasync runs in a thread, shared by the stable
+writes waiting then).
 """
 from __future__ import annotations
 
@@ -121,12 +123,18 @@ class DiskFiles:
             return r
         s = node.session
         assert s is not None
+        i = node.ino // 2
+        cache = s.caches[i]
         s.inflight += 1
         try:
-            await s.caches[node.ino // 2].awrite(offset, data, stable != 0)
+            if stable and len(data) <= INLINE_WRITE and not s.jobs and cache.needs_no_copy(offset, len(data)):
+                # a small stable one: its pwrites here, its fdatasync in the cache's group sync
+                await cache.awrite_inline(offset, data)
+            else:
+                await cache.awrite(offset, data, stable != 0)
         finally:
             self._op_ended(s)
-        return self._wrote(s, node.ino // 2, len(data), stable)
+        return self._wrote(s, i, len(data), stable)
 
     def write_now(self, node: Node, offset: int, data: Any, stable: int) -> tuple[int, int] | None:
         """``write`` when it runs here, on the loop: a small UNSTABLE write that reads

@@ -76,9 +76,9 @@ def test_disk_against_a_model_with_restarts_and_crashes(images, tmp_path):
             assert r.body.verf == self.verf
             self.current[off : off + n] = payload
             if stable:
-                # a stable write commits everything written before it, too
-                self.durable[:] = self.current
-                self.unstable = []
+                # a stable write makes itself durable (RFC 1813), not the UNSTABLE writes
+                # before it: those wait for a COMMIT
+                self.durable[off : off + n] = payload
             else:
                 self.unstable.append((off, payload))
 

@@ -195,7 +195,7 @@ def test_persisted_format(backup_repo, tmp_path):
         wc.commit()
     raw = (tmp_path / "c" / "bitmap").read_bytes()
     magic, version, granule, size, ngran = struct.unpack_from("<8sIIQQ", raw)
-    assert (magic, version, granule, size) == (b"INFS-WC\0", 1, 4096, base.size)
+    assert (magic, version, granule, size) == (b"INFS-WC\0", 2, 4096, base.size)
     assert ngran == -(-base.size // 4096)
     bits = np.frombuffer(raw[HEADER_SIZE : HEADER_SIZE + 2], dtype=np.uint8)
     assert list(bits) == [1 << 3, 1 << 1]
