@@ -14,7 +14,8 @@ while a global window is open (it opens and closes when no thread runs engine co
 Left out: the client thread; background threads (an engine function is their target,
 like the pack sweeper; named in the output); coroutine and generator resumptions (not
 calls: a resumed coroutine's calls go on in its thread's path segment).
-Cython (.pyx) functions are invisible; ``INSTANTNFS_PURE=1`` shows the pure twin instead.
+Cython functions are invisible (the .pyx modules, and the compiled builds of
+engine/nfs/fastlane.py and transport.py); ``INSTANTNFS_PURE=1`` shows the Python sources instead.
 
 Per op: ``modules`` in first-visit order; ``crossings``, calls whose caller's module
 differs from the callee's (both in engine/), per edge in ``edges``; ``path``, a segment
