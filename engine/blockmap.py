@@ -6,18 +6,13 @@ error that says how to make it, not a silent fallback to the slow path.
 """
 from __future__ import annotations
 
-import os
+from engine import twins
 
-if os.environ.get("INSTANTNFS_PURE") == "1":
+if twins.PURE:
     from engine import _blockmap_py as impl
 else:
-    try:
+    with twins.required("engine._blockmap"):
         from engine import _blockmap as impl  # type: ignore[no-redef]
-    except ImportError as e:  # pragma: no cover - depends on the build
-        raise ImportError(
-            "engine._blockmap is not built: run 'python setup.py build_ext --inplace' "
-            "(or scripts/setup.sh), or set INSTANTNFS_PURE=1 for the pure-Python block map"
-        ) from e
 
 BlockMap = impl.BlockMap
 ENTRY_DTYPE = impl.ENTRY_DTYPE

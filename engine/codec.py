@@ -6,18 +6,13 @@ that says how to make it, as for the block map (``engine.blockmap``).
 """
 from __future__ import annotations
 
-import os
+from engine import twins
 
-if os.environ.get("INSTANTNFS_PURE") == "1":
+if twins.PURE:
     from engine import _codec_py as impl
 else:
-    try:
+    with twins.required("engine._codec"):
         from engine import _codec as impl  # type: ignore[no-redef]
-    except ImportError as e:  # pragma: no cover - depends on the build
-        raise ImportError(
-            "engine._codec is not built: run 'python setup.py build_ext --inplace' "
-            "(or scripts/setup.sh), or set INSTANTNFS_PURE=1 for the pure-Python decompressor"
-        ) from e
 
 lz4_decompress_into = impl.lz4_decompress_into
 new_block = impl.new_block

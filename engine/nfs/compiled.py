@@ -11,40 +11,26 @@ error that says how to make it.
 from __future__ import annotations
 
 import os
-from types import ModuleType
 
-PURE = os.environ.get("INSTANTNFS_PURE") == "1"
+from engine import twins
 
+_HERE = os.path.dirname(__file__)
 
-def _build(name: str, source: str) -> ModuleType:  # pragma: no cover - depends on the build
-    import importlib
-
-    try:
-        mod = importlib.import_module(f"engine.nfs.{name}")
-    except ImportError as e:
-        raise ImportError(
-            f"engine.nfs.{name} is not built: run 'python setup.py build_ext --inplace' "
-            "(or scripts/setup.sh), or set INSTANTNFS_PURE=1 to run the Python sources"
-        ) from e
-    src = os.path.join(os.path.dirname(__file__), source)
-    if os.path.getmtime(src) > os.path.getmtime(mod.__file__ or src):
-        # a build older than its source would run yesterday's code
-        raise ImportError(f"engine.nfs.{name} is older than {src}: rebuild it with "
-                          "'python setup.py build_ext --inplace' (or scripts/setup.sh)")
-    return mod
-
-
-if PURE:
+if twins.PURE:
     from engine.nfs import fastlane as _lane
     from engine.nfs import transport as _transport
 else:
-    _lane = _build("_fastlane_c", "fastlane.py")
-    _transport = _build("_transport_c", "transport.py")
+    with twins.required("engine.nfs._fastlane_c"):
+        from engine.nfs import _fastlane_c as _lane  # type: ignore[no-redef]
+    with twins.required("engine.nfs._transport_c"):
+        from engine.nfs import _transport_c as _transport  # type: ignore[no-redef]
+    twins.not_older(_lane, os.path.join(_HERE, "fastlane.py"))
+    twins.not_older(_transport, os.path.join(_HERE, "transport.py"))
 
 FastLane = _lane.FastLane
 RpcStreamProtocol = _transport.RpcStreamProtocol
 RpcDatagramProtocol = _transport.RpcDatagramProtocol
 ConnectionLimits = _transport.ConnectionLimits
-IMPLEMENTATION = "pure-python" if PURE else "cython"
+IMPLEMENTATION = "pure-python" if twins.PURE else "cython"
 
 __all__ = ["IMPLEMENTATION", "ConnectionLimits", "FastLane", "RpcDatagramProtocol", "RpcStreamProtocol"]

@@ -6,18 +6,13 @@ that says how to make it, as for the block map.
 """
 from __future__ import annotations
 
-import os
+from engine import twins
 
-if os.environ.get("INSTANTNFS_PURE") == "1":
+if twins.PURE:
     from engine.nfs import _wire_py as impl
 else:
-    try:
+    with twins.required("engine.nfs._wire"):
         from engine.nfs import _wire as impl  # type: ignore[no-redef]
-    except ImportError as e:  # pragma: no cover - depends on the build
-        raise ImportError(
-            "engine.nfs._wire is not built: run 'python setup.py build_ext --inplace' "
-            "(or scripts/setup.sh), or set INSTANTNFS_PURE=1 for the pure-Python codec"
-        ) from e
 
 call_head = impl.call_head
 fh_arg = impl.fh_arg
