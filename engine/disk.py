@@ -156,19 +156,10 @@ class BackupDisk:
     async def aread(self, offset: int, length: int) -> list[memoryview]:
         """``readv`` for the event loop: cached chunks at once, misses in the thread pool
         (queued before the readahead this read triggers)."""
-        key = self.map.locate(offset, length)
-        if key >= 0:  # inside one stored block, and cached: no translate, no awaiting
-            data = self._cache.peek(key)
-            if data is not None:
-                self._ra.after(offset, length)
-                skip = offset & self._mask
-                return [memoryview(data)[skip : skip + length]]
-        elif key == -1:
-            self._ra.after(offset, length)
-            return self._zeros(length)
+        bufs = self.peekv(offset, length)
+        if bufs is not None:  # every block cached or a hole: no awaiting
+            return bufs
         length = self._clip(offset, length)
-        if length == 0:
-            return []
         rows = self.map.translate(offset, length).tolist()
         cache = self._cache
         chunks: list[bytes | bytearray | asyncio.Future[bytearray] | None] = []

@@ -12,6 +12,7 @@ import asyncio
 import gc
 import os
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -28,6 +29,15 @@ from engine.stack import Stack
 
 BS = 64 * 1024
 
+
+
+def _in_threads(run: Callable[[int], None], n: int) -> None:
+    """``run(0)`` .. ``run(n - 1)`` at once, each in its own thread; back when all ended."""
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
 
 def pattern(pack: int, rec: int) -> bytes:
     """The bytes the fake reader 'stores' at (pack, rec)."""
@@ -139,11 +149,7 @@ def test_views_held_across_threads_keep_their_bytes(pool):
                 if bytes(hv) != pattern(1, hb * BS):
                     errors.append(f"block {hb} changed under its view")
 
-    threads = [threading.Thread(target=run, args=(s,)) for s in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    _in_threads(run, 4)
     assert errors == []
     assert cache.reused > 0
 
@@ -337,10 +343,6 @@ def test_racing_readers_never_break_the_detector():
         except BaseException as e:  # noqa: BLE001 - reported below
             errors.append(e)
 
-    threads = [threading.Thread(target=run, args=(s,)) for s in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    _in_threads(run, 4)
     assert errors == []
     assert ra.sequential > 0

@@ -127,7 +127,7 @@ class DiskFiles:
         cache = s.caches[i]
         s.inflight += 1
         try:
-            if stable and len(data) <= INLINE_WRITE and not s.jobs and cache.needs_no_copy(offset, len(data)):
+            if stable and self._inline(s, cache, offset, len(data)):
                 # a small stable one: its pwrites here, its fdatasync in the cache's group sync
                 await cache.awrite_inline(offset, data)
             else:
@@ -145,10 +145,16 @@ class DiskFiles:
         assert s is not None
         i = node.ino // 2
         cache = s.caches[i]
-        if stable == 0 and len(data) <= INLINE_WRITE and not s.jobs and cache.needs_no_copy(offset, len(data)):
+        if stable == 0 and self._inline(s, cache, offset, len(data)):
             cache.write(offset, data)
             return self._wrote(s, i, len(data), stable)
         return None
+
+    @staticmethod
+    def _inline(s: Session, cache: Any, offset: int, n: int) -> bool:
+        """Whether a write's pwrites may run on the loop: small, reading nothing from the
+        backup, and no export running (so it never waits for paused writes)."""
+        return n <= INLINE_WRITE and not s.jobs and cache.needs_no_copy(offset, n)
 
     def _wrote(self, s: Session, i: int, n: int, stable: int) -> tuple[int, int]:
         self._touch(s, i)

@@ -33,7 +33,7 @@ from collections.abc import Callable
 from typing import Any
 
 from engine.datastore import VDISK, Attr, Node
-from engine.nfs.nfs3 import MAX_IO, MAX_OFFSET, NFS3, wcc_attr_of
+from engine.nfs.nfs3 import MAX_IO, MAX_OFFSET, NFS3, attr_memo, wcc_attr_of
 from engine.nfs.nfs3_convert import to_fattr3
 from engine.nfs.nfs3_types import (
     NFS_PROGRAM,
@@ -64,7 +64,7 @@ from engine.nfs.wire import (
 )
 from engine.nfs.xdr import Packer
 
-MEMO = 4096  # wire forms of attributes kept (per Attr object)
+ALLOWED_MEMO = 4096  # client addresses whose allowed-list answer is kept
 
 _GETATTR = int(NFSPROC3.GETATTR)
 _LOOKUP = int(NFSPROC3.LOOKUP)
@@ -122,7 +122,7 @@ class FastLane:
             return NOT_MINE
         allowed = self._allowed.get(client[0])
         if allowed is None:  # the list is fixed for the dispatcher's life: remembered per address
-            if len(self._allowed) > MEMO:
+            if len(self._allowed) > ALLOWED_MEMO:
                 self._allowed.clear()
             allowed = self._allowed[client[0]] = client[0] in self.server.allow
         if not allowed:
@@ -139,14 +139,7 @@ class FastLane:
             self.server.io_calls += 1
 
     def _attr(self, a: Attr) -> bytes:
-        hit = self._fattr.get(id(a))
-        if hit is not None and hit[0] is a:
-            return hit[1]
-        if len(self._fattr) > MEMO:
-            self._fattr.clear()
-        v = _fattr_bytes(a, self.ds.fsid)
-        self._fattr[id(a)] = (a, v)
-        return v
+        return attr_memo(self._fattr, a, _fattr_bytes, self.ds.fsid)
 
     def _post_op(self, node: Node) -> bytes | None:
         try:
@@ -159,14 +152,7 @@ class FastLane:
             a = self.ds.getattr(node)
         except OSError:
             return None
-        hit = self._wcc.get(id(a))
-        if hit is not None and hit[0] is a:
-            return hit[1]
-        if len(self._wcc) > MEMO:
-            self._wcc.clear()
-        v = _wcc_bytes(a)
-        self._wcc[id(a)] = (a, v)
-        return v
+        return attr_memo(self._wcc, a, _wcc_bytes)
 
     def _error(self, procnum: int, args: Any, xid: int, client: tuple[str, int], cred: Cred, e: BaseException) -> list[Any]:
         """The generic path's reply to an error raised after the call had an effect."""

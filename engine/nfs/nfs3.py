@@ -126,7 +126,7 @@ def _decode_write(u: Unpacker) -> tuple[Any, int, int, stable_how, memoryview]:
     return fh, offset, count, stable, data
 
 
-def _memo(table: dict[int, tuple[Attr, Any]], a: Attr, build: Callable[..., Any], *args: Any) -> Any:
+def attr_memo(table: dict[int, tuple[Attr, Any]], a: Attr, build: Callable[..., Any], *args: Any) -> Any:
     """``build(a, *args)``, kept per ``Attr`` object (``NFS3.attrs``); the table holds the
     ``Attr``, so its id is not reused while the entry lives."""
     hit = table.get(id(a))
@@ -165,7 +165,7 @@ class NFS3:
         return nfs_fh3(self.ds.handle(node))
 
     def attrs(self, node: Node) -> Any:
-        return _memo(self._fattr, self.ds.getattr(node), to_fattr3, self.ds.fsid)
+        return attr_memo(self._fattr, self.ds.getattr(node), to_fattr3, self.ds.fsid)
 
     def post_op(self, node: Node | None) -> Any:
         if node is None:
@@ -186,7 +186,7 @@ class NFS3:
             a = self.ds.getattr(node)
         except OSError:
             return None
-        return _memo(self._wcc, a, wcc_attr_of)
+        return attr_memo(self._wcc, a, wcc_attr_of)
 
     def wcc(self, before: Any, node: Node | None) -> Any:
         return wcc_data(before, self.post_op(node))
@@ -465,4 +465,4 @@ def procedures(nfs: NFS3) -> dict[int, Proc]:
     return {int(k): v for k, v in t.items()}
 
 
-__all__ = ["NFS3", "procedures", "wcc_attr_of"]
+__all__ = ["NFS3", "attr_memo", "procedures", "wcc_attr_of"]
