@@ -111,8 +111,17 @@ class Process:
                                  f"{self.tail()}")
             time.sleep(0.01)
 
-    def stop(self, timeout: float = 20.0) -> None:
-        """SIGTERM, then SIGKILL after ``timeout``; reaps the process. Safe to call twice."""
+    def stop(self, timeout: float = 20.0, *, grace: float = 0.0) -> None:
+        """SIGTERM, then SIGKILL after ``timeout``; reaps the process. Safe to call twice.
+
+        ``grace`` seconds are first given to a process that is already on its way out (a
+        FUSE daemon whose mount was just taken away), so it can release what it holds (a
+        repository lock) instead of being cut off halfway."""
+        if grace > 0:
+            try:
+                self.popen.wait(grace)
+            except subprocess.TimeoutExpired:
+                pass
         if self.popen.poll() is None:
             try:
                 os.kill(self.popen.pid, signal.SIGTERM)
@@ -344,9 +353,10 @@ class Peer:
                 unmount(m)
             except Exception as e:  # noqa: BLE001 - keep going, report the first
                 first = first or e
+        grace = 10.0 if self.mounts else 0.0
         for p in reversed(self.procs):
             try:
-                p.stop()
+                p.stop(grace=grace)
             except Exception as e:  # noqa: BLE001
                 first = first or e
         for m in reversed(self.mounts):

@@ -199,7 +199,7 @@ class FuseBackupPeer(Peer):
             seconds = time.perf_counter() - t0
         finally:
             unmount(mnt)
-            proc.stop()
+            proc.stop(grace=20.0)  # borg exits by itself once unmounted, releasing its repository lock
             self.mounts.remove(mnt)
             self.procs.remove(proc)
         if len(got[0]) != min(4096, ws.size):
@@ -260,7 +260,9 @@ class Borg(FuseBackupPeer):
         return [self._tool(), "create", "--compression", "lz4", *self.chunker, f"{repo}::{archive}", image.name]
 
     def mount_cmd(self, repo: Path, archive: str, mnt: Path) -> list[str]:
-        return [self._tool(), "mount", "-f", f"{repo}::{archive}", str(mnt)]
+        # a mount only reads, but borg still takes the repository lock for a moment: wait for it
+        # (a second mount of the same repository, or one still shutting down) rather than fail
+        return [self._tool(), "mount", "-f", "--lock-wait", str(int(READY_TIMEOUT)), f"{repo}::{archive}", str(mnt)]
 
     def file_in(self, mnt: Path, image: Path) -> Path:
         return mnt / image.name
