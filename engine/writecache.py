@@ -60,7 +60,9 @@ syncs and starts a new epoch; stable writes in threads sync the journal concurre
 (the kernel shares one flush among them). ``awrite_inline`` is the loop's stable write
 for writes that read nothing from the base: its pwrites run on the loop and it waits
 for the journal's group sync (``_group_sync``: one thread syncs for every stable write
-waiting, batch after batch), since a thread hand-off per request, and each worker
+waiting, batch after batch, started one loop iteration after the first waiter so that
+the writes of one receive batch share an fdatasync: at QD16 that took 4 KiB FILE_SYNC
+writes from ~6k to ~8k IOPS, most batches having held a single write), since a thread hand-off per request, and each worker
 thread taking the GIL back after its syscalls, cost more than the pwrites; whatever
 would block the loop (a pause, a commit holding the journal, a full journal, zeros to
 lay ahead) goes to a thread instead. The async variants run the blocking
@@ -604,8 +606,18 @@ class WriteCache:
             self._sync_waiters.append((loop, fut))
             start, self._syncing = not self._syncing, True
         if start:
-            loop.run_in_executor(self._executor, self._group_sync)
+            # one loop iteration later, so that every stable write decoded from the same
+            # receive batch has its record written and shares this fdatasync
+            loop.call_soon(self._start_group_sync, loop)
         await fut
+
+    def _start_group_sync(self, loop: asyncio.AbstractEventLoop) -> None:
+        try:
+            loop.run_in_executor(self._executor, self._group_sync)
+        except BaseException as e:  # the executor is shut down: nobody will sync, so fail the waiters
+            with self._sync_mu:
+                batch, self._sync_waiters, self._syncing = self._sync_waiters, [], False
+            _settle([f for _, f in batch], WriteCacheError(f"{self.path}: the journal sync could not start: {e}"))
 
     def _group_sync(self) -> None:
         """Sync the journal for every stable write waiting, batch after batch, until none

@@ -305,6 +305,49 @@ def test_inline_stable_writes_share_the_journals_group_sync(tmp_path, monkeypatc
         assert back.read(0, SIZE) == bytes(expect)
 
 
+def test_stable_writes_from_one_loop_iteration_share_one_fdatasync(tmp_path, monkeypatch):
+    """The group sync starts one loop iteration after its first waiter: writes decoded
+    from one receive batch (here: started together) are covered by a single fdatasync."""
+    base = MemDisk(IMAGE)
+    pool = ThreadPoolExecutor(4)
+    wc = WriteCache.create(tmp_path / "c", base, executor=pool)
+    wc.write(0, pattern(1, 4096), stable=True)  # zeros laid ahead: the next records go inline
+    synced: list[int] = []
+    real = writecache._fdatasync
+    monkeypatch.setattr(writecache, "_fdatasync", lambda fd: (synced.append(fd), real(fd)))
+    writes = [(i * 8192, pattern(i, 4096)) for i in range(1, 17)]
+
+    async def go() -> None:
+        await asyncio.gather(*(wc.awrite_inline(off, data) for off, data in writes))
+
+    try:
+        asyncio.run(go())
+        assert synced == [wc._journal.fd]
+        assert wc._journal.seq == 1 + len(writes) and wc.commits == 0
+    finally:
+        wc.close()
+        pool.shutdown()
+
+
+def test_a_group_sync_that_cannot_start_fails_its_writes_instead_of_hanging(tmp_path):
+    base = MemDisk(IMAGE)
+    pool = ThreadPoolExecutor(2)
+    wc = WriteCache.create(tmp_path / "c", base, executor=pool)
+    wc.write(0, pattern(1, 4096), stable=True)
+    pool.shutdown()  # as at daemon shutdown: run_in_executor refuses new work
+
+    async def go() -> list:
+        return await asyncio.wait_for(asyncio.gather(*(wc.awrite_inline(i * 8192, pattern(i, 4096)) for i in range(1, 4)),
+                                                     return_exceptions=True), 10)
+
+    try:
+        res = asyncio.run(go())
+        assert len(res) == 3 and all(isinstance(r, WriteCacheError) for r in res)
+        assert not wc._syncing and not wc._sync_waiters
+    finally:
+        wc.close()
+
+
 def test_inline_stable_writes_fall_back_rather_than_block_the_loop(tmp_path):
     """A pause, a commit holding the journal, a full journal or zeros to lay ahead send
     the write to a thread; it is durable all the same."""
