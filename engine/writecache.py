@@ -613,7 +613,10 @@ class WriteCache:
 
     def _start_group_sync(self, loop: asyncio.AbstractEventLoop) -> None:
         try:
-            loop.run_in_executor(self._executor, self._group_sync)
+            if self._executor is None:
+                loop.run_in_executor(None, self._group_sync)
+            else:  # nothing awaits it (the waiters are settled from the thread): no asyncio future
+                self._executor.submit(self._group_sync)
         except BaseException as e:  # the executor is shut down: nobody will sync, so fail the waiters
             with self._sync_mu:
                 batch, self._sync_waiters, self._syncing = self._sync_waiters, [], False
@@ -638,6 +641,9 @@ class WriteCache:
                     self._fail("fdatasync", e)
             except WriteCacheError as e:
                 exc = e
+            except Exception as e:  # a bug must fail these writes, never leave them waiting
+                log.exception("the journal's group sync failed")
+                exc = WriteCacheError(f"{self.path}: the journal sync failed: {e!r}")
             loops: dict[asyncio.AbstractEventLoop, list[asyncio.Future]] = {}
             for lp, fut in batch:
                 loops.setdefault(lp, []).append(fut)

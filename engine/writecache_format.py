@@ -77,7 +77,7 @@ from typing import NoReturn
 
 import numpy as np
 
-from engine.blockmap import bits_count, bits_runs, bits_set
+from engine.blockmap import bit_get, bits_count, bits_runs, bits_set
 from engine.disk import Disk
 from engine.errors import WriteCacheError
 from engine.fsutil import fsync_dir, no_space, pwrite_all
@@ -253,6 +253,8 @@ class DirtyMap:
 
     def runs(self, g0: int, g1: int) -> list[list[int]]:
         """The granules [g0, g1] as ``[start, count, dirty]`` runs."""
+        if g0 == g1:  # one granule (a 4 KiB write): no array to build
+            return [[g0, 1, bit_get(self.bits, g0)]]
         return bits_runs(self.bits, g0, g1 - g0 + 1).tolist()
 
     def clean_rows(self, g0: int, g1: int) -> np.ndarray:
