@@ -59,6 +59,8 @@ setup(
         "uvloop>=0.19",
         "aiohttp>=3.9",
         "tomli-w>=1.0",
+        # file-level recovery (engine.files): The Sleuth Kit's Python binding, a binary wheel
+        "pytsk3>=20260715",  # the version tested
     ],
     extras_require={
         "test": [
