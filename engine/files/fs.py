@@ -120,7 +120,7 @@ class _VolumeImage(pytsk3.Img_Info):
             self.failure = (self._first_bad(offset, length), length, e)
             raise
 
-    def _first_bad(self, offset: int, length: int, step: int = 1 << 16) -> int:
+    def _first_bad(self, offset: int, length: int, step: int = 4096) -> int:
         """Where in a failed read the first unreadable piece is (for the message)."""
         for off in range(offset, offset + length, step):
             try:
