@@ -88,8 +88,6 @@ _NONRES = int(_T.TSK_FS_ATTR_NONRES)
 def identify(src: Source) -> str | None:
     """What a volume TSK cannot open holds, by its magic, or None."""
     head = src.read(0, min(src.size, 4096))
-    if not head or not any(src.read(0, min(src.size, 1 << 16))):
-        return "nothing (all zeros)"
     if head[:4] == b"XFSB":
         return "XFS"
     if head[:6] == b"LUKS\xba\xbe":
@@ -102,6 +100,8 @@ def identify(src: Source) -> str | None:
         return "btrfs"
     if head[4086:4096] in (b"SWAPSPACE2", b"SWAP-SPACE"):
         return "Linux swap"
+    if not any(src.read(0, min(src.size, 1 << 17))):
+        return "empty"
     return None
 
 
@@ -188,6 +188,8 @@ class FileSystem:
         self.block_size = int(info.info.block_size)
         self.root_inode = int(info.info.root_inum)
         self.journal_note = self._journal_note()
+        # names are looked up as the filesystem itself would: FAT, exFAT, NTFS and HFS+ ignore case
+        self.case_insensitive = self.kind.startswith(("fat", "exfat", "ntfs", "hfs"))
 
     @classmethod
     def open(cls, src: Source, name: str) -> FileSystem:
@@ -198,6 +200,8 @@ class FileSystem:
             if img.failure is not None:
                 raise FilesystemError(f"{name}: cannot read the filesystem: {img.failure[2]}") from None
             what = identify(src)
+            if what == "empty":
+                raise UnrecognisedFilesystem(f"{name}: empty (its first 128 KiB are zeros): no filesystem") from None
             if what:
                 raise UnrecognisedFilesystem(f"{name}: holds {what}, which this tool does not read") from None
             raise UnrecognisedFilesystem(f"{name}: unrecognised filesystem") from None
@@ -253,11 +257,14 @@ class FileSystem:
             if part == "..":
                 raise NotFound(f"{self.name}: '..' is not allowed in a path ({path})")
             want = os.fsencode(part)
+            fold = part.casefold() if self.case_insensitive else None
             found = None
             for e in self._list(inode, cur):
                 if e.name == want:
                     found = e
                     break
+                if fold is not None and found is None and os.fsdecode(e.name).casefold() == fold:
+                    found = e  # unless an exact match comes later
             if found is None:
                 raise NotFound(f"{self.name}: no {path!r} (no {part!r} in {cur})")
             if i < len(parts) - 1 and found.type != "dir":
