@@ -16,6 +16,7 @@ import fnmatch
 import json
 import stat
 import sys
+import textwrap
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -43,6 +44,10 @@ examples:
 """
 
 
+def _wrap(text: str) -> str:
+    return textwrap.fill(text, 88)
+
+
 def add_commands(sub: argparse._SubParsersAction, repo_opt) -> None:
     p = sub.add_parser("files", help="browse and extract files of a restore point (no restore, no root, no mount)",
                        description="Read the guest filesystems of a restore point straight out of the backup.",
@@ -55,24 +60,26 @@ def add_commands(sub: argparse._SubParsersAction, repo_opt) -> None:
 
     q = fsub.add_parser("ls", help="list volumes and filesystems, or a directory", epilog=EPILOG,
                         formatter_class=argparse.RawDescriptionHelpFormatter,
-                        description="Without a volume and path: every disk, partition and logical volume with its "
-                        "size and filesystem. With a path: the directory's entries (or the one file).")
+                        usage="instantnfs files ls [options] POINT [DISK[:PART]] [PATH]",
+                        description=_wrap("Without a volume and path: every disk, partition and logical volume with its "
+                        "size and filesystem. With a path: the directory's entries (or the one file)."))
     common(q)
-    q.add_argument("args", nargs="*", metavar="[DISK[:PART]] [PATH]", help="volume, then a path (default /)")
+    q.add_argument("args", nargs="*", metavar="PATH", help="an optional volume (DISK[:PART]) first, then a path (default /)")
     q.add_argument("-l", "--long", action="store_true", help="mode, links, owner, size, mtime, symlink target, inode")
     q.add_argument("--json", action="store_true", help="print JSON (entries with every field)")
     q.set_defaults(func=cmd_ls)
 
     q = fsub.add_parser("get", help="extract files and trees into a directory", epilog=EPILOG,
                         formatter_class=argparse.RawDescriptionHelpFormatter,
-                        description="Extract each PATH (a file, a symlink or a whole directory) into DIR under its "
+                        usage="instantnfs files get [options] POINT [DISK[:PART]] PATH... -o DIR",
+                        description=_wrap("Extract each PATH (a file, a symlink or a whole directory) into DIR under its "
                         "own name. Never writes outside DIR and never overwrites: names with '/' or NUL are "
-                        "escaped (%%2F, %%00), symlinks are made as symlinks and never followed, hard links stay "
+                        "escaped (%2F, %00), symlinks are made as symlinks and never followed, hard links stay "
                         "hard links inside DIR, devices/FIFOs/sockets are skipped, xattrs and ACLs are not "
                         "extracted. Sparse files stay sparse. A file that cannot be read (a damaged chunk) is "
-                        "reported and left out; the others are extracted, and the exit status is 1.")
+                        "reported and left out; the others are extracted, and the exit status is 1."))
     common(q)
-    q.add_argument("args", nargs="+", metavar="[DISK[:PART]] PATH", help="volume, then one or more paths")
+    q.add_argument("args", nargs="+", metavar="PATH", help="an optional volume (DISK[:PART]) first, then one or more paths")
     q.add_argument("-o", "--output", required=True, metavar="DIR", help="target directory (made if missing)")
     q.add_argument("--preserve", action="store_true", help="keep modes and times (and owners, as root)")
     q.add_argument("--json", action="store_true", help="print what was done as JSON")
@@ -80,16 +87,18 @@ def add_commands(sub: argparse._SubParsersAction, repo_opt) -> None:
     q.set_defaults(func=cmd_get)
 
     q = fsub.add_parser("cat", help="write a file's bytes to stdout", epilog=EPILOG,
-                        formatter_class=argparse.RawDescriptionHelpFormatter)
+                        formatter_class=argparse.RawDescriptionHelpFormatter,
+                        usage="instantnfs files cat [options] POINT [DISK[:PART]] PATH")
     common(q)
-    q.add_argument("args", nargs="+", metavar="[DISK[:PART]] PATH", help="volume, then the file")
+    q.add_argument("args", nargs="+", metavar="PATH", help="an optional volume (DISK[:PART]) first, then the file")
     q.set_defaults(func=cmd_cat)
 
     q = fsub.add_parser("find", help="find files by name and modification time", epilog=EPILOG,
                         formatter_class=argparse.RawDescriptionHelpFormatter,
+                        usage="instantnfs files find [options] POINT [DISK[:PART]] [PATH] [--name GLOB] [--newer DATE]",
                         description="Walk a tree (default /) and print the paths that match every condition given.")
     common(q)
-    q.add_argument("args", nargs="*", metavar="[DISK[:PART]] [PATH]", help="volume, then where to start")
+    q.add_argument("args", nargs="*", metavar="PATH", help="an optional volume (DISK[:PART]) first, then where to start (default /)")
     q.add_argument("--name", metavar="GLOB", help="shell pattern on the name (not the path), e.g. '*.conf'")
     q.add_argument("--newer", metavar="DATE", type=_date,
                    help="modified after DATE (ISO 8601: 2026-11-01 or 2026-11-01T08:00, local time unless an offset is given)")
