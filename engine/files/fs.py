@@ -83,6 +83,9 @@ _VIRTUAL = {int(_T.TSK_FS_META_TYPE_VIRT), int(_T.TSK_FS_META_TYPE_VIRT_DIR)}
 _DATA_ATTRS = {int(_T.TSK_FS_ATTR_TYPE_DEFAULT), int(_T.TSK_FS_ATTR_TYPE_NTFS_DATA), int(_T.TSK_FS_ATTR_TYPE_HFS_DATA)}
 _HOLE = int(_T.TSK_FS_ATTR_RUN_FLAG_FILLER) | int(_T.TSK_FS_ATTR_RUN_FLAG_SPARSE)
 _NONRES = int(_T.TSK_FS_ATTR_NONRES)
+# the filesystems a VM disk holds, tried in this order (each probe reads a few sectors)
+_PROBES = [getattr(_T, f"TSK_FS_TYPE_{n}_DETECT") for n in ("EXT", "NTFS", "FAT", "EXFAT", "HFS", "ISO9660", "FFS", "APFS")
+           if hasattr(_T, f"TSK_FS_TYPE_{n}_DETECT")]
 
 
 def identify(src: Source) -> str | None:
@@ -194,9 +197,15 @@ class FileSystem:
     @classmethod
     def open(cls, src: Source, name: str) -> FileSystem:
         img = _VolumeImage(src)
-        try:
-            info = pytsk3.FS_Info(img)
-        except (OSError, RuntimeError):
+        info = None
+        for kind in _PROBES:  # not TSK's detect-all: its YAFFS2 probe reads 25 MiB of any volume
+            try:
+                info = pytsk3.FS_Info(img, type=kind)
+                break
+            except (OSError, RuntimeError):
+                if img.failure is not None:
+                    break
+        if info is None:
             if img.failure is not None:
                 raise FilesystemError(f"{name}: cannot read the filesystem: {img.failure[2]}") from None
             what = identify(src)
@@ -250,12 +259,15 @@ class FileSystem:
             f = self._fs.open_meta(inode=self.root_inode)
             e = self._entry(b"", "/", f)
             return e
+        if ".." in parts:
+            raise NotFound(f"{self.name}: '..' is not allowed in a path ({path})")
+        quick = self._quick_stat(parts)
+        if quick is not None:
+            return quick
         cur = "/"
         inode = self.root_inode
         found: Entry | None = None
         for i, part in enumerate(parts):
-            if part == "..":
-                raise NotFound(f"{self.name}: '..' is not allowed in a path ({path})")
             want = os.fsencode(part)
             fold = part.casefold() if self.case_insensitive else None
             found = None
@@ -273,13 +285,37 @@ class FileSystem:
         assert found is not None
         return found
 
+    def _quick_stat(self, parts: list[str]) -> Entry | None:
+        """TSK's own path lookup (in C), for a path of UTF-8 names; None: look it up by
+        listing each directory (any bytes, and the names TSK leaves out stay out)."""
+        if self.case_insensitive:  # the slow way gives the names as stored, not as typed
+            return None
+        try:
+            text = "/" + "/".join(parts)
+            f = self._fs.open(text)
+        except (OSError, RuntimeError, UnicodeEncodeError):
+            return None
+        n = f.info.name
+        m = f.info.meta
+        if (m is None or n is None or int(m.type) in _VIRTUAL or bytes(n.name) != parts[-1].encode()
+                or int(n.flags) & int(pytsk3.TSK_FS_NAME_FLAG_UNALLOC)):
+            return None  # a case-folded match, a virtual file: the slow way decides
+        return self._entry(bytes(n.name), text, f)
+
     def _list(self, inode: int, path: str) -> Iterator[Entry]:
         try:
             d = self._fs.open_dir(inode=inode)
         except (OSError, RuntimeError) as e:
             raise self._failed(path, e) from None
         at_root = inode == self.root_inode
-        for f in d:
+        it = iter(d)
+        while True:
+            try:  # TSK reads entries as it goes: a damaged block fails here, named
+                f = next(it)
+            except StopIteration:
+                return
+            except (OSError, RuntimeError) as e:
+                raise self._failed(path, e) from None
             n = f.info.name
             name = bytes(n.name)
             if name in (b".", b"..") or not name or int(n.flags) & int(pytsk3.TSK_FS_NAME_FLAG_UNALLOC):

@@ -74,9 +74,13 @@ class PointFiles:
         """The filesystem on volume ``ident`` (``disk0``, ``disk0:1``, ``vg0/root``, or a
         disk's name in the restore point instead of ``diskN``); None: the only one."""
         if ident is None:
-            found = [f for f in self.found() if f.filesystem]
+            every = self.found()
+            found = [f for f in every if f.filesystem]
             if len(found) == 1:
                 return self._try(found[0].volume)  # type: ignore[return-value]
+            if not found:
+                why = "; ".join(f"{f.volume.name}: {f.note}" for f in every if not f.volume.contains)
+                raise FilesystemError(f"restore point {self.point.id} has no filesystem this tool reads ({why})")
             names = ", ".join(f"{f.volume.name} ({f.filesystem})" for f in found) or "none"
             raise UsageError(f"restore point {self.point.id} has {len(found)} filesystems: name one of them "
                              f"(DISK:PART): {names}; 'instantnfs files ls {self.point.id}' lists its volumes")

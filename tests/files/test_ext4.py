@@ -337,3 +337,23 @@ def test_random_trees_extract_identically(tree, mode):
         assert res.failed == []
         shutil.rmtree(tmp / "out" / "lost+found")
         compare_trees(src, tmp / "out")
+
+
+def test_a_corrupted_chunk_under_a_directory_fails_that_directory_only(tmp_path):
+    src = tmp_path / "src"
+    (src / "d1").mkdir(parents=True)
+    for i in range(1500):  # 14 directory blocks, far from the root's
+        (src / "d1" / f"name-with-some-length-{i:05d}").write_bytes(b"")
+    (src / "ok-empty").write_bytes(b"")
+    os.symlink("d1", src / "lnk")
+    img = ext4_image(tmp_path / "d.img", src, 64 * MiB)
+    blocks = [int(b) for b in sh("debugfs", "-R", "blocks /d1", img).stdout.split()]
+    assert blocks[0] * 4096 >= 1 * MiB  # not in the chunk of the root directory and inode table
+    point = backup_images(tmp_path / "repo", [img])
+    _corrupt_chunk_under(tmp_path / "repo", point, blocks[len(blocks) // 2] * 4096)
+    r = run("files", "ls", "--repo", tmp_path / "repo", point, "/d1")
+    assert r.rc == 3 and re.search(r"disk0: /d1: unreadable \(filesystem block \d+, disk0 offset \d+\): chunk at pack", r.err), r.err
+    out = tmp_path / "out"
+    r = run("files", "get", "--repo", tmp_path / "repo", point, "/", "-o", out)
+    assert r.rc == 1 and "FAILED /d1: disk0: /d1" in r.err
+    assert os.readlink(out / "lnk") == "d1" and (out / "ok-empty").exists()

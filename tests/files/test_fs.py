@@ -1,0 +1,64 @@
+"""The filesystem layer on its own: what it reads to open and list (only metadata: not
+TSK's detect-all, whose YAFFS2 probe reads 25 MiB of every volume), and lookups."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from engine.errors import NotFound
+from engine.files.fs import FileSystem, UnrecognisedFilesystem
+from tests.files.images import MiB, ext4_image
+
+
+class CountingFile:
+    def __init__(self, path) -> None:
+        self.f = open(path, "rb")  # noqa: SIM115
+        self.size = os.path.getsize(path)
+        self.bytes = 0
+
+    def read(self, offset: int, length: int) -> bytes:
+        self.bytes += length
+        self.f.seek(offset)
+        return self.f.read(length)
+
+
+def test_opening_and_listing_reads_metadata_only(tmp_path):
+    src = tmp_path / "src"
+    (src / "etc").mkdir(parents=True)
+    (src / "etc" / "fstab").write_text("/dev/sda1 / ext4 defaults 0 1\n")
+    (src / "big").write_bytes(os.urandom(8 * MiB))
+    img = ext4_image(tmp_path / "d.img", src, 4096 * MiB)
+    disk = CountingFile(img)
+    fs = FileSystem.open(disk, "disk0")
+    assert fs.kind == "ext4" and fs.block_size == 4096
+    assert disk.bytes <= 256 * 1024, disk.bytes
+    names = {e.name for e in fs.listdir("/")}
+    assert names == {b"lost+found", b"etc", b"big"}
+    assert fs.open_file(fs.stat("/etc/fstab")).read(0, 100) == b"/dev/sda1 / ext4 defaults 0 1\n"
+    assert disk.bytes <= 1 * MiB, disk.bytes
+
+
+def test_lookups(tmp_path):
+    src = tmp_path / "src"
+    (src / "a" / "b").mkdir(parents=True)
+    (src / "a" / "b" / "c").write_text("c\n")
+    fs = FileSystem.open(CountingFile(ext4_image(tmp_path / "d.img", src, 16 * MiB)), "disk0")
+    assert fs.stat("/a/b/c").path == "/a/b/c" and fs.stat("a//b/./c").inode == fs.stat("/a/b/c").inode
+    assert fs.stat("/").type == "dir"
+    with pytest.raises(NotFound, match=r"disk0: '\.\.' is not allowed"):
+        fs.stat("/a/../a")
+    with pytest.raises(NotFound, match="no '/a/x'"):
+        fs.stat("/a/x")
+    with pytest.raises(NotFound, match="/a/b/c is not a directory"):
+        fs.stat("/a/b/c/d")
+    walked = [e.path for e in fs.walk("/")]
+    assert sorted(walked) == ["/a", "/a/b", "/a/b/c", "/lost+found"]
+    assert walked.index("/a") < walked.index("/a/b") < walked.index("/a/b/c")  # a directory before its contents
+
+
+def test_random_bytes_are_an_unrecognised_filesystem(tmp_path):
+    p = tmp_path / "junk"
+    p.write_bytes(os.urandom(4 * MiB))
+    with pytest.raises(UnrecognisedFilesystem, match="^disk0: unrecognised filesystem$"):
+        FileSystem.open(CountingFile(p), "disk0")
