@@ -20,8 +20,9 @@ outside the target directory:
 * Devices, FIFOs and sockets are skipped and reported (no device node is ever made).
 * xattrs and ACLs are not extracted (TSK does not offer them for every filesystem).
 
-Sparse files stay sparse: only the file's allocated runs are read and written, the file
-is then cut to its size (``ftruncate``), so holes are holes. ``preserve`` sets modes
+Sparse files stay sparse: only the file's allocated runs are read, pieces of zeros
+are not written, and the file is then cut to its size (``ftruncate``), so holes are
+holes (an allocated run of zeros becomes a hole too: the bytes are the same). ``preserve`` sets modes
 and times (atime, mtime; directories after their contents) and, as root, ownership.
 A file that cannot be read (a corrupt chunk) is removed, its error (naming the file,
 its byte range, the filesystem block and the disk offset) is recorded, and extraction
@@ -35,9 +36,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from engine.errors import InstantNFSError
-from engine.files.fs import Entry, FileSystem
+from engine.files.fs import READ_PIECE, Entry, FileSystem
 
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_ZERO = bytes(READ_PIECE)
 
 
 @dataclass
@@ -205,7 +207,8 @@ class Extractor:
             f = self.fs.open_file(entry)
             for off, length in f.data_runs():
                 for piece in f.pieces(off, length):
-                    os.pwrite(fd, piece, off)
+                    if piece != _ZERO[: len(piece)]:  # a zero piece stays a hole
+                        os.pwrite(fd, piece, off)
                     off += len(piece)
                     self.result.bytes += len(piece)
                     self.progress(len(piece))

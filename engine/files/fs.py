@@ -4,9 +4,13 @@
 volumes.VolumeReader``, or anything with ``size`` and ``read``): TSK reads through
 ``_VolumeImage``, an ``Img_Info`` whose reads go to the volume, so the restore point's
 decompression cache and readahead serve them. TSK recognises ext2/3/4, NTFS,
-FAT12/16/32, exFAT, HFS+, ISO 9660, UFS; anything else raises ``UnrecognisedFilesystem``
-naming what it is when its magic is known (XFS, btrfs, swap, LUKS, BitLocker, an LVM PV,
-all zeros) -- never a traceback.
+FAT12/16/32, exFAT, HFS+, ISO 9660, UFS (probed one by one: TSK's detect-all also
+probes YAFFS2, which reads 25 MiB of any volume). XFS and btrfs are read by the optional
+``engine.files.fs_dissect`` (dissect.xfs / dissect.btrfs, AGPL) when installed. Anything
+else raises ``UnrecognisedFilesystem`` naming what it is when its magic is known (XFS
+or btrfs without the extra, swap, LUKS, BitLocker, an LVM PV, all zeros) -- never a
+traceback. ``FileSystem`` holds what every reader shares (lookups, walks, messages);
+``TskFileSystem`` is the TSK reader.
 
 Entries are ``Entry`` values: names and symlink targets as the filesystem stores them
 (bytes; ``Entry.path`` is text with undecodable bytes as surrogates, the
@@ -108,6 +112,12 @@ def identify(src: Source) -> str | None:
     return None
 
 
+class _Recorder(Protocol):
+    """Where a reader's reads of the volume go: it keeps the last failure for messages."""
+
+    failure: tuple[int, int, BaseException] | None  # (first bad offset, read length, error)
+
+
 class _VolumeImage(pytsk3.Img_Info):
     """TSK's view of a volume: every read goes to the volume's ``read``."""
 
@@ -180,41 +190,155 @@ def join(parent: str, name: bytes) -> str:
 
 
 class FileSystem:
-    """One filesystem on a volume, opened read-only through TSK."""
+    """One filesystem on a volume, read-only. ``open`` picks the reader (TSK, else the
+    optional dissect readers of XFS and btrfs); lookups and walks are shared."""
+
+    name: str  # the volume's name, for messages
+    kind: str  # ext4, ntfs, fat32, xfs...
+    block_size: int
+    journal_note: str | None
+    case_insensitive: bool = False  # names are looked up as the filesystem itself would
+    src: Source
+    _rec: _Recorder
+
+    @classmethod
+    def open(cls, src: Source, name: str) -> FileSystem:
+        """The filesystem on ``src``, or ``UnrecognisedFilesystem`` naming what it holds."""
+        fs = TskFileSystem.probe(src, name)
+        if fs is not None:
+            return fs
+        what = identify(src)
+        if what in ("XFS", "btrfs"):
+            try:
+                from engine.files import fs_dissect
+            except ImportError:
+                raise UnrecognisedFilesystem(
+                    f"{name}: holds {what}, which needs the optional dissect.{what.lower()} "
+                    "(pip install 'instantnfs[xfs-btrfs]', AGPL-licensed)") from None
+            return fs_dissect.open_fs(src, name, what)
+        if what == "empty":
+            raise UnrecognisedFilesystem(f"{name}: empty (its first 128 KiB are zeros): no filesystem")
+        if what:
+            raise UnrecognisedFilesystem(f"{name}: holds {what}, which this tool does not read")
+        raise UnrecognisedFilesystem(f"{name}: unrecognised filesystem")
+
+    # what a reader provides
+
+    def _root(self) -> Entry:
+        raise NotImplementedError
+
+    def _list(self, inode: int, path: str) -> Iterator[Entry]:
+        """The entries of directory ``inode`` (at ``path``), without '.' and '..'."""
+        raise NotImplementedError
+
+    def _quick_stat(self, parts: list[str]) -> Entry | None:
+        return None
+
+    def open_file(self, entry: Entry) -> File:
+        raise NotImplementedError
+
+    # shared: lookups, walks, failures
+
+    def stat(self, path: str) -> Entry:
+        """The entry at ``path`` (absolute, '/'-separated; surrogates for undecodable bytes)."""
+        parts = [p for p in path.split("/") if p and p != "."]
+        if not parts:
+            return self._root()
+        if ".." in parts:
+            raise NotFound(f"{self.name}: '..' is not allowed in a path ({path})")
+        quick = self._quick_stat(parts)
+        if quick is not None:
+            return quick
+        cur = "/"
+        inode = self._root().inode
+        found: Entry | None = None
+        for i, part in enumerate(parts):
+            want = os.fsencode(part)
+            fold = part.casefold() if self.case_insensitive else None
+            found = None
+            for e in self._list(inode, cur):
+                if e.name == want:
+                    found = e
+                    break
+                if fold is not None and found is None and os.fsdecode(e.name).casefold() == fold:
+                    found = e  # unless an exact match comes later
+            if found is None:
+                raise NotFound(f"{self.name}: no {path!r} (no {part!r} in {cur})")
+            if i < len(parts) - 1 and found.type != "dir":
+                raise NotFound(f"{self.name}: {found.path} is not a directory")
+            cur, inode = found.path, found.inode
+        assert found is not None
+        return found
+
+    def listdir(self, path: str | Entry) -> Iterator[Entry]:
+        """The entries of a directory, as they come (not sorted; nothing held but the one)."""
+        e = path if isinstance(path, Entry) else self.stat(path)
+        if e.type != "dir":
+            raise NotFound(f"{self.name}: {e.path} is not a directory")
+        return self._list(e.inode, e.path)
+
+    def walk(self, top: str | Entry = "/") -> Iterator[Entry]:
+        """Every entry under ``top`` (not ``top`` itself), depth-first, a directory before
+        its contents. A directory whose inode was walked already is yielded but not entered."""
+        e = top if isinstance(top, Entry) else self.stat(top)
+        seen = {e.inode}
+        stack = [self.listdir(e)]
+        while stack:
+            try:
+                child = next(stack[-1])
+            except StopIteration:
+                stack.pop()
+                continue
+            yield child
+            if child.type == "dir" and child.inode not in seen:
+                seen.add(child.inode)
+                stack.append(self._list(child.inode, child.path))
+
+    # -- contents -----------------------------------------------------------------------
+
+    def _failed(self, path: str, err: Exception, offset: int | None = None, length: int = 0) -> FilesystemError:
+        fail = self._rec.failure
+        self._rec.failure = None
+        if fail is None:
+            where = f" bytes {offset}..{offset + length}" if offset is not None else ""
+            return FileReadError(f"{self.name}: {path}: cannot read{where}: {err}")
+        voff, _vlen, cause = fail
+        disk = ""
+        locate = getattr(self.src, "disk_offset", None)
+        if locate is not None:
+            d, doff = locate(voff)
+            disk = f", disk{d} offset {doff}"
+        where = f" bytes {offset}..{offset + length}" if offset is not None else ""
+        return FileReadError(f"{self.name}: {path}:{where} unreadable (filesystem block {voff // self.block_size}{disk}): {cause}")
+
+
+class TskFileSystem(FileSystem):
+    """A filesystem read through The Sleuth Kit."""
 
     def __init__(self, src: Source, name: str, img: _VolumeImage, info: pytsk3.FS_Info) -> None:
         self.src = src
-        self.name = name  # the volume's name, for messages
+        self.name = name
+        self._rec = img
         self._img = img
         self._fs = info
         self.kind = FS_NAMES.get(int(info.info.ftype), f"type {int(info.info.ftype)}")
         self.block_size = int(info.info.block_size)
         self.root_inode = int(info.info.root_inum)
         self.journal_note = self._journal_note()
-        # names are looked up as the filesystem itself would: FAT, exFAT, NTFS and HFS+ ignore case
+        # FAT, exFAT, NTFS and HFS+ ignore case
         self.case_insensitive = self.kind.startswith(("fat", "exfat", "ntfs", "hfs"))
 
     @classmethod
-    def open(cls, src: Source, name: str) -> FileSystem:
+    def probe(cls, src: Source, name: str) -> TskFileSystem | None:
+        """The filesystem TSK finds on ``src``, None if none; a read failure raises."""
         img = _VolumeImage(src)
-        info = None
         for kind in _PROBES:  # not TSK's detect-all: its YAFFS2 probe reads 25 MiB of any volume
             try:
-                info = pytsk3.FS_Info(img, type=kind)
-                break
+                return cls(src, name, img, pytsk3.FS_Info(img, type=kind))
             except (OSError, RuntimeError):
                 if img.failure is not None:
-                    break
-        if info is None:
-            if img.failure is not None:
-                raise FilesystemError(f"{name}: cannot read the filesystem: {img.failure[2]}") from None
-            what = identify(src)
-            if what == "empty":
-                raise UnrecognisedFilesystem(f"{name}: empty (its first 128 KiB are zeros): no filesystem") from None
-            if what:
-                raise UnrecognisedFilesystem(f"{name}: holds {what}, which this tool does not read") from None
-            raise UnrecognisedFilesystem(f"{name}: unrecognised filesystem") from None
-        return cls(src, name, img, info)
+                    raise FilesystemError(f"{name}: cannot read the filesystem: {img.failure[2]}") from None
+        return None
 
     def _journal_note(self) -> str | None:
         k = self.kind
@@ -235,6 +359,12 @@ class FileSystem:
 
     # -- lookups ------------------------------------------------------------------------
 
+    def _root(self) -> Entry:
+        try:
+            return self._entry(b"", "/", self._fs.open_meta(inode=self.root_inode))
+        except (OSError, RuntimeError) as e:
+            raise self._failed("/", e) from None
+
     def _entry(self, name: bytes, path: str, f: pytsk3.File) -> Entry:
         m = f.info.meta
         kind = TYPES.get(int(m.type), "other")
@@ -251,39 +381,6 @@ class FileSystem:
             except (OSError, RuntimeError):
                 return b""
         return b""
-
-    def stat(self, path: str) -> Entry:
-        """The entry at ``path`` (absolute, '/'-separated; surrogates for undecodable bytes)."""
-        parts = [p for p in path.split("/") if p and p != "."]
-        if not parts:
-            f = self._fs.open_meta(inode=self.root_inode)
-            e = self._entry(b"", "/", f)
-            return e
-        if ".." in parts:
-            raise NotFound(f"{self.name}: '..' is not allowed in a path ({path})")
-        quick = self._quick_stat(parts)
-        if quick is not None:
-            return quick
-        cur = "/"
-        inode = self.root_inode
-        found: Entry | None = None
-        for i, part in enumerate(parts):
-            want = os.fsencode(part)
-            fold = part.casefold() if self.case_insensitive else None
-            found = None
-            for e in self._list(inode, cur):
-                if e.name == want:
-                    found = e
-                    break
-                if fold is not None and found is None and os.fsdecode(e.name).casefold() == fold:
-                    found = e  # unless an exact match comes later
-            if found is None:
-                raise NotFound(f"{self.name}: no {path!r} (no {part!r} in {cur})")
-            if i < len(parts) - 1 and found.type != "dir":
-                raise NotFound(f"{self.name}: {found.path} is not a directory")
-            cur, inode = found.path, found.inode
-        assert found is not None
-        return found
 
     def _quick_stat(self, parts: list[str]) -> Entry | None:
         """TSK's own path lookup (in C), for a path of UTF-8 names; None: look it up by
@@ -327,61 +424,41 @@ class FileSystem:
                 continue
             yield self._entry(name, join(path, name), f)
 
-    def listdir(self, path: str | Entry) -> Iterator[Entry]:
-        """The entries of a directory, as they come (not sorted; nothing held but the one)."""
-        e = path if isinstance(path, Entry) else self.stat(path)
-        if e.type != "dir":
-            raise NotFound(f"{self.name}: {e.path} is not a directory")
-        return self._list(e.inode, e.path)
-
-    def walk(self, top: str | Entry = "/") -> Iterator[Entry]:
-        """Every entry under ``top`` (not ``top`` itself), depth-first, a directory before
-        its contents. A directory whose inode was walked already is yielded but not entered."""
-        e = top if isinstance(top, Entry) else self.stat(top)
-        seen = {e.inode}
-        stack = [self.listdir(e)]
-        while stack:
-            try:
-                child = next(stack[-1])
-            except StopIteration:
-                stack.pop()
-                continue
-            yield child
-            if child.type == "dir" and child.inode not in seen:
-                seen.add(child.inode)
-                stack.append(self._list(child.inode, child.path))
-
-    # -- contents -----------------------------------------------------------------------
-
     def open_file(self, entry: Entry) -> File:
         try:
-            return File(self, entry, self._fs.open_meta(inode=entry.inode))
+            return TskFile(self, entry, self._fs.open_meta(inode=entry.inode))
         except (OSError, RuntimeError) as e:
             raise self._failed(entry.path, e) from None
-
-    def _failed(self, path: str, err: Exception, offset: int | None = None, length: int = 0) -> FilesystemError:
-        fail = self._img.failure
-        self._img.failure = None
-        if fail is None:
-            where = f" bytes {offset}..{offset + length}" if offset is not None else ""
-            return FileReadError(f"{self.name}: {path}: cannot read{where}: {err}")
-        voff, _vlen, cause = fail
-        disk = ""
-        locate = getattr(self.src, "disk_offset", None)
-        if locate is not None:
-            d, doff = locate(voff)
-            disk = f", disk{d} offset {doff}"
-        where = f" bytes {offset}..{offset + length}" if offset is not None else ""
-        return FileReadError(f"{self.name}: {path}:{where} unreadable (filesystem block {voff // self.block_size}{disk}): {cause}")
 
 
 class File:
     """An open file: ``read`` any range, ``data_runs`` its allocated ranges."""
 
-    def __init__(self, fs: FileSystem, entry: Entry, f: pytsk3.File) -> None:
+    def __init__(self, fs: FileSystem, entry: Entry) -> None:
         self.fs = fs
         self.entry = entry
         self.size = entry.size
+
+    def read(self, offset: int, length: int) -> bytes:
+        raise NotImplementedError
+
+    def data_runs(self) -> list[tuple[int, int]]:
+        """(offset, length) of the file's allocated bytes, merged and in order; what is
+        not in them reads as zeros (holes)."""
+        raise NotImplementedError
+
+    def pieces(self, offset: int = 0, length: int | None = None, piece: int = READ_PIECE) -> Iterator[bytes]:
+        end = self.size if length is None else min(self.size, offset + length)
+        while offset < end:
+            n = min(piece, end - offset)
+            yield self.read(offset, n)
+            offset += n
+
+
+class TskFile(File):
+    def __init__(self, fs: TskFileSystem, entry: Entry, f: pytsk3.File) -> None:
+        super().__init__(fs, entry)
+        self._fs = fs
         self._f = f
 
     def read(self, offset: int, length: int) -> bytes:
@@ -392,21 +469,12 @@ class File:
             data = self._f.read_random(offset, length)
         except (OSError, RuntimeError) as e:
             raise self.fs._failed(self.entry.path, e, offset, length) from None
-        if self.fs._img.failure is not None or len(data) != length:
+        if self._fs._img.failure is not None or len(data) != length:
             raise self.fs._failed(self.entry.path, OSError("short read"), offset, length)
         return bytes(data)
 
-    def pieces(self, offset: int = 0, length: int | None = None, piece: int = READ_PIECE) -> Iterator[bytes]:
-        end = self.size if length is None else min(self.size, offset + length)
-        while offset < end:
-            n = min(piece, end - offset)
-            yield self.read(offset, n)
-            offset += n
-
     def data_runs(self) -> list[tuple[int, int]]:
-        """(offset, length) of the file's allocated bytes, merged and in order; what is
-        not in them reads as zeros (holes). A file TSK gives no runs for (resident,
-        inline or compressed data) is one run."""
+        """A file TSK gives no runs for (resident, inline or compressed data) is one run."""
         bs = self.fs.block_size
         runs: list[tuple[int, int]] = []
         attr = None

@@ -62,3 +62,18 @@ def test_random_bytes_are_an_unrecognised_filesystem(tmp_path):
     p.write_bytes(os.urandom(4 * MiB))
     with pytest.raises(UnrecognisedFilesystem, match="^disk0: unrecognised filesystem$"):
         FileSystem.open(CountingFile(p), "disk0")
+
+
+def test_xfs_without_the_optional_extra_is_named_with_what_to_install(tmp_path, monkeypatch):
+    import sys
+
+    from tests.files.images import sh
+
+    img = tmp_path / "x.img"
+    with open(img, "wb") as f:
+        f.truncate(320 * MiB)
+    sh("mkfs.xfs", "-q", "-f", img)
+    monkeypatch.setitem(sys.modules, "engine.files.fs_dissect", None)  # as if dissect.xfs were missing
+    with pytest.raises(UnrecognisedFilesystem, match=r"disk0: holds XFS, which needs the optional dissect\.xfs "
+                                                     r"\(pip install 'instantnfs\[xfs-btrfs\]', AGPL-licensed\)"):
+        FileSystem.open(CountingFile(img), "disk0")

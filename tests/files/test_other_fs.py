@@ -1,6 +1,7 @@
 """FAT32 (mkfs.vfat + mtools), NTFS (mkntfs + ntfscp), exFAT (mkfs.exfat, empty: no
-tool fills one without a mount) read back; XFS, btrfs, swap, LUKS and an empty volume
-named, never a traceback."""
+tool fills one without a mount) read back; XFS (mkfs.xfs -p protofile) and btrfs
+(mkfs.btrfs --rootdir) read through the optional dissect extra, or named without it;
+swap, LUKS, an empty and a random volume named, never a traceback."""
 from __future__ import annotations
 
 import os
@@ -13,6 +14,7 @@ from tests.conftest import require_tool
 from tests.files.images import MiB, backup_images, sh, vfat_image
 
 MTIME = 1_700_000_001  # odd: FAT keeps 2 s
+GiB = 1 << 30
 
 
 def test_fat32_contents_and_times(tmp_path):
@@ -68,15 +70,7 @@ def test_exfat_is_recognised_and_listed(tmp_path):
 
 
 def _mkfs(kind: str, img, tmp_path) -> None:
-    if kind == "xfs":
-        require_tool("mkfs.xfs")
-        sh("mkfs.xfs", "-q", "-f", img)
-    elif kind == "btrfs":
-        require_tool("mkfs.btrfs")
-        (tmp_path / "rootdir").mkdir()
-        (tmp_path / "rootdir" / "f").write_text("x")
-        sh("mkfs.btrfs", "-q", "-f", "--rootdir", tmp_path / "rootdir", img)
-    elif kind == "swap":
+    if kind == "swap":
         require_tool("mkswap")
         sh("mkswap", img)
     elif kind == "luks":
@@ -84,7 +78,7 @@ def _mkfs(kind: str, img, tmp_path) -> None:
             f.write(b"LUKS\xba\xbe\x00\x02" + os.urandom(4096))
 
 
-@pytest.mark.parametrize(("kind", "named"), [("xfs", "holds XFS"), ("btrfs", "holds btrfs"), ("swap", "holds Linux swap"),
+@pytest.mark.parametrize(("kind", "named"), [("swap", "holds Linux swap"),
                                              ("luks", "holds LUKS encrypted volume"), ("zeros", "empty"),
                                              ("random", "unrecognised filesystem")])
 def test_other_volumes_are_named_never_a_traceback(tmp_path, kind, named):
@@ -101,3 +95,64 @@ def test_other_volumes_are_named_never_a_traceback(tmp_path, kind, named):
     (v,) = doc["volumes"]
     assert v["filesystem"] is None and named in v["note"]
     shutil.rmtree(tmp_path / "repo")
+
+
+def _dissect(what: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(f"dissect.{what}") is not None
+
+
+def _xfs_image(img, src, tmp_path) -> None:
+    require_tool("mkfs.xfs")
+    proto = tmp_path / "proto"
+    proto.write_text(
+        "/dev/null\n0 0\nd--755 0 0\n"
+        f"hello ---644 0 0 {src / 'hello'}\n"
+        f"big ---600 1000 1000 {src / 'big'}\n"
+        "lnk l--777 0 0 hello\n"
+        f"sub d--750 0 0\ndeep ---644 0 0 {src / 'sub' / 'deep'}\n$\n$\n")
+    sh("mkfs.xfs", "-q", "-f", "-p", proto, img)
+
+
+def _btrfs_image(img, src, tmp_path) -> None:
+    require_tool("mkfs.btrfs")
+    sh("mkfs.btrfs", "-q", "-f", "--rootdir", src, img)
+
+
+@pytest.mark.parametrize("kind", ["xfs", "btrfs"])
+def test_xfs_and_btrfs_read_through_the_optional_extra_or_named(tmp_path, kind):
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "hello").write_text("hello\n")
+    (src / "big").write_bytes(os.urandom(3 * MiB + 3))
+    (src / "sub" / "deep").write_text("deep\n")
+    os.chmod(src / "sub", 0o750)
+    if kind == "btrfs":
+        os.symlink("hello", src / "lnk")
+        with open(src / "sparse", "wb") as f:
+            f.truncate(GiB)
+    img = tmp_path / f"{kind}.img"
+    with open(img, "wb") as f:
+        f.truncate(320 * MiB)
+    (_xfs_image if kind == "xfs" else _btrfs_image)(img, src, tmp_path)
+    pid = backup_images(tmp_path / "repo", [img])
+    if not _dissect(kind):
+        r = run("files", "ls", "--repo", tmp_path / "repo", pid, "disk0", "/")
+        assert r.rc == 2 and f"needs the optional dissect.{kind}" in r.err
+        return
+    doc = ok("files", "ls", "--repo", tmp_path / "repo", pid, "/", "--json").json()
+    assert doc["filesystem"] == kind
+    assert (doc["journal"] is None) == (kind == "btrfs")
+    by = {e["name"]: e for e in doc["entries"]}
+    assert by["lnk"]["type"] == "symlink" and by["lnk"]["link"] == "hello"
+    assert by["sub"]["mode"] == "0750"
+    out = tmp_path / "out"
+    ok("files", "get", "--repo", tmp_path / "repo", pid, "/", "-o", out, "--preserve")
+    assert (out / "big").read_bytes() == (src / "big").read_bytes()
+    assert (out / "sub" / "deep").read_text() == "deep\n" and os.readlink(out / "lnk") == "hello"
+    if kind == "xfs":
+        assert (out / "big").stat().st_uid == (1000 if os.geteuid() == 0 else os.geteuid())
+    else:
+        assert (out / "sparse").stat().st_size == GiB and (out / "sparse").stat().st_blocks == 0
+    assert ok("files", "cat", "--repo", tmp_path / "repo", pid, "/sub/deep").out == "deep\n"
