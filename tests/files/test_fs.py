@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from engine.errors import NotFound
+from engine.errors import InstantNFSError, NotFound
 from engine.files.fs import FileSystem, UnrecognisedFilesystem
 from tests.files.images import MiB, ext4_image
 
@@ -77,3 +79,43 @@ def test_xfs_without_the_optional_extra_is_named_with_what_to_install(tmp_path, 
     with pytest.raises(UnrecognisedFilesystem, match=r"disk0: holds XFS, which needs the optional dissect\.xfs "
                                                      r"\(pip install 'instantnfs\[xfs-btrfs\]', AGPL-licensed\)"):
         FileSystem.open(CountingFile(img), "disk0")
+
+
+@pytest.fixture(scope="module")
+def small_ext4(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("fuzz")
+    src = tmp / "src"
+    (src / "d" / "e").mkdir(parents=True)
+    for i in range(40):
+        (src / "d" / f"file{i}").write_bytes(os.urandom(i * 300))
+    os.symlink("d/file1", src / "l")
+    return ext4_image(tmp / "d.img", src, 4 * MiB, "-N", "64").read_bytes()
+
+
+class Mem:
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.size = len(data)
+
+    def read(self, offset: int, length: int) -> bytes:
+        return self.data[offset : offset + length]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(flips=st.lists(st.tuples(st.integers(0, 160 * 1024), st.integers(1, 255)), min_size=1, max_size=40))
+def test_a_damaged_filesystem_gives_errors_never_tracebacks(small_ext4, flips):
+    """Random bytes in the metadata (superblock, descriptors, inode table, directories)."""
+    data = bytearray(small_ext4)
+    for at, x in flips:
+        data[at] ^= x
+    try:
+        fs = FileSystem.open(Mem(bytes(data)), "disk0")
+        for n, e in enumerate(fs.walk("/")):
+            if n > 10_000:
+                break
+            if e.type == "file":
+                f = fs.open_file(e)
+                f.data_runs()
+                f.read(0, min(e.size, 1 << 20))
+    except InstantNFSError:
+        pass
