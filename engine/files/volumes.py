@@ -559,30 +559,52 @@ class Layout:
 
 
 def find_volumes(disks: Sequence[Readable]) -> Layout:
-    """The volumes of these disks (in the restore point's order: ``disk0`` is the first)."""
+    """The volumes of these disks (in the restore point's order: ``disk0`` is the first).
+    A disk whose tables cannot be read is one unreadable volume saying why; the other
+    disks are still listed (and so are LVs whose PVs are fine)."""
     layout = Layout()
     for i, disk in enumerate(disks):
-        where = f"disk{i}"
-        parts = partitions(i, disk)
-        if parts is None:
-            pv = pv_label(disk, i, 0, disk.size, where)
-            whole = Volume(where, i, "disk", disk.size, "whole disk", (Extent(0, i, 0, disk.size),))
+        try:
+            _disk_volumes(layout, i, disk)
+        except VolumeError as e:
+            layout.volumes = [v for v in layout.volumes if v.disk != i]
+            layout.pvs = [pv for pv in layout.pvs if pv.disk != i]
+            layout.volumes.append(Volume(f"disk{i}", i, "disk", disk.size, "whole disk", readable=False, why=str(e)))
+    for pv in list(layout.pvs):
+        try:
+            if pv.metadata:
+                parse_lvm_text(pv.metadata, f"disk{pv.disk}: LVM2 metadata")
+        except VolumeError as e:
+            layout.pvs.remove(pv)
+            layout.volumes.append(Volume(f"disk{pv.disk}:?", pv.disk, "lvm", 0, "LVM2 metadata", readable=False, why=str(e)))
+    try:
+        layout.volumes.extend(logical_volumes(layout.pvs))
+    except VolumeError as e:
+        d = layout.pvs[0].disk if layout.pvs else 0
+        layout.volumes.append(Volume(f"disk{d}:?", d, "lvm", 0, "LVM2 volume groups", readable=False, why=str(e)))
+    return layout
+
+
+def _disk_volumes(layout: Layout, i: int, disk: Readable) -> None:
+    where = f"disk{i}"
+    parts = partitions(i, disk)
+    if parts is None:
+        pv = pv_label(disk, i, 0, disk.size, where)
+        whole = Volume(where, i, "disk", disk.size, "whole disk", (Extent(0, i, 0, disk.size),))
+        if pv is not None:
+            layout.pvs.append(pv)
+            whole = _contains(whole, "LVM2 physical volume")
+        layout.volumes.append(whole)
+        return
+    layout.volumes.append(_contains(Volume(where, i, "disk", disk.size, "whole disk", (Extent(0, i, 0, disk.size),)),
+                                    "partition table"))
+    for p in parts:
+        if p.readable:
+            pv = pv_label(disk, i, p.extents[0].disk_offset, p.size, p.name)
             if pv is not None:
                 layout.pvs.append(pv)
-                whole = _contains(whole, "LVM2 physical volume")
-            layout.volumes.append(whole)
-            continue
-        layout.volumes.append(_contains(Volume(where, i, "disk", disk.size, "whole disk", (Extent(0, i, 0, disk.size),)),
-                                        "partition table"))
-        for p in parts:
-            if p.readable:
-                pv = pv_label(disk, i, p.extents[0].disk_offset, p.size, p.name)
-                if pv is not None:
-                    layout.pvs.append(pv)
-                    p = _contains(p, "LVM2 physical volume")
-            layout.volumes.append(p)
-    layout.volumes.extend(logical_volumes(layout.pvs))
-    return layout
+                p = _contains(p, "LVM2 physical volume")
+        layout.volumes.append(p)
 
 
 def _contains(v: Volume, what: str) -> Volume:
