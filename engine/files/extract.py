@@ -205,14 +205,17 @@ class Extractor:
         ok = False
         try:
             f = self.fs.open_file(entry)
+            done = 0
             for off, length in f.data_runs():
                 for piece in f.pieces(off, length):
                     if piece != _ZERO[: len(piece)]:  # a zero piece stays a hole
                         os.pwrite(fd, piece, off)
                     off += len(piece)
-                    self.result.bytes += len(piece)
+                    done += len(piece)
                     self.progress(len(piece))
             os.ftruncate(fd, entry.size)
+            self.progress(entry.size - done)  # the holes, so the bar's total (the sizes) is reached
+            self.result.bytes += done
             if self.preserve:
                 self._meta(fd, entry)
             else:

@@ -119,3 +119,25 @@ def test_a_damaged_filesystem_gives_errors_never_tracebacks(small_ext4, flips):
                 f.read(0, min(e.size, 1 << 20))
     except InstantNFSError:
         pass
+
+
+def test_extraction_progress_reaches_the_total_and_holes_stay_holes(tmp_path):
+    from engine.files.extract import extract, total_bytes
+
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    (src / "d" / "a").write_bytes(os.urandom(100_000))
+    with open(src / "d" / "sparse", "wb") as f:
+        f.truncate(64 * MiB)
+        f.seek(32 * MiB)
+        f.write(b"x" * 5000)
+    (src / "zeros").write_bytes(bytes(2 * MiB))  # allocated zeros: a hole when extracted
+    fs = FileSystem.open(CountingFile(ext4_image(tmp_path / "d.img", src, 64 * MiB)), "disk0")
+    entries = [fs.stat("/d"), fs.stat("/zeros")]
+    seen = []
+    res = extract(fs, entries, tmp_path / "out", progress=seen.append)
+    assert sum(seen) == total_bytes(fs, entries) == 100_000 + 64 * MiB + 2 * MiB
+    assert res.files == 3 and res.bytes < 2 * MiB + 200_000  # what was read: no hole of the sparse file
+    assert (tmp_path / "out" / "zeros").read_bytes() == bytes(2 * MiB)
+    assert os.stat(tmp_path / "out" / "zeros").st_blocks == 0
+    assert os.stat(tmp_path / "out" / "d" / "sparse").st_blocks * 512 <= 64 * 1024
