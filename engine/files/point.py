@@ -59,7 +59,7 @@ class PointFiles:
         for v in self.layout.volumes:
             disk = self.point.disks[v.disk].name
             if v.contains:
-                out.append(Found(v, disk, None, f"holds a {v.contains}"))
+                out.append(Found(v, disk, None, f"holds {v.contains}"))
             elif not v.readable:
                 out.append(Found(v, disk, None, f"not readable: {v.why}"))
             else:
@@ -90,7 +90,7 @@ class PointFiles:
                 ident = f"disk{i}" + (f":{part}" if sep else "")
         v = self.layout.find(ident)
         if v.contains:
-            raise UsageError(f"{v.name} holds a {v.contains}, not a filesystem: name one of its volumes "
+            raise UsageError(f"{v.name} holds {v.contains}, not a filesystem: name one of its volumes "
                              f"('instantnfs files ls {self.point.id}' lists them)")
         fs = self._try(v) if v.readable else FilesystemError(f"{v.name} cannot be read: {v.why}")
         if isinstance(fs, FilesystemError):

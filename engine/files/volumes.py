@@ -90,7 +90,7 @@ class Volume:
     extents: tuple[Extent, ...] = ()
     readable: bool = True
     why: str = ""  # why not readable
-    contains: str = ""  # "partition table", "LVM2 PV of vg0": not a filesystem itself
+    contains: str = ""  # "a partition table", "an LVM2 physical volume": not a filesystem itself
 
     @property
     def part(self) -> str:
@@ -593,17 +593,17 @@ def _disk_volumes(layout: Layout, i: int, disk: Readable) -> None:
         whole = Volume(where, i, "disk", disk.size, "whole disk", (Extent(0, i, 0, disk.size),))
         if pv is not None:
             layout.pvs.append(pv)
-            whole = _contains(whole, "LVM2 physical volume")
+            whole = _contains(whole, "an LVM2 physical volume")
         layout.volumes.append(whole)
         return
     layout.volumes.append(_contains(Volume(where, i, "disk", disk.size, "whole disk", (Extent(0, i, 0, disk.size),)),
-                                    "partition table"))
+                                    "a partition table"))
     for p in parts:
         if p.readable:
             pv = pv_label(disk, i, p.extents[0].disk_offset, p.size, p.name)
             if pv is not None:
                 layout.pvs.append(pv)
-                p = _contains(p, "LVM2 physical volume")
+                p = _contains(p, "an LVM2 physical volume")
         layout.volumes.append(p)
 
 

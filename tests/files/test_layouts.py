@@ -77,7 +77,7 @@ def test_ls_without_a_volume_lists_every_volume_and_what_is_on_it(point):
         "disk2": (None, True), "disk2:vg0/root": ("ext4", True), "disk2:vg0/thin1": (None, False),
     }
     notes = {v["name"]: v["note"] for v in doc["volumes"]}
-    assert notes["disk0"] == "holds a partition table" and notes["disk2"] == "holds a LVM2 physical volume"
+    assert notes["disk0"] == "holds a partition table" and notes["disk2"] == "holds an LVM2 physical volume"
     assert "only linear logical volumes are read" in notes["disk2:vg0/thin1"]
     assert notes["disk1:1"] == "unrecognised filesystem"
     text = ok("files", "ls", "--repo", tmp / "repo", pid).out
@@ -98,7 +98,7 @@ def test_each_filesystem_by_its_name_and_a_missing_choice_is_explained(point):
     r = run("files", "cat", "--repo", repo, pid, "/hello")
     assert r.rc == 2 and "has 4 filesystems: name one of them (DISK:PART): disk0:1 (fat32), disk0:2 (ext4)" in r.err
     r = run("files", "ls", "--repo", repo, pid, "disk2", "/")
-    assert r.rc == 2 and "disk2 holds a LVM2 physical volume, not a filesystem" in r.err
+    assert r.rc == 2 and "disk2 holds an LVM2 physical volume, not a filesystem" in r.err
     r = run("files", "ls", "--repo", repo, pid, "disk2:vg0/thin1")
     assert r.rc == 2 and "disk2:vg0/thin1 cannot be read: segment 1 is thin" in r.err
     r = run("files", "ls", "--repo", repo, pid, "disk1:1")

@@ -48,7 +48,7 @@ def test_mbr_primary_and_logical_partitions_match_sfdisk(tmp_path):
     got = [(v.extents[0].disk_offset, v.size) for v in vols]
     assert got == want
     assert vols[1].label == "Linux swap" and vols[3].label == "NTFS/exFAT"
-    assert layout.volumes[0].contains == "partition table"
+    assert layout.volumes[0].contains == "a partition table"
 
 
 def test_gpt_matches_sfdisk_and_the_backup_header_is_used_when_the_primary_is_damaged(tmp_path):
