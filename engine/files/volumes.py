@@ -112,7 +112,6 @@ class VolumeReader:
         self._disks = disks
         self._ext = volume.extents
         self._starts = [e.offset for e in self._ext]
-        self.last_failure: tuple[int, int, BaseException] | None = None  # (disk, disk offset, error)
 
     def disk_offset(self, offset: int) -> tuple[int, int]:
         """(disk index, offset on that disk) of a byte of the volume."""
@@ -132,11 +131,7 @@ class VolumeReader:
             if take <= 0:
                 i += 1
                 continue
-            try:
-                out.append(self._disks[e.disk].read(e.disk_offset + skip, take))
-            except InstantNFSError as err:
-                self.last_failure = (e.disk, e.disk_offset + skip, err)
-                raise
+            out.append(self._disks[e.disk].read(e.disk_offset + skip, take))
             offset += take
             length -= take
             i += 1
