@@ -59,6 +59,8 @@ setup(
         "uvloop>=0.19",
         "aiohttp>=3.9",
         "tomli-w>=1.0",
+        # file-level recovery (engine.files): The Sleuth Kit's Python binding, a binary wheel
+        "pytsk3>=20260715",  # the version tested
     ],
     extras_require={
         "test": [
@@ -67,7 +69,13 @@ setup(
             "hypothesis>=6.100",
             # CI runs `instantnfs bench --quick`, which writes plots
             "matplotlib>=3.8",
+            # tests/files reads XFS and btrfs guests through the optional extra below
+            "dissect.xfs>=3.13",
+            "dissect.btrfs>=1.10",
         ],
+        # XFS and btrfs contents for file-level recovery (engine/files/fs_dissect.py);
+        # AGPL-3.0 licensed, hence optional: without them XFS and btrfs are only named
+        "xfs-btrfs": ["dissect.xfs>=3.13", "dissect.btrfs>=1.10"],
         "bench": ["matplotlib>=3.8"],
         "lint": ["ruff>=0.5", "mypy>=1.10", "import-linter>=2.1"],
     },

@@ -9,7 +9,8 @@ pkgs=(gcc libc6-dev python3-dev liblz4-dev)  # liblz4-dev: engine/_codec.pyx lin
 if [ "$what" = test ]; then
   pkgs+=(qemu-utils qemu-block-extra qemu-system-x86 libnfs-utils libtirpc3 netbase
          linux-image-amd64 busybox-static e2fsprogs fdisk dosfstools mtools cpio kmod
-         iproute2 util-linux)  # the last two: the benchmark's private network namespace (unshare, ip)
+         iproute2 util-linux  # these two: the benchmark's private network namespace (unshare, ip)
+         ntfs-3g xfsprogs btrfs-progs exfatprogs)  # tests/files: guest filesystems built without a mount
 fi
 here=$(cd "$(dirname "$0")/.." && pwd)
 as_root() {

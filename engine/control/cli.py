@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from engine.bench import cli as bench_cli
-from engine.control import client, repo_cli
+from engine.control import client, files_cli, repo_cli
 from engine.control.daemon import cmd_serve
 from engine.control.demo import cmd_demo
 from engine.errors import InstantNFSError
@@ -147,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=repo_cli.cmd_restore)
 
+    files_cli.add_commands(sub, _repo_opt)
     _daemon_commands(sub)
     return parser
 

@@ -1,0 +1,264 @@
+"""``instantnfs files``: browse and pull files out of a restore point, offline.
+
+``files ls`` (volumes, then directories), ``files get`` (extract), ``files cat``,
+``files find``. Like ``points`` and ``restore`` they work on the repository directly
+(no daemon): a ``Stack`` over it and ``engine.files.point.PointFiles`` over the point.
+Positionals after POINT: an optional volume (``DISK[:PART]``: anything not starting
+with '/') and then paths, which are absolute in the guest filesystem. ``--json``
+prints exactly one JSON document, written as it goes (a listing of 100k names is not
+held in memory). Names that are not UTF-8 are shown with surrogate escapes (JSON
+``\\udcXX``), which ``files get`` takes back.
+"""
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import stat
+import sys
+import textwrap
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from datetime import datetime
+
+from engine.control.progress import Progress
+from engine.control.repo_cli import _human, _open_repo
+from engine.errors import UsageError
+
+EPILOG = """\
+Volumes are named DISK:PART: disk0 is the restore point's first disk (its name in
+'instantnfs points' works too), disk0:1 its first partition (MBR: 1-4 primary, 5+
+logical; GPT: entry number), disk0:vg0/root an LVM logical volume (or just vg0/root).
+Without one, a point with a single filesystem uses it; 'files ls POINT' lists them all.
+Paths start with '/'. Filesystems: ext2/3/4, NTFS, FAT, exFAT, HFS+ (The Sleuth Kit);
+journals are not replayed, so the newest changes of a running VM may be missing (ls
+says so per filesystem). Nothing needs root or a kernel mount.
+
+examples:
+  instantnfs files ls web01@latest
+  instantnfs files ls web01@latest disk0:vg0/root /etc --long
+  instantnfs files get web01@latest /etc/nginx /var/www -o restored --preserve
+  instantnfs files cat web01@latest /etc/fstab
+  instantnfs files find web01@latest --name '*.conf' --newer 2026-11-01
+"""
+
+
+def _wrap(text: str) -> str:
+    return textwrap.fill(text, 88)
+
+
+def add_commands(sub: argparse._SubParsersAction, repo_opt) -> None:
+    p = sub.add_parser("files", help="browse and extract files of a restore point (no restore, no root, no mount)",
+                       description="Read the guest filesystems of a restore point straight out of the backup.",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    fsub = p.add_subparsers(dest="files_command", metavar="ACTION", required=True)
+
+    def common(q: argparse.ArgumentParser) -> None:
+        repo_opt(q)
+        q.add_argument("point", metavar="POINT", help="restore point id, unique prefix, 'latest' or 'VM@latest'")
+
+    q = fsub.add_parser("ls", help="list volumes and filesystems, or a directory", epilog=EPILOG,
+                        formatter_class=argparse.RawDescriptionHelpFormatter,
+                        usage="instantnfs files ls [options] POINT [DISK[:PART]] [PATH]",
+                        description=_wrap("Without a volume and path: every disk, partition and logical volume with its "
+                        "size and filesystem. With a path: the directory's entries (or the one file)."))
+    common(q)
+    q.add_argument("args", nargs="*", metavar="PATH", help="an optional volume (DISK[:PART]) first, then a path (default /)")
+    q.add_argument("-l", "--long", action="store_true", help="mode, links, owner, size, mtime, symlink target, inode")
+    q.add_argument("--json", action="store_true", help="print JSON (entries with every field)")
+    q.set_defaults(func=cmd_ls)
+
+    q = fsub.add_parser("get", help="extract files and trees into a directory", epilog=EPILOG,
+                        formatter_class=argparse.RawDescriptionHelpFormatter,
+                        usage="instantnfs files get [options] POINT [DISK[:PART]] PATH... -o DIR",
+                        description=_wrap("Extract each PATH (a file, a symlink or a whole directory) into DIR under its "
+                        "own name. Never writes outside DIR and never overwrites: names with '/' or NUL are "
+                        "escaped (%2F, %00), symlinks are made as symlinks and never followed, hard links stay "
+                        "hard links inside DIR, devices/FIFOs/sockets are skipped, xattrs and ACLs are not "
+                        "extracted. Sparse files stay sparse. A file that cannot be read (a damaged chunk) is "
+                        "reported and left out; the others are extracted, and the exit status is 1."))
+    common(q)
+    q.add_argument("args", nargs="+", metavar="PATH", help="an optional volume (DISK[:PART]) first, then one or more paths")
+    q.add_argument("-o", "--output", required=True, metavar="DIR", help="target directory (made if missing)")
+    q.add_argument("--preserve", action="store_true", help="keep modes and times (and owners, as root)")
+    q.add_argument("--json", action="store_true", help="print what was done as JSON")
+    q.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    q.set_defaults(func=cmd_get)
+
+    q = fsub.add_parser("cat", help="write a file's bytes to stdout", epilog=EPILOG,
+                        formatter_class=argparse.RawDescriptionHelpFormatter,
+                        usage="instantnfs files cat [options] POINT [DISK[:PART]] PATH")
+    common(q)
+    q.add_argument("args", nargs="+", metavar="PATH", help="an optional volume (DISK[:PART]) first, then the file")
+    q.set_defaults(func=cmd_cat)
+
+    q = fsub.add_parser("find", help="find files by name and modification time", epilog=EPILOG,
+                        formatter_class=argparse.RawDescriptionHelpFormatter,
+                        usage="instantnfs files find [options] POINT [DISK[:PART]] [PATH] [--name GLOB] [--newer DATE]",
+                        description="Walk a tree (default /) and print the paths that match every condition given.")
+    common(q)
+    q.add_argument("args", nargs="*", metavar="PATH", help="an optional volume (DISK[:PART]) first, then where to start (default /)")
+    q.add_argument("--name", metavar="GLOB", help="shell pattern on the name (not the path), e.g. '*.conf'")
+    q.add_argument("--newer", metavar="DATE", type=_date,
+                   help="modified after DATE (ISO 8601: 2026-11-01 or 2026-11-01T08:00, local time unless an offset is given)")
+    q.add_argument("--type", choices=("file", "dir", "symlink"), help="only entries of this type")
+    q.add_argument("--json", action="store_true", help="print the entries as JSON")
+    q.set_defaults(func=cmd_find)
+
+
+def _date(text: str) -> float:
+    try:
+        return datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a date: {text!r} (use e.g. 2026-11-01 or 2026-11-01T08:00)") from None
+
+
+def _split(args: list[str], need_path: bool) -> tuple[str | None, list[str]]:
+    vol = None
+    if args and not args[0].startswith("/"):
+        vol, args = args[0], args[1:]
+    bad = [a for a in args if not a.startswith("/")]
+    if bad:
+        raise UsageError(f"paths start with '/' ({bad[0]!r} does not; only the first argument may be a volume)")
+    if need_path and not args:
+        raise UsageError("no path given")
+    return vol, args
+
+
+@contextmanager
+def _point_files(args: argparse.Namespace):
+    from engine.files.point import PointFiles
+    from engine.stack import Stack
+
+    if hasattr(sys.stdout, "reconfigure"):  # names that are not UTF-8 print as their bytes
+        sys.stdout.reconfigure(errors="surrogateescape")
+    with _open_repo(args) as repo, Stack(repo) as stack:
+        yield PointFiles(stack, repo.point(args.point))
+
+
+def _stream_json(head: dict, key: str, items: Iterable[dict]) -> None:
+    """One JSON object whose ``key`` is a list, written item by item."""
+    out = sys.stdout
+    text = json.dumps(head, indent=2)
+    out.write(text[:-2] + f",\n  {json.dumps(key)}: [" if head else "{\n  " + json.dumps(key) + ": [")
+    first = True
+    for item in items:
+        out.write(("\n    " if first else ",\n    ") + json.dumps(item))
+        first = False
+    out.write("\n  ]\n}\n" if not first else "]\n}\n")
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    vol, paths = _split(args.args, need_path=False)
+    if len(paths) > 1:
+        raise UsageError("files ls takes one path")
+    with _point_files(args) as pf:
+        if vol is None and not paths and len([f for f in pf.found() if f.filesystem]) != 1:
+            return _ls_volumes(args, pf)
+        fs = pf.filesystem(vol)
+        path = paths[0] if paths else "/"
+        top = fs.stat(path)
+        entries: Iterator = fs.listdir(top) if top.type == "dir" else iter([top])
+        if args.json:
+            head = {"point": pf.point.id, "volume": fs.name, "filesystem": fs.kind, "journal": fs.journal_note,
+                    "path": top.path}
+            _stream_json(head, "entries", (e.to_json() for e in entries))
+            return 0
+        if fs.journal_note:
+            print(f"# {fs.name} ({fs.kind}): {fs.journal_note}", file=sys.stderr if not args.long else sys.stdout)
+        for e in entries:
+            print(_long(e) if args.long else e.path.rsplit("/", 1)[-1] + ("/" if e.type == "dir" else ""))
+    return 0
+
+
+def _long(e) -> str:
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.mtime_ns / 1e9))
+    name = e.path.rsplit("/", 1)[-1] or "/"
+    link = f" -> {e.link.decode('utf-8', 'surrogateescape')}" if e.type == "symlink" else ""
+    return f"{stat.filemode(e.st_mode)} {e.nlink:>3} {e.uid:>6} {e.gid:>6} {e.size:>12} {when} {name}{link}  [inode {e.inode}]"
+
+
+def _ls_volumes(args: argparse.Namespace, pf) -> int:
+    found = pf.found()
+    if args.json:
+        json.dump({"point": pf.point.id, "volumes": [f.to_json() for f in found]}, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return 0
+    print(f"{'VOLUME':<24} {'SIZE':>10} {'TYPE':<28} {'FILESYSTEM':<10} NOTE")
+    for f in found:
+        print(f"{f.volume.name:<24} {_human(f.volume.size):>10} {f.volume.label[:28]:<28} {f.filesystem or '-':<10} {f.note}")
+    return 0
+
+
+def cmd_get(args: argparse.Namespace) -> int:
+    from engine.files.extract import Extractor, total_bytes
+
+    vol, paths = _split(args.args, need_path=True)
+    with _point_files(args) as pf:
+        fs = pf.filesystem(vol)
+        entries = [fs.stat(p) for p in paths]
+        show = not (args.json or args.quiet)
+        with Progress(f"extract from {fs.name}", False if not show else None) as bar:
+            update = bar.start(total_bytes(fs, entries)) if bar.enabled else None
+            with Extractor(fs, args.output, preserve=args.preserve, progress=update) as x:
+                for e in entries:
+                    x.extract(e)
+                res = x.result
+    if args.json:
+        json.dump({"volume": fs.name, "filesystem": fs.kind, "journal": fs.journal_note, **res.to_json()},
+                  sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        for p, why in res.skipped:
+            print(f"skipped {p}: {why}", file=sys.stderr)
+        for p, new in res.renamed:
+            print(f"renamed {p!r} to {new!r} (a name the local filesystem cannot hold)", file=sys.stderr)
+        for p, err in res.failed:
+            print(f"FAILED {p}: {err}", file=sys.stderr)
+        print(f"extracted {res.files} files ({_human(res.bytes)} of data), {res.dirs} directories, "
+              f"{res.symlinks} symlinks, {res.hardlinks} hard links to {args.output}"
+              + (f"; {len(res.failed)} FAILED" if res.failed else ""))
+    return 1 if res.failed else 0
+
+
+def cmd_cat(args: argparse.Namespace) -> int:
+    vol, paths = _split(args.args, need_path=True)
+    if len(paths) != 1:
+        raise UsageError("files cat takes one path")
+    with _point_files(args) as pf:
+        fs = pf.filesystem(vol)
+        e = fs.stat(paths[0])
+        if e.type != "file":
+            raise UsageError(f"{e.path} is a {e.type}, not a file")
+        out = sys.stdout.buffer
+        for piece in fs.open_file(e).pieces():
+            out.write(piece)
+        out.flush()
+    return 0
+
+
+def cmd_find(args: argparse.Namespace) -> int:
+    vol, paths = _split(args.args, need_path=False)
+    with _point_files(args) as pf:
+        fs = pf.filesystem(vol)
+        tops = paths or ["/"]
+
+        def matches() -> Iterator:
+            for top in tops:
+                for e in fs.walk(top):
+                    if args.name and not fnmatch.fnmatchcase(e.path.rsplit("/", 1)[-1], args.name):
+                        continue
+                    if args.newer is not None and e.mtime_ns <= args.newer * 1e9:
+                        continue
+                    if args.type and e.type != args.type:
+                        continue
+                    yield e
+
+        if args.json:
+            head = {"point": pf.point.id, "volume": fs.name, "filesystem": fs.kind, "journal": fs.journal_note}
+            _stream_json(head, "entries", (e.to_json() for e in matches()))
+        else:
+            for e in matches():
+                print(e.path)
+    return 0
