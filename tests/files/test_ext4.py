@@ -276,22 +276,6 @@ def test_a_corrupted_chunk_fails_its_file_only_and_names_it(tmp_path):
     assert r.rc == 3 and "/a.bin" in r.err and "checksum mismatch" in r.err
 
 
-@pytest.mark.slow
-def test_a_directory_of_100k_files_lists_and_extracts(tmp_path):
-    src = tmp_path / "src"
-    (src / "big").mkdir(parents=True)
-    for i in range(100_000):
-        (src / "big" / f"file-{i:06d}").write_bytes(b"%d\n" % i)
-    img = ext4_image(tmp_path / "d.img", src, 1024 * MiB, "-N", "120000")
-    point = backup_images(tmp_path / "repo", [img])
-    r = ok("files", "find", "--repo", tmp_path / "repo", point, "/big", "--name", "file-*")
-    assert len(r.out.splitlines()) == 100_000
-    out = tmp_path / "out"
-    res = ok("files", "get", "--repo", tmp_path / "repo", point, "/big", "-o", out, "--json").json()
-    assert res["files"] == 100_000 and res["failed"] == []
-    assert (out / "big" / "file-099999").read_bytes() == b"99999\n"
-
-
 # -- random trees --------------------------------------------------------------------------
 
 names = st.text(alphabet=st.sampled_from("abcXYZ09-_. äé日😀"), min_size=1, max_size=12).filter(
