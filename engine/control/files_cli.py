@@ -122,6 +122,22 @@ def add_commands(sub: argparse._SubParsersAction, repo_opt) -> None:
     q.add_argument("--json", action="store_true", help="print one JSON document with the list of changes")
     q.set_defaults(func=cmd_diff)
 
+    q = fsub.add_parser("sql", help="run a read-only SQL query on an SQLite database in a restore point", epilog=EPILOG,
+                        formatter_class=argparse.RawDescriptionHelpFormatter,
+                        usage="instantnfs files sql [options] POINT [DISK[:PART]] PATH 'SELECT ...'",
+                        description=_wrap("Copy the database at PATH with its -wal and -journal files (never touching "
+                        "the backup) into a private temporary directory, recover them there (a WAL not yet "
+                        "checkpointed holds the newest rows of a running VM), and run one query on the copy. "
+                        "Only reading is allowed: SELECT and introspection pragmas (table_info, user_version...); "
+                        "the schema is not trusted (trusted_schema=OFF), no extension is loaded, ATTACH is refused. "
+                        "Blobs print as X'hex' (JSON: {\"blob\": hex})."))
+    common(q)
+    q.add_argument("args", nargs="+", metavar="ARG", help="an optional volume (DISK[:PART]), the database's path, the query")
+    out = q.add_mutually_exclusive_group()
+    out.add_argument("--csv", action="store_true", help="CSV with a header line")
+    out.add_argument("--json", action="store_true", help="one JSON document: columns and rows")
+    q.set_defaults(func=cmd_sql)
+
 
 def _date(text: str) -> float:
     try:
@@ -315,3 +331,40 @@ def cmd_diff(args: argparse.Namespace) -> int:
             for c in changes():
                 print(c.line())
     return 1 if errors else 0
+
+
+def _sql_cell(v: object, as_json: bool = False) -> object:
+    if isinstance(v, bytes):
+        return {"blob": v.hex()} if as_json else f"X'{v.hex()}'"
+    if as_json:
+        return v
+    return "" if v is None else str(v)
+
+
+def cmd_sql(args: argparse.Namespace) -> int:
+    import csv
+
+    from engine.files.sql import open_database, query
+
+    if len(args.args) < 2:
+        raise UsageError("files sql takes the database's path and a query")
+    vol, paths = _split(args.args[:-1], need_path=True)
+    if len(paths) != 1:
+        raise UsageError("files sql takes one database path, then the query (quote it)")
+    with _point_files(args) as pf:
+        fs = pf.filesystem(vol)
+        with open_database(fs, paths[0]) as conn:
+            cols, rows = query(conn, args.args[-1])
+            if args.json:
+                _stream_json({"point": pf.point.id, "volume": fs.name, "path": paths[0], "columns": cols}, "rows",
+                             ([_sql_cell(v, True) for v in r] for r in rows))
+            elif args.csv:
+                w = csv.writer(sys.stdout, lineterminator="\n")
+                w.writerow(cols)
+                for r in rows:
+                    w.writerow([_sql_cell(v) for v in r])
+            else:
+                print("|".join(cols))
+                for r in rows:
+                    print("|".join(str(_sql_cell(v)) for v in r))
+    return 0
