@@ -343,6 +343,7 @@ def _sql_cell(v: object, as_json: bool = False) -> object:
 
 def cmd_sql(args: argparse.Namespace) -> int:
     import csv
+    from typing import Any
 
     from engine.files.sql import open_database, query
 
@@ -356,8 +357,8 @@ def cmd_sql(args: argparse.Namespace) -> int:
         with open_database(fs, paths[0]) as conn:
             cols, rows = query(conn, args.args[-1])
             if args.json:
-                _stream_json({"point": pf.point.id, "volume": fs.name, "path": paths[0], "columns": cols}, "rows",
-                             ([_sql_cell(v, True) for v in r] for r in rows))
+                cells: Iterator[Any] = ([_sql_cell(v, True) for v in r] for r in rows)  # lists, not objects
+                _stream_json({"point": pf.point.id, "volume": fs.name, "path": paths[0], "columns": cols}, "rows", cells)
             elif args.csv:
                 w = csv.writer(sys.stdout, lineterminator="\n")
                 w.writerow(cols)
