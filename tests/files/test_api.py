@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.files.hostile_fs import hostile_fs
 from tests.files.images import MiB, backup_images, ext4_image
 from tests.nfs.conftest import Daemon, give_address, take_address
 
@@ -168,3 +169,16 @@ def test_a_2gib_file_streams_with_the_daemon_memory_bounded(daemon):
             want.update(piece)
     assert h.hexdigest() == want.hexdigest()
     assert peak - before < 200 * MiB, f"the daemon grew by {(peak - before) // MiB} MiB streaming 2 GiB"
+
+
+def test_tar_names_of_a_hostile_filesystem_are_sanitised():
+    from engine.control.files_api import tar_stream
+
+    fs = hostile_fs()
+    data = b"".join(bytes(p) for p in tar_stream(fs, fs.stat("/")))
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as t:
+        got = {m.name: (m.type, t.extractfile(m).read() if m.isfile() else None) for m in t.getmembers()}  # type: ignore[union-attr]
+    assert got == {
+        "a%2Fb": (tarfile.REGTYPE, b"slash"), "x%00y": (tarfile.REGTYPE, b"nul"), "d": (tarfile.DIRTYPE, None),
+        "d/inner": (tarfile.REGTYPE, b"inner"), "d/loop": (tarfile.DIRTYPE, None),  # the loop is not entered
+    }

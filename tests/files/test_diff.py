@@ -153,3 +153,9 @@ def test_bytes_changed_in_place_are_found_and_neighbours_in_the_block_are_not_re
         pa, pc = PointFiles(stack, stack.repo.point(a)), PointFiles(stack, stack.repo.point(c))
         assert [ch.path for ch in diff(pa.filesystem(None), pc.filesystem(None), BlockDiff(pa.disks, pc.disks))] == [target]
     assert target in reads and "/keep.bin" not in reads and len(set(reads)) < 200
+
+
+def test_a_looping_hostile_filesystem_ends():
+    from tests.files.hostile_fs import hostile_fs
+
+    assert list(diff(hostile_fs(), hostile_fs())) == []
