@@ -234,6 +234,8 @@ class FilesAPI:
 
         try:
             await self._stream(req, resp, entries, encode, BATCH)
+        except ConnectionError:
+            return resp
         except InstantNFSError as err:  # a damaged directory, part-way: the document stays valid and says so
             log.warning("listing %s of %s: %s", top.path, pf.point.id, err)
             await resp.write(f'], "error": {json.dumps(str(err))}}}'.encode())
@@ -247,6 +249,9 @@ class FilesAPI:
         await resp.prepare(req)
         try:
             await self._stream(req, resp, pieces, lambda b: b"".join(b), 1 << 30, READ_PIECE)
+        except ConnectionError:  # the client went away: nothing more to send
+            log.debug("%s: the client closed the connection", what)
+            return resp
         except InstantNFSError as err:
             log.warning("%s: %s; the connection is closed early", what, err)
             if req.transport is not None:
@@ -262,7 +267,10 @@ class FilesAPI:
         pf, fs, e = got
         if e.type != "file":
             return self._error(400, f"{e.path} is a {e.type}, not a file (a tree: use tar)")
-        f = await self._run(fs.open_file, e)
+        try:
+            f = await self._run(fs.open_file, e)
+        except InstantNFSError as err:
+            return self._error(self._status(err), str(err))
         name = os.fsdecode(safe_name(e.name) or b"file")
         resp = web.StreamResponse(headers={
             "Content-Type": "application/octet-stream",

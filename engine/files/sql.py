@@ -106,6 +106,8 @@ def open_database(fs: FileSystem, path: str, tmp_dir: str | None = None) -> Iter
             if hasattr(conn, "enable_load_extension"):
                 conn.enable_load_extension(False)
             conn.execute("PRAGMA trusted_schema=OFF")
+            if conn.execute("PRAGMA trusted_schema").fetchone() != (0,):
+                raise SqlError(f"SQLite {sqlite3.sqlite_version} cannot distrust a schema (3.31 or later can)")
             conn.execute("SELECT count(*) FROM sqlite_master").fetchone()  # recovers the WAL/journal into the copy
             conn.execute("PRAGMA query_only=ON")
         except sqlite3.DatabaseError as e:

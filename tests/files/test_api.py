@@ -38,6 +38,9 @@ def make_tree(src: Path) -> None:
     os.symlink("hello.txt", tree / "link")
     os.link(tree / "hello.txt", tree / "a" / "hard")
     os.mkfifo(tree / "fifo")
+    (src / "many").mkdir()
+    for i in range(3000):  # more than a dozen of the listing's batches
+        (src / "many" / f"f{i:05d}").write_text(str(i))
     with open(src / "big.bin", "wb") as f:
         f.truncate(2 * GiB)
         for i in range(BIG_ISLANDS):
@@ -86,6 +89,9 @@ def test_volumes_and_listing(daemon):
     assert set(names) == {os.fsdecode(n) for n in os.listdir(os.fsencode(tmp / "src" / "tree"))}
     assert names["hello.txt"]["mode"] == "0640" and names["hello.txt"]["size"] == 6
     assert names["link"]["type"] == "symlink" and names["link"]["link"] == "hello.txt"
+    code, many = status_of(dmn, f"/points/{point}/files/disk0/ls", path="/many")
+    assert code == 200 and sorted(e["name"] for e in many["entries"]) == [f"f{i:05d}" for i in range(3000)]
+    assert "error" not in many
     # '-' is the only filesystem; a file lists as itself
     code, one = status_of(dmn, f"/points/{point}/files/-/ls", path="/random.bin")
     assert code == 200 and [e["path"] for e in one["entries"]] == ["/random.bin"]
