@@ -159,3 +159,32 @@ def test_a_looping_hostile_filesystem_ends():
     from tests.files.hostile_fs import hostile_fs
 
     assert list(diff(hostile_fs(), hostile_fs())) == []
+
+
+def test_a_corrupted_chunk_makes_its_file_unreadable_and_the_rest_is_still_compared(tmp_path):
+    from tests.cli import run
+    from tests.files.test_ext4 import _corrupt_chunk_under
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.bin").write_bytes(os.urandom(4 * MiB))
+    (src / "b.txt").write_text("before\n")
+    img = ext4_image(tmp_path / "d.img", src, 64 * MiB)
+    a = backup_images(tmp_path / "repo", [img])
+    with Stack.open(tmp_path / "repo") as stack:
+        fs = PointFiles(stack, stack.repo.point(a)).filesystem(None)
+        (_, voff, _), = fs.open_file(fs.stat("/a.bin")).volume_runs()  # type: ignore[misc]
+        (_, boff, _), = fs.open_file(fs.stat("/b.txt")).volume_runs()  # type: ignore[misc]
+    with open(img, "r+b") as f:  # both changed in place, same sizes and metadata
+        f.seek(voff + 2 * MiB)
+        f.write(os.urandom(4096))
+        f.seek(boff)
+        f.write(b"after!\n")
+    b = backup_images(tmp_path / "repo", [img])
+    _corrupt_chunk_under(tmp_path / "repo", b, voff + 2 * MiB)
+    r = run("files", "diff", "--repo", tmp_path / "repo", a, b, "--json")
+    assert r.rc == 1 and "Traceback" not in r.err
+    changes = r.json()["changes"]
+    assert [(c["path"], c["change"]) for c in changes] == [("/a.bin", "unreadable"), ("/b.txt", "modified")]
+    assert "a.bin" in changes[0]["error"] and "disk0 offset" in changes[0]["error"]
+    assert changes[1]["content"] is True
