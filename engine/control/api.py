@@ -5,9 +5,11 @@ Endpoints (all under ``/api/v1``; the OpenAPI document at ``/api/v1/openapi.json
 ``GET sessions/{name}``, ``DELETE sessions/{name}`` (unpublish), ``POST
 sessions/{name}/export`` and ``POST sessions/{name}/commit`` (start a job), ``GET
 jobs`` and ``GET jobs/{id}`` (a job's state and progress), ``DELETE jobs/{id}`` (cancel
-a running job). Errors are ``{"error": "<one line>"}`` with 400 (bad request), 403 (an
-export output outside the export directories, or existing), 404 (no such thing), 409
-(name taken, session busy, job already ended).
+a running job), and file-level recovery (``engine.control.files_api``): ``GET
+points/{id}/files``, ``GET points/{id}/files/{vol}/ls|download|tar?path=``. Errors
+are ``{"error": "<one line>"}`` with 400 (bad request), 403 (an export output outside
+the export directories, or existing), 404 (no such thing), 409 (name taken, session
+busy, job already ended), 422 (a volume with no filesystem this reads).
 
 Jobs (export, commit) are ``engine.jobs``'s: a handler checks the request, starts one
 there and answers 202 with its state; ``GET jobs/{id}`` reports it, ``DELETE jobs/{id}``
@@ -37,6 +39,7 @@ from typing import Any
 from aiohttp import web
 
 from engine.control import auth as authmod
+from engine.control.files_api import FilesAPI
 from engine.datastore import MODES, Datastore, GiB, Session
 from engine.errors import InstantNFSError, NoSpace, NotFound, OutputRefused, SessionError
 from engine.export import FORMATS
@@ -81,6 +84,13 @@ _PUBLISH_FIELDS: dict[str, tuple[type, ...]] = {
 _EXPORT_FIELDS: dict[str, tuple[type, ...]] = {"disk": (str, int), "output": (str,), "format": (str,)}
 
 _JOB_SCHEMA = {"type": "object", "description": "a job: state running|done|failed|cancelled, phase, done/total, result or error"}
+
+_POINT_PARAM = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"},
+                "description": "restore point id, unique prefix, 'latest' or 'VM@latest'"}
+_VOL_PARAM = {"name": "vol", "in": "path", "required": True, "schema": {"type": "string"},
+              "description": "volume: disk0, disk0:1, disk0:vg0/root (as 'files' lists them), or '-' for the only filesystem"}
+_PATH_PARAM = {"name": "path", "in": "query", "required": False, "schema": {"type": "string", "default": "/"},
+               "description": "absolute path in the guest filesystem"}
 
 OPENAPI: dict[str, Any] = {
     "openapi": "3.0.3",
@@ -144,6 +154,32 @@ OPENAPI: dict[str, Any] = {
                               "404": {"description": "no such session"}},
             },
         },
+        f"{API}/points/{{id}}/files": {
+            "parameters": [_POINT_PARAM],
+            "get": {"summary": "The point's disks, partitions and LVM volumes, with the filesystem each holds (or why none)",
+                    "responses": {"200": {"description": "{point, volumes: [{name, kind, size, label, disk, filesystem, note...}]}"},
+                                  "404": {"description": "no such point"}}},
+        },
+        f"{API}/points/{{id}}/files/{{vol}}/ls": {
+            "parameters": [_POINT_PARAM, _VOL_PARAM, _PATH_PARAM],
+            "get": {"summary": "A directory's entries (or the one file), streamed as they are read",
+                    "responses": {"200": {"description": "{point, volume, filesystem, journal, path, entries: [{name, path, type, inode, size, mode, uid, gid, nlink, mtime, atime, ctime, link?}], error?}"},
+                                  "400": {"description": "bad path or volume"}, "404": {"description": "no such point, volume or path"},
+                                  "422": {"description": "no filesystem this reads on the volume"}}},
+        },
+        f"{API}/points/{{id}}/files/{{vol}}/download": {
+            "parameters": [_POINT_PARAM, _VOL_PARAM, _PATH_PARAM],
+            "get": {"summary": "A file's bytes, streamed (Content-Length given; a read failure part-way closes the connection early)",
+                    "responses": {"200": {"description": "the bytes", "content": {"application/octet-stream": {}}},
+                                  "400": {"description": "not a regular file"}, "404": {"description": "no such point, volume or path"}}},
+        },
+        f"{API}/points/{{id}}/files/{{vol}}/tar": {
+            "parameters": [_POINT_PARAM, _VOL_PARAM, _PATH_PARAM],
+            "get": {"summary": "A tar (PAX) of a tree, streamed: names relative and sanitised as 'files get' does, symlinks as "
+                               "symlinks, hard links as hard-link members, special files, xattrs and ACLs left out",
+                    "responses": {"200": {"description": "the tar", "content": {"application/x-tar": {}}},
+                                  "404": {"description": "no such point, volume or path"}}},
+        },
         f"{API}/jobs": {"get": {"summary": "Export and commit jobs of this daemon", "responses": {"200": {"description": "jobs"}}}},
         f"{API}/jobs/{{id}}": {
             "parameters": [{"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}],
@@ -170,6 +206,7 @@ class ControlAPI:
         self.token: str = cfg["control"]["token"] or authmod.new_token()
         self._token_files: list = []
         self.host = advertised_host(cfg["server"]["bind"])
+        self.files = FilesAPI(ds.stack, API)
 
     # -- views -------------------------------------------------------------------------------
 
@@ -407,6 +444,7 @@ class ControlAPI:
                 web.get(f"{API}/jobs/{{id}}", self.h_job),
                 web.delete(f"{API}/jobs/{{id}}", self.h_cancel),
                 web.get(f"{API}/openapi.json", self.h_openapi),
+                *self.files.routes(),
             ]
         )
         return app
@@ -440,5 +478,6 @@ class ControlAPI:
         the per-user token index entries."""
         if self._runner is not None:
             await self._runner.cleanup()
+        self.files.stop()
         for path in self._token_files[1:]:  # the index entry; token_file stays for the next start
             authmod.remove_token(path, self.token)

@@ -106,6 +106,38 @@ def add_commands(sub: argparse._SubParsersAction, repo_opt) -> None:
     q.add_argument("--json", action="store_true", help="print the entries as JSON")
     q.set_defaults(func=cmd_find)
 
+    # -- diff, sql (helper files2) ---------------------------------------------------------
+    q = fsub.add_parser("diff", help="which files changed between two restore points", epilog=EPILOG,
+                        formatter_class=argparse.RawDescriptionHelpFormatter,
+                        usage="instantnfs files diff [options] POINT_A POINT_B [DISK[:PART]] [PATH]",
+                        description=_wrap("Paths added, deleted and modified from POINT_A to POINT_B (of one "
+                        "repository), in sorted order. Modified: the content (bytes compared where the block maps "
+                        "differ, so unchanged data is not read) and/or metadata fields (type, size, mode, uid, gid, "
+                        "mtime, ctime, symlink target; a directory: type, mode, owner). A rename is a delete and an "
+                        "add. Exit status 1 if a file could not be read."))
+    repo_opt(q)
+    q.add_argument("point", metavar="POINT_A", help="the older restore point")
+    q.add_argument("point_b", metavar="POINT_B", help="the newer restore point")
+    q.add_argument("args", nargs="*", metavar="PATH", help="an optional volume (DISK[:PART]) first, then where to start (default /)")
+    q.add_argument("--json", action="store_true", help="print one JSON document with the list of changes")
+    q.set_defaults(func=cmd_diff)
+
+    q = fsub.add_parser("sql", help="run a read-only SQL query on an SQLite database in a restore point", epilog=EPILOG,
+                        formatter_class=argparse.RawDescriptionHelpFormatter,
+                        usage="instantnfs files sql [options] POINT [DISK[:PART]] PATH 'SELECT ...'",
+                        description=_wrap("Copy the database at PATH with its -wal and -journal files (never touching "
+                        "the backup) into a private temporary directory, recover them there (a WAL not yet "
+                        "checkpointed holds the newest rows of a running VM), and run one query on the copy. "
+                        "Only reading is allowed: SELECT and introspection pragmas (table_info, user_version...); "
+                        "the schema is not trusted (trusted_schema=OFF), no extension is loaded, ATTACH is refused. "
+                        "Blobs print as X'hex' (JSON: {\"blob\": hex})."))
+    common(q)
+    q.add_argument("args", nargs="+", metavar="ARG", help="an optional volume (DISK[:PART]), the database's path, the query")
+    out = q.add_mutually_exclusive_group()
+    out.add_argument("--csv", action="store_true", help="CSV with a header line")
+    out.add_argument("--json", action="store_true", help="one JSON document: columns and rows")
+    q.set_defaults(func=cmd_sql)
+
 
 def _date(text: str) -> float:
     try:
@@ -261,4 +293,79 @@ def cmd_find(args: argparse.Namespace) -> int:
         else:
             for e in matches():
                 print(e.path)
+    return 0
+
+
+# -- diff, sql (helper files2) -------------------------------------------------------------
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    from engine.files.diff import BlockDiff, diff
+    from engine.files.point import PointFiles
+    from engine.stack import Stack
+
+    vol, paths = _split(args.args, need_path=False)
+    if len(paths) > 1:
+        raise UsageError("files diff takes one path")
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="surrogateescape")
+    with _open_repo(args) as repo, Stack(repo) as stack:
+        a = PointFiles(stack, repo.point(args.point))
+        b = PointFiles(stack, repo.point(args.point_b))
+        fa = a.filesystem(vol)
+        fb = b.filesystem(vol if vol is not None else fa.name)
+        blocks = BlockDiff(a.disks, b.disks)
+        errors = 0
+
+        def changes() -> Iterator:
+            nonlocal errors
+            for c in diff(fa, fb, blocks, paths[0] if paths else "/"):
+                errors += c.change == "unreadable"
+                yield c
+
+        if args.json:
+            head = {"point_a": a.point.id, "point_b": b.point.id, "volume": fb.name, "filesystem": fb.kind,
+                    "journal": fb.journal_note, "changed_blocks": blocks.count(), "block_size": blocks.block_size}
+            _stream_json(head, "changes", (c.to_json() for c in changes()))
+        else:
+            for c in changes():
+                print(c.line())
+    return 1 if errors else 0
+
+
+def _sql_cell(v: object, as_json: bool = False) -> object:
+    if isinstance(v, bytes):
+        return {"blob": v.hex()} if as_json else f"X'{v.hex()}'"
+    if as_json:
+        return v
+    return "" if v is None else str(v)
+
+
+def cmd_sql(args: argparse.Namespace) -> int:
+    import csv
+    from typing import Any
+
+    from engine.files.sql import open_database, query
+
+    if len(args.args) < 2:
+        raise UsageError("files sql takes the database's path and a query")
+    vol, paths = _split(args.args[:-1], need_path=True)
+    if len(paths) != 1:
+        raise UsageError("files sql takes one database path, then the query (quote it)")
+    with _point_files(args) as pf:
+        fs = pf.filesystem(vol)
+        with open_database(fs, paths[0]) as conn:
+            cols, rows = query(conn, args.args[-1])
+            if args.json:
+                cells: Iterator[Any] = ([_sql_cell(v, True) for v in r] for r in rows)  # lists, not objects
+                _stream_json({"point": pf.point.id, "volume": fs.name, "path": paths[0], "columns": cols}, "rows", cells)
+            elif args.csv:
+                w = csv.writer(sys.stdout, lineterminator="\n")
+                w.writerow(cols)
+                for r in rows:
+                    w.writerow([_sql_cell(v) for v in r])
+            else:
+                print("|".join(cols))
+                for r in rows:
+                    print("|".join(str(_sql_cell(v)) for v in r))
     return 0

@@ -87,6 +87,7 @@ _VIRTUAL = {int(_T.TSK_FS_META_TYPE_VIRT), int(_T.TSK_FS_META_TYPE_VIRT_DIR)}
 _DATA_ATTRS = {int(_T.TSK_FS_ATTR_TYPE_DEFAULT), int(_T.TSK_FS_ATTR_TYPE_NTFS_DATA), int(_T.TSK_FS_ATTR_TYPE_HFS_DATA)}
 _HOLE = int(_T.TSK_FS_ATTR_RUN_FLAG_FILLER) | int(_T.TSK_FS_ATTR_RUN_FLAG_SPARSE)
 _NONRES = int(_T.TSK_FS_ATTR_NONRES)
+_PACKED = int(_T.TSK_FS_ATTR_COMP) | int(_T.TSK_FS_ATTR_ENC)
 # the filesystems a VM disk holds, tried in this order (each probe reads a few sectors)
 _PROBES = [getattr(_T, f"TSK_FS_TYPE_{n}_DETECT") for n in ("EXT", "NTFS", "FAT", "EXFAT", "HFS", "ISO9660", "FFS", "APFS")
            if hasattr(_T, f"TSK_FS_TYPE_{n}_DETECT")]
@@ -447,6 +448,12 @@ class File:
         not in them reads as zeros (holes)."""
         raise NotImplementedError
 
+    def volume_runs(self) -> list[tuple[int, int, int]] | None:
+        """(file offset, volume offset, length) of each allocated run, in file order; None
+        when the bytes are not plain runs of the volume (resident, inline, compressed, or a
+        reader that does not say)."""
+        return None
+
     def pieces(self, offset: int = 0, length: int | None = None, piece: int = READ_PIECE) -> Iterator[bytes]:
         end = self.size if length is None else min(self.size, offset + length)
         while offset < end:
@@ -496,3 +503,24 @@ class TskFile(File):
             else:
                 runs.append((start, end - start))
         return runs
+
+    def volume_runs(self) -> list[tuple[int, int, int]] | None:
+        bs = self.fs.block_size
+        attr = None
+        for a in self._f:
+            if int(a.info.type) in _DATA_ATTRS and a.info.name in (None, b"", b"$Data", b"DATA"):
+                attr = a
+                break
+        if attr is None:
+            return [] if not self.size else None
+        if not int(attr.info.flags) & _NONRES or int(attr.info.flags) & _PACKED:
+            return None
+        out = []
+        for r in attr:
+            if int(r.flags) & _HOLE:
+                continue
+            start = int(r.offset) * bs
+            length = min(self.size, start + int(r.len) * bs) - start
+            if length > 0:
+                out.append((start, int(r.addr) * bs, length))
+        return out
