@@ -106,7 +106,7 @@ def add_commands(sub: argparse._SubParsersAction, repo_opt) -> None:
     q.add_argument("--json", action="store_true", help="print the entries as JSON")
     q.set_defaults(func=cmd_find)
 
-    # -- diff, sql (helper files2) ---------------------------------------------------------
+    # -- diff, sql ---------------------------------------------------------------------------
     q = fsub.add_parser("diff", help="which files changed between two restore points", epilog=EPILOG,
                         formatter_class=argparse.RawDescriptionHelpFormatter,
                         usage="instantnfs files diff [options] POINT_A POINT_B [DISK[:PART]] [PATH]",
