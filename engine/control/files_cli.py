@@ -296,7 +296,7 @@ def cmd_find(args: argparse.Namespace) -> int:
     return 0
 
 
-# -- diff, sql (helper files2) -------------------------------------------------------------
+# -- diff, sql -------------------------------------------------------------------------------
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
