@@ -248,10 +248,14 @@ def cmd_get(args: argparse.Namespace) -> int:
             print(f"renamed {p!r} to {new!r} (a name the local filesystem cannot hold)", file=sys.stderr)
         for p, err in res.failed:
             print(f"FAILED {p}: {err}", file=sys.stderr)
-        print(f"extracted {res.files} files ({_human(res.bytes)} of data), {res.dirs} directories, "
-              f"{res.symlinks} symlinks, {res.hardlinks} hard links to {args.output}"
+        print(f"extracted {_count(res.files, 'file')} ({_human(res.bytes)} of data), {_count(res.dirs, 'directory')}, "
+              f"{_count(res.symlinks, 'symlink')}, {_count(res.hardlinks, 'hard link')} to {args.output}"
               + (f"; {len(res.failed)} FAILED" if res.failed else ""))
     return 1 if res.failed else 0
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun[:-1] + 'ies' if noun.endswith('y') else noun + 's'}"
 
 
 def cmd_cat(args: argparse.Namespace) -> int:
