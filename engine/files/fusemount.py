@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from engine.errors import InstantNFSError, NotFound, UsageError
-from engine.files.fs import Entry, File, FileSystem, FilesystemError, join
+from engine.files.fs import Entry, File, FileSystem, join
 
 log = logging.getLogger("instantnfs.files.mount")
 
@@ -131,7 +131,7 @@ def _operations() -> type:
                 return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
             except NotFound:
                 raise pyfuse3.FUSEError(errno.ENOENT) from None
-            except (FilesystemError, InstantNFSError) as e:
+            except InstantNFSError as e:  # a damaged filesystem, an unreadable chunk (named)
                 log.error("%s: %s", what, e)
                 raise pyfuse3.FUSEError(errno.EIO) from None
             except Exception as e:  # noqa: BLE001 - a hostile filesystem must not end the mount
@@ -159,7 +159,7 @@ def _operations() -> type:
             a.generation = 0
             a.entry_timeout = TIMEOUT
             a.attr_timeout = TIMEOUT
-            a.st_mode = e.st_mode if e.type in ("file", "dir", "symlink", "fifo", "socket") else st.S_IFREG | (e.mode & 0o7777)
+            a.st_mode = e.st_mode if st.S_IFMT(e.st_mode) else st.S_IFREG | e.mode  # devices show as such (nodev)
             a.st_nlink = max(1, e.nlink)
             a.st_uid = e.uid
             a.st_gid = e.gid
@@ -288,7 +288,6 @@ def _operations() -> type:
             s.f_bsize = s.f_frsize = bs
             s.f_blocks = self.fs.src.size // bs
             s.f_bfree = s.f_bavail = 0
-            s.f_files = len(self._known)
             s.f_ffree = s.f_favail = 0
             s.f_namemax = 255
             return s

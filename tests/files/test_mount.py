@@ -22,7 +22,8 @@ from engine.files import fusemount
 from engine.files.fusemount import is_mounted
 from tests.cli import run
 from tests.conftest import require, require_tool
-from tests.files.images import MiB, backup_images, ext4_image
+from tests.files.images import MiB, backup_images, ext4_image, sh
+from tests.files.test_ext4 import _corrupt_chunk_under
 
 pytestmark = pytest.mark.timeout(300)
 MANY = 3000  # names in one directory: many READDIR replies
@@ -201,6 +202,30 @@ def test_bad_mount_points_give_clear_errors(point):
     assert r.rc == 2 and "no volume 'disk0:7'" in r.err and not is_mounted((tmp / "mnt-none").resolve())
     r = run("files", "mount", "--repo", tmp / "repo", pid, "disk0", tmp / "a", tmp / "b", timeout=60)
     assert r.rc == 2 and "one directory" in r.err
+
+
+def test_a_corrupted_chunk_is_eio_for_its_file_only_and_the_mount_stays(point, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.bin").write_bytes(os.urandom(4 * MiB))
+    (src / "b.bin").write_bytes(os.urandom(4 * MiB))
+    img = ext4_image(tmp_path / "d.img", src, 64 * MiB)
+    first = int(re.search(r"\(0-\d+\):(\d+)-", sh("debugfs", "-R", "stat /a.bin", img).stdout.decode()).group(1))
+    pid = backup_images(tmp_path / "repo", [img])
+    _corrupt_chunk_under(tmp_path / "repo", pid, first * 4096 + 2 * MiB)  # the middle of a.bin
+    m = Mount(tmp_path / "repo", pid, tmp_path / "mnt")
+    try:
+        with open(m.mnt / "a.bin", "rb") as f:
+            assert f.read(4096) == (src / "a.bin").read_bytes()[:4096]  # its good part reads
+            with pytest.raises(OSError) as e:
+                f.seek(2 * MiB)
+                f.read(4096)
+            assert e.value.errno == errno.EIO
+        assert (m.mnt / "b.bin").read_bytes() == (src / "b.bin").read_bytes()
+    finally:
+        rc = m.stop()
+    log = m.log.read_text()
+    assert rc == 0 and "/a.bin" in log and "checksum mismatch" in log and "Traceback" not in log, log
 
 
 def test_without_dev_fuse_the_error_says_what_is_missing(monkeypatch):
