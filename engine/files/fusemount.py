@@ -10,7 +10,7 @@ Inodes: FUSE's root is 1; every other entry is its filesystem inode + 2 (so no i
 of the guest lands on 1), so a hard link shows as one inode. The kernel learns an inode
 from a lookup or a READDIRPLUS reply and forgets it later: ``_known`` holds the entries
 the kernel knows, with its lookup count, and nothing else; it is what getattr answers
-from. An open directory holds its listing's iterator, where the last reply stopped, and
+from. A name that is not there is answered with inode 0, which the kernel caches too. An open directory holds its listing's iterator, where the last reply stopped, and
 at most one batch of entries: a directory of 100k names is never held whole. A reply
 that restarts at another offset lists the directory again from its start.
 
@@ -186,7 +186,15 @@ def _operations() -> type:
             if name in (b".", b"..") or b"/" in name or b"\0" in name:
                 raise pyfuse3.FUSEError(errno.ENOENT)
             path = join(parent.path, name)
-            e = await self._call(f"{self.fs.name}: {path}", self.fs.stat, path)
+            try:
+                e = await self._call(f"{self.fs.name}: {path}", self.fs.stat, path)
+            except pyfuse3.FUSEError as err:
+                if err.errno != errno.ENOENT:
+                    raise
+                none = pyfuse3.EntryAttributes()  # inode 0: the kernel keeps "no such name" too
+                none.st_ino = 0
+                none.entry_timeout = TIMEOUT
+                return none
             ino = self._remember(e)
             return self._attrs(e, ino)
 
