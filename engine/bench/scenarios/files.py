@@ -254,7 +254,10 @@ def extraction_row(ctx, inp: Input, what: str, path: str, files: int, nbytes: in
                   "higher", {"client": "CLI, a process per run (instantnfs files get / restore of the whole disk; "
                                        "borg extract / restic restore of a file-level backup of the tree)",
                              "cache": "cold page cache", "disk": f"ext4 guest, {inp.disk_size >> 20} MiB disk",
-                             "files": files, "bytes": nbytes}, None, peers=PEERS)
+                             "files": files, "bytes": nbytes,
+                             "restore": "the whole disk written out; its figure is the files over that time "
+                                        "(getting them out of the image, which needs a mount, not counted)"},
+                  None, peers=PEERS)
     out = ctx.work / "files" / "out"
     systems: Systems = {
         OURS: partial(ours_get, inp, path, out, files, nbytes, per),
