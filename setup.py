@@ -61,6 +61,8 @@ setup(
         "tomli-w>=1.0",
         # file-level recovery (engine.files): The Sleuth Kit's Python binding, a binary wheel
         "pytsk3>=20260715",  # the version tested
+        # files mount: FUSE through libfuse3 (built from source: Debian libfuse3-dev, pkg-config)
+        "pyfuse3>=3.3",
     ],
     extras_require={
         "test": [

@@ -6,6 +6,7 @@
 set -euo pipefail
 what=${1:-build}
 pkgs=(gcc libc6-dev python3-dev liblz4-dev)  # liblz4-dev: engine/_codec.pyx links the system liblz4
+pkgs+=(libfuse3-dev pkg-config fuse3)  # pyfuse3 (files mount) builds against libfuse3; fusermount3
 if [ "$what" = test ]; then
   pkgs+=(qemu-utils qemu-block-extra qemu-system-x86 libnfs-utils libtirpc3 netbase
          linux-image-amd64 busybox-static e2fsprogs fdisk dosfstools mtools cpio kmod

@@ -29,6 +29,7 @@ GROUPS = (
     "many VMs",
     "publish to first byte",
     "backup ingest",
+    "file-level recovery",
     "daemon memory",
 )
 

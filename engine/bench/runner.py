@@ -51,6 +51,7 @@ SCENARIOS: dict[str, str] = {
     "many-vms": "manyvms",
     "publish": "publish",
     "ingest": "ingest",
+    "files": "files",
     "memory": "memory",
 }
 DEFAULT_PEERS = ("ganesha", "borg", "borg-fixed", "restic", "local")

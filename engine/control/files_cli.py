@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import json
+import os
 import stat
 import sys
 import textwrap
@@ -137,6 +138,20 @@ def add_commands(sub: argparse._SubParsersAction, repo_opt) -> None:
     out.add_argument("--csv", action="store_true", help="CSV with a header line")
     out.add_argument("--json", action="store_true", help="one JSON document: columns and rows")
     q.set_defaults(func=cmd_sql)
+
+    # -- mount ------------------------------------------------------------------------------
+    q = fsub.add_parser("mount", help="mount a filesystem of a restore point read-only (FUSE)", epilog=EPILOG,
+                        formatter_class=argparse.RawDescriptionHelpFormatter,
+                        usage="instantnfs files mount [options] POINT [DISK[:PART]] DIR",
+                        description=_wrap("Serve the filesystem read-only at DIR (an empty directory) through FUSE, "
+                        "for tools that want a path. Runs in the background and prints its PID unless "
+                        "--foreground; 'fusermount3 -u DIR', or SIGTERM/SIGINT to that PID, unmounts it. "
+                        "Needs /dev/fuse, and fusermount3 (Debian fuse3) when not root."))
+    common(q)
+    q.add_argument("args", nargs="+", metavar="DIR", help="an optional volume (DISK[:PART]) first, then the mount point")
+    q.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground until unmounted (Ctrl-C unmounts)")
+    q.add_argument("--detached-child", action="store_true", help=argparse.SUPPRESS)  # the background process itself
+    q.set_defaults(func=cmd_mount)
 
 
 def _date(text: str) -> float:
@@ -373,3 +388,55 @@ def cmd_sql(args: argparse.Namespace) -> int:
                 for r in rows:
                     print("|".join(str(_sql_cell(v)) for v in r))
     return 0
+
+
+# -- mount ---------------------------------------------------------------------------------
+
+MOUNTED = "instantnfs: mounted"  # the line a background mount's parent waits for
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    from engine.files.fusemount import MountError, check_mountpoint, fuse_problem, mount
+
+    if len(args.args) > 2:
+        raise UsageError("files mount takes an optional volume and one directory")
+    vol, target = (args.args[0], args.args[1]) if len(args.args) == 2 else (None, args.args[0])
+    why = fuse_problem()
+    if why:
+        raise MountError(f"cannot mount with FUSE: {why}")
+    mnt = check_mountpoint(target)
+    if not (args.foreground or args.detached_child):
+        return _mount_in_background(args, mnt)
+
+    def ready(where) -> None:
+        print(f"{MOUNTED} {fs.kind} {fs.name} of restore point {pf.point.id} read-only at {where} (pid {os.getpid()}); "
+              f"'fusermount3 -u {where}' or SIGTERM unmounts it", file=sys.stderr, flush=True)
+        if args.detached_child:  # the parent has what it waits for: nothing more goes to its pipe
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, 1)
+            os.dup2(null, 2)
+            os.close(null)
+
+    with _point_files(args) as pf:
+        fs = pf.filesystem(vol)
+        mount(fs, mnt, fsname=f"instantnfs:{pf.point.id}:{fs.name}", ready=ready)
+    return 0
+
+
+def _mount_in_background(args: argparse.Namespace, mnt) -> int:
+    """Run the mount as a process of its own session; wait until it is mounted or has failed."""
+    import subprocess
+
+    argv = [a for a in args.argv if a not in ("-f", "--foreground")]
+    proc = subprocess.Popen([sys.executable, "-m", "engine.control.cli", *argv, "--detached-child"],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        text = line.decode(errors="replace")
+        if text.startswith(MOUNTED):
+            print(text.rstrip("\n"))
+            proc.stderr.close()
+            return 0
+        sys.stderr.write(text)
+    return proc.wait() or 1

@@ -18,6 +18,10 @@ image's size; ``setup`` waits for that (with a timeout and the tool's own last w
   ``snapshots/latest/var/...``), and the bare name is given from the image's directory,
   so the file shows as ``MNT/snapshots/latest/<name>``.
 
+File-level restores (the ``files`` scenario): ``backup`` of a directory stores it by its
+bare name the same way, and ``extract`` runs ``borg extract`` (into the target as its
+working directory) or ``restic restore latest --target T --include /<dir>/<path>``.
+
 Cold reads: borg mounts with keep_cache, so the kernel keeps the file's pages between
 opens; ``drop_caches`` drops them (``posix_fadvise`` on the mounted file) and the
 repository's files. What the tools keep in their own memory (borg's chunk LRU, restic's
@@ -135,6 +139,21 @@ class FuseBackupPeer(Peer):
         seconds = self._make_repo(repo, ingest / f"{increment_of or name}.home", image, name, fresh=increment_of is None)
         return Measure(seconds, {"seconds": seconds, "repo_bytes": tree_bytes(repo),
                                  "command": " ".join(self.create_cmd(Path("REPO"), name, image))})
+
+    def extract_cmd(self, repo: Path, archive: str, paths: list[str], target: Path) -> list[str]:
+        raise NotImplementedError
+
+    def extract(self, ws: Workspace, name: str, paths: list[str], target: Path) -> Measure:
+        """Seconds to extract ``paths`` of the backup ``name`` (made by ``backup``; paths as
+        backed up: the directory's bare name first) into ``target``, the tool's usual way."""
+        self.require_installed()
+        ingest = self.state_dir(ws) / "ingest"
+        target.mkdir(parents=True, exist_ok=True)
+        cmd = self.extract_cmd(ingest / name, name, paths, target)
+        with Timer() as t:
+            run_checked(cmd, f"{self.name}: extracting {' '.join(paths)}", env=self.env(ingest / f"{name}.home"),
+                        cwd=target)
+        return Measure(t.seconds, {"seconds": t.seconds, "command": " ".join(cmd)})
 
     # -- mounting -----------------------------------------------------------------------------
 
@@ -267,6 +286,9 @@ class Borg(FuseBackupPeer):
     def file_in(self, mnt: Path, image: Path) -> Path:
         return mnt / image.name
 
+    def extract_cmd(self, repo: Path, archive: str, paths: list[str], target: Path) -> list[str]:
+        return [self._tool(), "extract", f"{repo}::{archive}", *paths]  # into the working directory
+
 
 class BorgFixed(Borg):
     name = "borg-fixed"
@@ -310,3 +332,8 @@ class Restic(FuseBackupPeer):
 
     def file_in(self, mnt: Path, image: Path) -> Path:
         return mnt / "snapshots" / "latest" / image.name
+
+    def extract_cmd(self, repo: Path, archive: str, paths: list[str], target: Path) -> list[str]:
+        # the snapshot holds the bare names given to backup at its root: /<dir>/...
+        return [self._tool(), "--repo", str(repo), "restore", "latest", "--target", str(target),
+                *(a for p in paths for a in ("--include", "/" + p.lstrip("/")))]
