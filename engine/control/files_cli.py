@@ -33,7 +33,8 @@ Volumes are named DISK:PART: disk0 is the restore point's first disk (its name i
 logical; GPT: entry number), disk0:vg0/root an LVM logical volume (or just vg0/root).
 Without one, a point with a single filesystem uses it; 'files ls POINT' lists them all.
 Paths start with '/'. Filesystems: ext2/3/4, NTFS, FAT, exFAT, HFS+ (The Sleuth Kit);
-journals are not replayed, so the newest changes of a running VM may be missing (ls
+XFS and btrfs with the optional extra (pip install 'instantnfs[xfs-btrfs]', AGPL).
+Journals are not replayed, so the newest changes of a running VM may be missing (ls
 says so per filesystem). Nothing needs root or a kernel mount.
 
 examples:
