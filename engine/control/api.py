@@ -185,6 +185,8 @@ OPENAPI: dict[str, Any] = {
                     "responses": {"200": {"description": "the tar", "content": {"application/x-tar": {}}},
                                   "404": {"description": "no such point, volume or path"}}},
         },
+        f"{API}/openapi.json": {"get": {"summary": "This document. No token needed", "security": [],
+                                        "responses": {"200": {"description": "the OpenAPI 3 document"}}}},
         "/healthz": {"get": {
             "summary": "Whether the daemon serves: NFS and MOUNT listening, the repository readable. No token needed",
             "security": [],
