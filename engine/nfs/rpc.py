@@ -23,7 +23,8 @@ Statistics are plain integers bumped where the call is handled, by both lanes:
 ``calls``, ``io_calls``, ``Program.stats`` (calls per procedure name) and
 ``latency``: per (prog, vers, proc) a list of ``LAT_SLOTS`` integers, log2 buckets of
 the time from a record's dispatch to its reply (the transport times it:
-``engine.nfs.transport.observe``): slot ``i < LAT_BUCKETS`` counts the calls that took
+``engine.nfs.transport.observe``; the path that counts a call, generic or fast, names its
+list in ``RpcServer.timed``, so exactly the calls counted are timed): slot ``i < LAT_BUCKETS`` counts the calls that took
 under 2**i microseconds and at least half that, slot ``LAT_BUCKETS`` the slower ones,
 the last slot the sum of their nanoseconds. The lists are made when a program is added,
 one per procedure it declares, so a client calling made-up procedures adds nothing;
@@ -295,6 +296,7 @@ class RpcServer:
         self.io_calls = 0  # calls of MAKES_IO procedures (READ, WRITE)
         # (prog, vers, proc) -> log2 latency buckets (see the design note); keys fixed by add()
         self.latency: dict[tuple[int, int, int], list[int]] = {}
+        self.timed: list[int] | None = None  # the buckets of the call being dispatched, once counted
         # (record, client, local) -> a reply, an awaitable of one, or NOT_MINE: the calls
         # a program answers without the generic path (engine.nfs.fastlane)
         self.fast: Callable[[Any, tuple[str, int], str], Any] | None = None
@@ -408,6 +410,7 @@ class RpcServer:
                 return [prev]
             self.drc.put(key, DuplicateRequestCache.IN_PROGRESS)
         program.stats[proc.name] = program.stats.get(proc.name, 0) + 1
+        self.timed = self.latency.get((prog, vers, procnum))
         if proc.flags & MAKES_IO:
             self.io_calls += 1
         if refused and program.refuse_client is not None:  # a program that answers them with a status (MOUNT)

@@ -29,10 +29,10 @@ The transports hand each complete record to the dispatcher (engine.nfs.rpc): TCP
 fast lane first (``RpcServer.fast``) and, when that hands it back, to ``RpcServer.generic``
 (what ``RpcServer.handle_start`` does, one call shorter); UDP to ``handle_start``. They
 write what it returns; they know nothing of programs or procedures, except that they
-time each call: the (prog, vers, proc) triple read from the record's header picks the
-dispatcher's latency buckets (``RpcServer.latency``; None for a procedure no program
-declares, which is then not timed), and ``observe`` adds the time from dispatch to
-reply there, two clock reads and two integer increments.
+time each call: the dispatcher names the latency buckets of the procedure it counted
+(``RpcServer.timed``; None for a call it did not count, which is then not timed), and
+``observe`` adds the time from dispatch to reply there: two clock reads and two
+integer increments.
 
 Concurrency: everything runs on the one event loop thread; handlers may await work done
 in an executor.
@@ -58,7 +58,6 @@ DEFAULT_TURN_RECORDS = 16  # records one connection dispatches before the loop s
 _LAST = 0x80000000
 _U32 = struct.Struct(">I")
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
-_PVP = struct.Struct(">III")  # a call's prog, vers, proc: bytes 12-24 of the record
 _now = time.perf_counter_ns
 
 
@@ -317,8 +316,8 @@ class RpcStreamProtocol(asyncio.BufferedProtocol):
 
     def _dispatch(self, record: bytes | memoryview) -> None:
         server = self.server
+        server.timed = None
         t0 = _now()
-        lat = server.latency.get(_PVP.unpack_from(record, 12)) if len(record) >= 24 else None
         try:
             # the dispatcher's handle_start, one call shorter: its fast lane, then the rest
             r = NOT_MINE if server.fast is None else server.fast(record, self.peer, self.local)
@@ -327,6 +326,7 @@ class RpcStreamProtocol(asyncio.BufferedProtocol):
         except Exception:  # noqa: BLE001
             log.exception("RPC from %s: dispatcher error", self.peer[0])
             return
+        lat = server.timed
         if r is None:
             return
         if isinstance(r, list):
@@ -461,13 +461,14 @@ class RpcDatagramProtocol(asyncio.DatagramProtocol):
         self.local = sock[0] if sock else ""
 
     def datagram_received(self, data: bytes, addr: tuple) -> None:
+        self.server.timed = None
         t0 = _now()
-        lat = self.server.latency.get(_PVP.unpack_from(data, 12)) if len(data) >= 24 else None
         try:
             r = self.server.handle_start(data, (addr[0], addr[1]), self.local)
         except Exception:  # noqa: BLE001
             log.exception("RPC/UDP from %s: dispatcher error", addr[0])
             return
+        lat = self.server.timed
         if r is None:
             return
         if isinstance(r, list):
