@@ -20,15 +20,16 @@ bytes) gets the original reply, or nothing while the original is running; ``MAKE
 counted in ``io_calls``. Programs only declare; none checks a flag itself.
 
 Statistics are plain integers bumped where the call is handled, by both lanes:
-``calls``, ``io_calls``, ``Program.stats`` (calls per procedure name) and
-``latency``: per (prog, vers, proc) a list of ``LAT_SLOTS`` integers, log2 buckets of
-the time from a record's dispatch to its reply (the transport times it:
-``engine.nfs.transport.observe``; the path that counts a call, generic or fast, names its
-list in ``RpcServer.timed``, so exactly the calls counted are timed): slot ``i < LAT_BUCKETS`` counts the calls that took
-under 2**i microseconds and at least half that, slot ``LAT_BUCKETS`` the slower ones,
-the last slot the sum of their nanoseconds. The lists are made when a program is added,
-one per procedure it declares, so a client calling made-up procedures adds nothing;
-the control API turns them into histograms only when scraped (``engine.control.metrics``).
+``calls``, ``io_calls``, ``Program.stats`` (calls per procedure name) and ``latency``:
+per (prog, vers, proc) a list of ``LAT_SLOTS`` integers, log2 buckets of the time from
+a record's dispatch to its reply. The path that counts a call (this dispatcher or the
+fast lane) names that list in ``RpcServer.timed``; the transport, which alone sees the
+reply leave, times the call into it (``engine.nfs.transport.observe``), so exactly the
+calls counted are timed. Slot ``i < LAT_BUCKETS`` counts the calls that took under
+2**i microseconds and at least half that, slot ``LAT_BUCKETS`` the slower ones, the
+last slot the sum of their nanoseconds. The lists are made when a program is added, one
+per procedure it declares, so a client calling made-up procedures adds nothing; the
+control API turns them into histograms only when scraped (``engine.control.metrics``).
 
 A program may add a fast lane (``RpcServer.fast``, see ``engine.nfs.fastlane``): it sees
 each record first and answers the calls it is sure of exactly as this dispatcher would,

@@ -218,3 +218,36 @@ def test_healthz_503_while_the_repository_is_gone(tmp_path):
         dmn.stop()
         give_address(addr)
         shutil.rmtree(tmp_path / "cache", ignore_errors=True)
+
+
+def test_observe_buckets_and_histogram(monkeypatch):
+    """A call's bucket is the bit length of its microseconds; the histogram built at
+    scrape time is cumulative with power-of-two bounds, count and sum exact (a fake
+    clock: no timing in the test). The pure-Python transport is the specification of
+    the compiled one."""
+    from engine.nfs import transport
+    from engine.nfs.rpc import LAT_BUCKETS, LAT_SLOTS, Proc, Program, RpcServer
+
+    clock = [0]
+    monkeypatch.setattr(transport, "_now", lambda: clock[0])
+    lat = [0] * LAT_SLOTS
+    for elapsed_ns in (0, 999, 1000, 1999, 2000, 3_999, 4_000, 1 << 40):
+        clock[0] = 10**12 + elapsed_ns
+        transport.observe(lat, 10**12)
+    transport.observe(None, 0)  # an uncounted call: nothing
+    assert lat[0] == 2 and lat[1] == 2 and lat[2] == 2 and lat[3] == 1  # <1 us, <2 us, <4 us, <8 us
+    assert lat[LAT_BUCKETS] == 1  # 1.1e12 ns: slower than the last finite bucket
+    assert lat[LAT_BUCKETS + 1] == 0 + 999 + 1000 + 1999 + 2000 + 3999 + 4000 + (1 << 40)
+
+    rpc = RpcServer()
+    rpc.add(Program(7, "toy", {1: {3: Proc("PING", None, None, None)}}))  # type: ignore[arg-type]
+    rpc.latency[(7, 1, 3)][:] = lat
+    fam = metrics._histogram("h", "doc", [("toy", rpc)])
+    samples = {(s.name, s.labels.get("le")): s.value for s in fam.samples}
+    assert samples[("h_bucket", "1e-06")] == 2
+    assert samples[("h_bucket", "2e-06")] == 4
+    assert samples[("h_bucket", "4e-06")] == 6
+    assert samples[("h_bucket", "8e-06")] == 7
+    assert samples[("h_bucket", "+Inf")] == samples[("h_count", None)] == 8
+    assert samples[("h_sum", None)] == pytest.approx(lat[LAT_BUCKETS + 1] / 1e9)
+    assert {s.labels["procedure"] for s in fam.samples} == {"PING"}
