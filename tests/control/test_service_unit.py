@@ -3,15 +3,18 @@ line our CLI takes, with the example configuration it names."""
 from __future__ import annotations
 
 import configparser
+import os
 import shlex
 import shutil
+import socket
 import subprocess
 from pathlib import Path
 
 from engine import config as configmod
 from engine.control.cli import build_parser
-from engine.control.daemon import cmd_serve, serve_config
+from engine.control.daemon import cmd_serve, sd_notify, serve_config
 from tests.conftest import require_tool
+from tests.nfs.conftest import Daemon, give_address, take_address
 
 ROOT = Path(__file__).resolve().parents[2]
 UNIT = ROOT / "contrib" / "systemd" / "instantnfs.service"
@@ -33,7 +36,7 @@ def test_unit_sections_and_the_choices_it_documents():
     u = unit()
     assert set(u.sections()) == {"Unit", "Service", "Install"}
     s = u["Service"]
-    assert s["Type"] == "simple"  # no sd_notify in the daemon: Type=notify would hang the start
+    assert s["Type"] == "notify" and s["NotifyAccess"] == "main"  # the daemon sends READY=1 itself
     assert s["Restart"] == "on-failure"
     assert s["KillMode"] == "process"  # guests the daemon starts survive a restart (see the unit's comment)
     assert u["Install"]["WantedBy"] == "multi-user.target"
@@ -81,3 +84,40 @@ def test_example_config_is_a_valid_configuration():
     assert cfg["repo"]["path"] == "/srv/backups"
     assert cfg["cache"]["dir"] == "/var/lib/" + unit()["Service"]["StateDirectory"]
     assert configmod.validate(cfg) is not None
+
+
+def test_daemon_tells_systemd_when_it_serves_and_when_it_stops(tmp_path, images, monkeypatch):
+    """Type=notify: READY=1 (with the daemon's PID) once it serves, STOPPING=1 at SIGTERM."""
+    path = tmp_path / "notify"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(path))
+    sock.settimeout(30)
+    monkeypatch.setenv("NOTIFY_SOCKET", str(path))
+    addr = take_address()
+    dmn = Daemon(images["repo"], tmp_path / "cache", addr)
+    try:
+        dmn.start()
+        assert dmn.proc is not None
+        pid = dmn.proc.pid
+        ready = sock.recv(4096).decode().split("\n")
+        assert "READY=1" in ready and f"MAINPID={pid}" in ready
+        assert dmn.stop() == 0
+        assert sock.recv(4096).decode() == "STOPPING=1"
+    finally:
+        dmn.stop()
+        give_address(addr)
+        sock.close()
+
+
+def test_sd_notify_abstract_socket_and_without_systemd(monkeypatch):
+    name = f"instantnfs-test-{os.getpid()}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind("\0" + name)
+        sock.settimeout(5)
+        monkeypatch.setenv("NOTIFY_SOCKET", "@" + name)
+        assert sd_notify("READY=1") is True
+        assert sock.recv(64) == b"READY=1"
+    monkeypatch.delenv("NOTIFY_SOCKET")
+    assert sd_notify("READY=1") is False  # not under systemd: nothing to tell
+    monkeypatch.setenv("NOTIFY_SOCKET", "/nonexistent/instantnfs-notify")
+    assert sd_notify("READY=1") is False  # a socket that is not there: logged, not raised
