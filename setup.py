@@ -58,6 +58,8 @@ setup(
         "tqdm>=4.66",
         "uvloop>=0.19",
         "aiohttp>=3.9",
+        # the daemon's /metrics (engine/control/metrics.py): custom collectors, text format
+        "prometheus-client>=0.17",
         "tomli-w>=1.0",
         # file-level recovery (engine.files): The Sleuth Kit's Python binding, a binary wheel
         "pytsk3>=20260715",  # the version tested

@@ -122,6 +122,7 @@ class ChunkCache:
         self.hits = 0
         self.misses = 0
         self.loads = 0
+        self.loaded_bytes = 0  # bytes decompressed (or read, for stored chunks) by the loads
         self.prefetches = 0
         self.reused = 0  # loads that decompressed into a pooled buffer
         self.kept = 0  # evicted buffers dropped because something still referenced them
@@ -189,6 +190,7 @@ class ChunkCache:
         with self._lock:
             del self._loading[key]
             self.loads += 1
+            self.loaded_bytes += len(data)
             if len(data) <= self.capacity:
                 self._lru[key] = data
                 self.size += len(data)
@@ -279,6 +281,7 @@ class ChunkCache:
                 "hits": self.hits,
                 "misses": self.misses,
                 "loads": self.loads,
+                "loaded_bytes": self.loaded_bytes,
                 "prefetches": self.prefetches,
                 "reused": self.reused,
                 "pooled": len(self._pool),

@@ -50,6 +50,9 @@ log = logging.getLogger("instantnfs.jobs")
 JOB_STOP_TIMEOUT = 5.0  # seconds stop() waits for cancelled jobs to end
 
 
+JOB_STATES = ("running", "done", "failed", "cancelled")
+
+
 @dataclass
 class Job:
     """An export or commit running in the job pool; progress fields are set by its thread."""

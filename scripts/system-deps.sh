@@ -11,7 +11,8 @@ if [ "$what" = test ]; then
   pkgs+=(qemu-utils qemu-block-extra qemu-system-x86 libnfs-utils libtirpc3 netbase
          linux-image-amd64 busybox-static e2fsprogs fdisk dosfstools mtools cpio kmod
          iproute2 util-linux  # these two: the benchmark's private network namespace (unshare, ip)
-         ntfs-3g xfsprogs btrfs-progs exfatprogs)  # tests/files: guest filesystems built without a mount
+         ntfs-3g xfsprogs btrfs-progs exfatprogs  # tests/files: guest filesystems built without a mount
+         systemd)  # systemd-analyze verify: tests/control checks contrib/systemd/instantnfs.service
 fi
 here=$(cd "$(dirname "$0")/.." && pwd)
 as_root() {

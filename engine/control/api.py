@@ -16,7 +16,11 @@ there and answers 202 with its state; ``GET jobs/{id}`` reports it, ``DELETE job
 cancels it (waiting ``CANCEL_WAIT`` for it to end: 200 if it has, else 202). A session
 with a running job cannot be unpublished (409).
 
-Access: every request but ``GET openapi.json`` needs ``Authorization: Bearer <token>``,
+Monitoring (``engine.control.metrics``), outside ``/api/v1``: ``GET /healthz`` (200 when
+the daemon serves, else 503; open to all) and ``GET /metrics`` (Prometheus text format;
+no token needed from loopback, the bearer token from anywhere else).
+
+Access: every other request but ``GET openapi.json`` needs ``Authorization: Bearer <token>``,
 from loopback too (``engine.control.auth`` says where the token comes from and where
 the daemon writes it for the CLI); a missing or wrong token is 401. Request bodies are
 checked field by field: an unknown field is a 400 naming it, so a typo is never
@@ -39,6 +43,7 @@ from typing import Any
 from aiohttp import web
 
 from engine.control import auth as authmod
+from engine.control import metrics
 from engine.control.files_api import FilesAPI
 from engine.datastore import MODES, Datastore, GiB, Session
 from engine.errors import InstantNFSError, NoSpace, NotFound, OutputRefused, SessionError
@@ -180,6 +185,19 @@ OPENAPI: dict[str, Any] = {
                     "responses": {"200": {"description": "the tar", "content": {"application/x-tar": {}}},
                                   "404": {"description": "no such point, volume or path"}}},
         },
+        f"{API}/openapi.json": {"get": {"summary": "This document. No token needed", "security": [],
+                                        "responses": {"200": {"description": "the OpenAPI 3 document"}}}},
+        "/healthz": {"get": {
+            "summary": "Whether the daemon serves: NFS and MOUNT listening, the repository readable. No token needed",
+            "security": [],
+            "responses": {"200": {"description": '{"status": "ok", "nfs": true, "repository": true}'},
+                          "503": {"description": '{"status": "unavailable", "nfs": ..., "repository": ..., "reason": "..."}'}}}},
+        "/metrics": {"get": {
+            "summary": "Prometheus metrics (text format 0.0.4): RPC calls and latency histograms per procedure, bytes, "
+                       "decompression cache, write caches per session, sessions, jobs, connections. No token needed "
+                       "from loopback; the bearer token from any other address",
+            "responses": {"200": {"description": "the metrics", "content": {"text/plain": {}}},
+                          "401": {"description": "no valid token, from an address other than loopback"}}}},
         f"{API}/jobs": {"get": {"summary": "Export and commit jobs of this daemon", "responses": {"200": {"description": "jobs"}}}},
         f"{API}/jobs/{{id}}": {
             "parameters": [{"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}],
@@ -207,6 +225,7 @@ class ControlAPI:
         self._token_files: list = []
         self.host = advertised_host(cfg["server"]["bind"])
         self.files = FilesAPI(ds.stack, API)
+        self.metrics = metrics.registry(metrics.DaemonCollector(ds, services, jobs))
 
     # -- views -------------------------------------------------------------------------------
 
@@ -413,9 +432,16 @@ class ControlAPI:
     async def h_openapi(self, req: web.Request) -> web.Response:
         return web.json_response(OPENAPI)
 
+    async def h_healthz(self, req: web.Request) -> web.Response:
+        status, body = await metrics.health(self.services, self.ds.repo.path)
+        return web.json_response(body, status=status)
+
+    async def h_metrics(self, req: web.Request) -> web.Response:
+        return web.Response(body=metrics.render(self.metrics), headers={"Content-Type": metrics.CONTENT_TYPE})
+
     @web.middleware
     async def auth(self, req: web.Request, handler: Any) -> web.StreamResponse:
-        if req.path != f"{API}/openapi.json":
+        if req.path != f"{API}/openapi.json" and not metrics.open_route(req.path, req.remote):
             got = req.headers.get("Authorization", "")
             if not hmac.compare_digest(got.encode(errors="replace"), f"Bearer {self.token}".encode()):
                 return self._error(401, "a valid bearer token is required: the CLI reads it from the file the daemon "
@@ -444,6 +470,8 @@ class ControlAPI:
                 web.get(f"{API}/jobs/{{id}}", self.h_job),
                 web.delete(f"{API}/jobs/{{id}}", self.h_cancel),
                 web.get(f"{API}/openapi.json", self.h_openapi),
+                web.get("/healthz", self.h_healthz),
+                web.get("/metrics", self.h_metrics),
                 *self.files.routes(),
             ]
         )

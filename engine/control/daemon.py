@@ -5,7 +5,9 @@ services, control API; run until SIGTERM/SIGINT, then stop them in order.
 SIGINT within ``SHUTDOWN_LIMIT`` seconds: running jobs are cancelled, disk operations in
 flight get a bounded wait, and a watchdog ends the process if anything still hangs).
 ``serve_config`` turns the command line's options into a validated configuration (the
-demo uses it too). The heavy modules (aiohttp, the datastore, the NFS services) are
+demo uses it too). Under systemd (``Type=notify``, contrib/systemd) it tells the service
+manager ``READY=1`` once it serves and ``STOPPING=1`` when a stop begins (``sd_notify``:
+one datagram to ``$NOTIFY_SOCKET``; nothing without it). The heavy modules (aiohttp, the datastore, the NFS services) are
 imported when the daemon starts, so the CLI's other commands do not pay for them.
 """
 from __future__ import annotations
@@ -15,6 +17,7 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 from typing import Any
@@ -58,6 +61,23 @@ def serve_config(args: argparse.Namespace) -> dict[str, Any]:
     if not cfg["repo"]["path"]:
         raise UsageError("no repository: give --repo PATH or set repo.path in the config")
     return cfg
+
+
+def sd_notify(state: str) -> bool:
+    """Send ``state`` (e.g. "READY=1") to systemd's notification socket, if it gave one
+    ($NOTIFY_SOCKET: a path, or "@name" in the abstract namespace); whether it was sent.
+    A failure is logged, never raised: the daemon serves with or without systemd."""
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr or addr[0] not in "/@":
+        return False
+    target = "\0" + addr[1:] if addr[0] == "@" else addr
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.sendto(state.encode(), target)
+    except OSError as e:
+        log.warning("cannot notify systemd (%s) of %s: %s", addr, state.split("\n")[0], e.strerror or e)
+        return False
+    return True
 
 
 def _arm_watchdog(limit: float) -> None:
@@ -113,8 +133,10 @@ async def run_daemon(cfg: dict[str, Any], ready: asyncio.Future | None = None, e
             loop.add_signal_handler(sig, stop.set)
         if ready is not None and not ready.done():
             ready.set_result((ports, control_port, api))
+        sd_notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS=serving {len(ds.sessions)} session(s)")
         await stop.wait()
         log.info("stopping")
+        sd_notify("STOPPING=1")
         if exit_limit is not None:
             _arm_watchdog(exit_limit)
         await jobs.stop()

@@ -116,6 +116,9 @@ class Sessions:
         self.daemon_id = ""  # names this daemon's pins in the repository (from the secret: stable)
         self.fsid = 0
         self.unrestored: list[dict] = []  # state entries of sessions that could not be restored
+        # I/O of the sessions unpublished since the start (read_ops, read_bytes, write_ops,
+        # write_bytes): with the live sessions' own, the daemon's totals never go back
+        self.ended_io = [0, 0, 0, 0]
         self._publishing: set[str] = set()  # names of publishes in progress
         self.write_verf = secrets.token_bytes(8)  # changes every start: clients resend uncommitted writes
         # Work off the loop, by kind, so that no task waits for work queued behind itself:
@@ -341,6 +344,11 @@ class Sessions:
         self.state.drop(name)
         self._root_changed()
         s.ended = True  # its disk files' handles, cached or not, are STALE from now on
+        e = self.ended_io
+        e[0] += s.read_ops
+        e[1] += s.read_bytes
+        e[2] += s.write_ops
+        e[3] += s.write_bytes
         log.info("unpublished session %s", name)
         return s
 

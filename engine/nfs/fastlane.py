@@ -13,7 +13,8 @@ What it keeps of the generic path, exactly: the same checks in the same order (a
 credential the dispatcher has already parsed and accepted, a client in the allowed list,
 no write on a read-only export, the handle's MAC and generation through
 ``Datastore.resolve``), the same counters (calls, per procedure, I/O calls), the same
-bytes in every reply (tests compare the two lanes call for call), and the same error
+bytes in every reply (tests compare the two lanes call for call), the same latency
+buckets (``RpcServer.timed``, set where the call is counted), and the same error
 replies: an error after the call has had an effect (a failing write, a READ whose chunk
 is corrupt) is answered by the dispatcher's own ``finish_error``.
 
@@ -106,6 +107,7 @@ class FastLane:
             _GETATTR: self._getattr, _LOOKUP: self._lookup, _ACCESS: self._access,
             _READ: self._read, _WRITE: self._write, _COMMIT: self._commit,
         }
+        self._lat = {p: server.latency[(NFS_PROGRAM, NFS_V3, p)] for p in self._table}
 
     def __call__(self, rec: Any, client: tuple[str, int], local: str = "") -> Any:
         h = call_head(rec)
@@ -131,8 +133,9 @@ class FastLane:
 
     # -- shared pieces -------------------------------------------------------------------
 
-    def _count(self, name: str, io: bool = False) -> None:
+    def _count(self, name: str, procnum: int, io: bool = False) -> None:
         self.server.calls += 1
+        self.server.timed = self._lat[procnum]
         stats = self.program.stats
         stats[name] = stats.get(name, 0) + 1
         if io:
@@ -169,7 +172,7 @@ class FastLane:
             attr = self.ds.getattr(self.ds.resolve(a[0]))
         except Exception:  # noqa: BLE001 - the generic path answers it
             return NOT_MINE
-        self._count("GETATTR")
+        self._count("GETATTR", _GETATTR)
         return [getattr_reply(xid, self._attr(attr))]
 
     def _access(self, rec: Any, pos: int, xid: int, client: tuple[str, int], cred: Cred) -> Any:
@@ -181,7 +184,7 @@ class FastLane:
             granted = self.nfs.granted(node)
         except Exception:  # noqa: BLE001
             return NOT_MINE
-        self._count("ACCESS")
+        self._count("ACCESS", _ACCESS)
         return [access_reply(xid, self._post_op(node), a[1] & granted)]
 
     def _lookup(self, rec: Any, pos: int, xid: int, client: tuple[str, int], cred: Cred) -> Any:
@@ -194,7 +197,7 @@ class FastLane:
             fh = self.ds.handle(node)
         except Exception:  # noqa: BLE001 - a missing name too: the generic path answers it
             return NOT_MINE
-        self._count("LOOKUP")
+        self._count("LOOKUP", _LOOKUP)
         return [lookup_reply(xid, fh, self._post_op(node), self._post_op(d))]
 
     def _read(self, rec: Any, pos: int, xid: int, client: tuple[str, int], cred: Cred) -> Any:
@@ -209,7 +212,7 @@ class FastLane:
         if node.kind != VDISK or offset > MAX_OFFSET:
             return NOT_MINE
         count = min(count, MAX_IO)
-        self._count("READ", io=True)
+        self._count("READ", _READ, io=True)
         try:
             r = self.disks.read_now(node, offset, count)
         except Exception as e:  # noqa: BLE001
@@ -250,7 +253,7 @@ class FastLane:
         count = min(count, MAX_IO)  # over wtmax: write what fits, the client sends the rest
         data = memoryview(rec)[d0 : d0 + count]
         before = self._pre_op(node)
-        self._count("WRITE", io=True)
+        self._count("WRITE", _WRITE, io=True)
         try:
             r = self.disks.write_now(node, offset, data, stable)
         except Exception as e:  # noqa: BLE001
@@ -279,7 +282,7 @@ class FastLane:
         except Exception:  # noqa: BLE001
             return NOT_MINE
         before = self._pre_op(node)
-        self._count("COMMIT")
+        self._count("COMMIT", _COMMIT)
         return self._commit_wait(node, a, before, xid, client, cred)
 
     async def _commit_wait(self, node: Node, a: tuple[bytes, int, int], before: bytes | None,

@@ -19,6 +19,18 @@ retransmission (same client address, xid, program, version, procedure and argume
 bytes) gets the original reply, or nothing while the original is running; ``MAKES_IO``:
 counted in ``io_calls``. Programs only declare; none checks a flag itself.
 
+Statistics are plain integers bumped where the call is handled, by both lanes:
+``calls``, ``io_calls``, ``Program.stats`` (calls per procedure name) and ``latency``:
+per (prog, vers, proc) a list of ``LAT_SLOTS`` integers, log2 buckets of the time from
+a record's dispatch to its reply. The path that counts a call (this dispatcher or the
+fast lane) names that list in ``RpcServer.timed``; the transport, which alone sees the
+reply leave, times the call into it (``engine.nfs.transport.observe``), so exactly the
+calls counted are timed. Slot ``i < LAT_BUCKETS`` counts the calls that took under
+2**i microseconds and at least half that, slot ``LAT_BUCKETS`` the slower ones, the
+last slot the sum of their nanoseconds. The lists are made when a program is added, one
+per procedure it declares, so a client calling made-up procedures adds nothing; the
+control API turns them into histograms only when scraped (``engine.control.metrics``).
+
 A program may add a fast lane (``RpcServer.fast``, see ``engine.nfs.fastlane``): it sees
 each record first and answers the calls it is sure of exactly as this dispatcher would,
 or hands the record back (``NOT_MINE``) before it has had any effect.
@@ -93,6 +105,9 @@ MAKES_WRITE = 1  # changes state: refused on a read-only object / export
 CAN_BE_DUP = 2  # not idempotent: goes through the duplicate request cache
 MAKES_IO = 4  # moves file data: counted in the I/O statistics
 NEEDS_AUTH = 8  # refused to clients outside the allowed list
+
+LAT_BUCKETS = 26  # finite latency buckets: under 1 us, 2 us, 4 us ... 2**25 us (33.5 s)
+LAT_SLOTS = LAT_BUCKETS + 2  # ... then the slower calls, then the sum of nanoseconds
 
 _U32 = struct.Struct(">I")
 _ACCEPT_HEAD = struct.Struct(">IIIIII")  # xid, REPLY, MSG_ACCEPTED, verf flavor, verf len, accept_stat
@@ -280,6 +295,9 @@ class RpcServer:
         self.calls = 0
         self.creds: dict[tuple[int, bytes], Cred] = {}  # credentials parsed and accepted
         self.io_calls = 0  # calls of MAKES_IO procedures (READ, WRITE)
+        # (prog, vers, proc) -> log2 latency buckets (see the design note); keys fixed by add()
+        self.latency: dict[tuple[int, int, int], list[int]] = {}
+        self.timed: list[int] | None = None  # the buckets of the call being dispatched, once counted
         # (record, client, local) -> a reply, an awaitable of one, or NOT_MINE: the calls
         # a program answers without the generic path (engine.nfs.fastlane)
         self.fast: Callable[[Any, tuple[str, int], str], Any] | None = None
@@ -306,6 +324,9 @@ class RpcServer:
 
     def add(self, program: Program) -> None:
         self.programs[program.prog] = program
+        for vers, procs in program.versions.items():
+            for procnum in procs:
+                self.latency[(program.prog, vers, procnum)] = [0] * LAT_SLOTS
 
     async def handle(self, record: memoryview | bytes, client: tuple[str, int], local: str = "") -> list[Any] | None:
         """One call record in, the reply as a list of buffers out (None: send nothing)."""
@@ -390,6 +411,7 @@ class RpcServer:
                 return [prev]
             self.drc.put(key, DuplicateRequestCache.IN_PROGRESS)
         program.stats[proc.name] = program.stats.get(proc.name, 0) + 1
+        self.timed = self.latency.get((prog, vers, procnum))
         if proc.flags & MAKES_IO:
             self.io_calls += 1
         if refused and program.refuse_client is not None:  # a program that answers them with a status (MOUNT)

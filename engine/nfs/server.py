@@ -172,6 +172,10 @@ class NFSServices:
             self._registered = regs
         return self.ports
 
+    def serving(self) -> bool:
+        """Whether the MOUNT and NFS listeners are open (started and not stopped)."""
+        return bool(self.ports.nfs) and len(self._servers) >= 2 and all(s.is_serving() for s in self._servers)
+
     def _pmap_host(self) -> str:
         return "127.0.0.1" if self.bind in ("0.0.0.0", "::", "") else self.bind
 

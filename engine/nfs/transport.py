@@ -28,7 +28,11 @@ coroutine (GeneratorExit, handled like cancellation: no reply, no log line).
 The transports hand each complete record to the dispatcher (engine.nfs.rpc): TCP to its
 fast lane first (``RpcServer.fast``) and, when that hands it back, to ``RpcServer.generic``
 (what ``RpcServer.handle_start`` does, one call shorter); UDP to ``handle_start``. They
-write what it returns; they know nothing of programs or procedures.
+write what it returns; they know nothing of programs or procedures, except that they
+time each call: the dispatcher names the latency buckets of the procedure it counted
+(``RpcServer.timed``; None for a call it did not count, which is then not timed), and
+``observe`` adds the time from dispatch to reply there: two clock reads and two
+integer increments.
 
 Concurrency: everything runs on the one event loop thread; handlers may await work done
 in an executor.
@@ -42,7 +46,7 @@ import struct
 import time
 from typing import Any
 
-from engine.nfs.rpc import NOT_MINE, RpcServer
+from engine.nfs.rpc import LAT_BUCKETS, NOT_MINE, RpcServer
 
 log = logging.getLogger("instantnfs.rpc")
 
@@ -54,6 +58,17 @@ DEFAULT_TURN_RECORDS = 16  # records one connection dispatches before the loop s
 _LAST = 0x80000000
 _U32 = struct.Struct(">I")
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+_now = time.perf_counter_ns
+
+
+def observe(lat: list[int] | None, t0: int) -> None:
+    """Count one call that started at ``t0`` (``perf_counter_ns``) into its latency
+    buckets (see ``engine.nfs.rpc``): the bucket of its bit length in microseconds."""
+    if lat is not None:
+        ns = _now() - t0
+        b = (ns // 1000).bit_length()
+        lat[b if b < LAT_BUCKETS else LAT_BUCKETS] += 1
+        lat[LAT_BUCKETS + 1] += ns
 
 
 class ConnectionLimits:
@@ -301,6 +316,8 @@ class RpcStreamProtocol(asyncio.BufferedProtocol):
 
     def _dispatch(self, record: bytes | memoryview) -> None:
         server = self.server
+        server.timed = None
+        t0 = _now()
         try:
             # the dispatcher's handle_start, one call shorter: its fast lane, then the rest
             r = NOT_MINE if server.fast is None else server.fast(record, self.peer, self.local)
@@ -309,17 +326,23 @@ class RpcStreamProtocol(asyncio.BufferedProtocol):
         except Exception:  # noqa: BLE001
             log.exception("RPC from %s: dispatcher error", self.peer[0])
             return
+        lat = server.timed
         if r is None:
             return
         if isinstance(r, list):
             self._send(r)
+            if lat is not None:  # observe(), inlined: the path of every cached READ
+                ns = _now() - t0
+                b = (ns // 1000).bit_length()
+                lat[b if b < LAT_BUCKETS else LAT_BUCKETS] += 1
+                lat[LAT_BUCKETS + 1] += ns
             return
         # Step the request's coroutine right here: a READ of cached data finishes
         # without ever waiting, and then costs no Task and no extra loop iteration.
         # One that waits is driven by its futures' callbacks (a minimal Task).
-        self._step(r, None, first=True)
+        self._step(r, None, True, lat, t0)
 
-    def _step(self, coro: Any, _fut: Any, first: bool = False) -> None:
+    def _step(self, coro: Any, _fut: Any, first: bool = False, lat: list[int] | None = None, t0: int = 0) -> None:
         if self.closed:
             if _fut is not None and _fut.done() and not _fut.cancelled():
                 _fut.exception()  # the error the request would have answered: retrieved, not logged as lost
@@ -334,6 +357,7 @@ class RpcStreamProtocol(asyncio.BufferedProtocol):
                 self._request_done()
             if e.value is not None:
                 self._send(e.value)
+                observe(lat, t0)
             return
         except BaseException as e:  # noqa: BLE001 - the dispatcher already mapped expected errors
             if not first:
@@ -346,10 +370,10 @@ class RpcStreamProtocol(asyncio.BufferedProtocol):
                 self._paused_inflight = True
                 self._update_reading()
         if fut is None:  # a bare yield (asyncio.sleep(0))
-            self._loop.call_soon(self._step, coro, None)
+            self._loop.call_soon(self._step, coro, None, False, lat, t0)
         else:
             fut._asyncio_future_blocking = False
-            fut.add_done_callback(lambda f: self._step(coro, f))
+            fut.add_done_callback(lambda f: self._step(coro, f, False, lat, t0))
 
     def _request_done(self) -> None:
         self.inflight -= 1
@@ -437,27 +461,32 @@ class RpcDatagramProtocol(asyncio.DatagramProtocol):
         self.local = sock[0] if sock else ""
 
     def datagram_received(self, data: bytes, addr: tuple) -> None:
+        self.server.timed = None
+        t0 = _now()
         try:
             r = self.server.handle_start(data, (addr[0], addr[1]), self.local)
         except Exception:  # noqa: BLE001
             log.exception("RPC/UDP from %s: dispatcher error", addr[0])
             return
+        lat = self.server.timed
         if r is None:
             return
         if isinstance(r, list):
             self._send(r, addr)
+            observe(lat, t0)
             return
         task = asyncio.get_running_loop().create_task(r)
         self._tasks.add(task)
-        task.add_done_callback(lambda t: self._done(t, addr))
+        task.add_done_callback(lambda t: self._done(t, addr, lat, t0))
 
-    def _done(self, task: asyncio.Task, addr: tuple) -> None:
+    def _done(self, task: asyncio.Task, addr: tuple, lat: list[int] | None = None, t0: int = 0) -> None:
         self._tasks.discard(task)
         if task.cancelled() or task.exception() is not None:
             return
         r = task.result()
         if r is not None:
             self._send(r, addr)
+            observe(lat, t0)
 
     def _send(self, bufs: list[Any], addr: tuple) -> None:
         if self.transport is not None and not self.transport.is_closing():
