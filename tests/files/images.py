@@ -7,6 +7,7 @@ tests/files/data). Then ``backup_images`` stores the disks as a restore point.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import struct
 import subprocess
@@ -173,3 +174,12 @@ def backup_images(repo: Path, images: list[Path], vm: str = "vm", block_size: in
         Repository.init(repo, block_size)
     with Repository.open(repo) as r:
         return backup(r, BackupSettings(vm=vm), [str(p) for p in images])["id"]
+
+
+def digest(p: Path) -> str:
+    """The SHA-256 of a file, read a MiB at a time."""
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        while b := f.read(MiB):
+            h.update(b)
+    return h.hexdigest()

@@ -3,7 +3,6 @@ the CLI: byte-identical files, modes and times, sparse files, links, odd names, 
 names, a corrupted chunk under one file, and random trees (hypothesis)."""
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shutil
@@ -20,7 +19,7 @@ from engine.files.point import PointFiles
 from engine.stack import Stack
 from tests.cli import ok as _ok
 from tests.cli import run as _run
-from tests.files.images import MiB, backup_images, ext4_image, sh
+from tests.files.images import MiB, backup_images, digest, ext4_image, sh
 
 GiB = 1 << 30
 
@@ -92,7 +91,7 @@ def compare_trees(src: Path, out: Path, *, times: bool = True, modes: bool = Tru
                 assert os.readlink(s) == os.readlink(o)
             elif stat.S_ISREG(ss.st_mode):
                 assert ss.st_size == os_.st_size, s
-                assert _digest(s) == _digest(o), s
+                assert digest(s) == digest(o), s
             if modes and not stat.S_ISLNK(ss.st_mode):
                 assert stat.S_IMODE(ss.st_mode) == stat.S_IMODE(os_.st_mode), s
             if times:
@@ -101,14 +100,6 @@ def compare_trees(src: Path, out: Path, *, times: bool = True, modes: bool = Tru
                 assert (ss.st_uid, ss.st_gid) == (os_.st_uid, os_.st_gid), s
             n += 1
     return n
-
-
-def _digest(p: Path) -> str:
-    h = hashlib.sha256()
-    with open(p, "rb") as f:
-        while b := f.read(MiB):
-            h.update(b)
-    return h.hexdigest()
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ and a missing /dev/fuse give clear errors."""
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import re
 import signal
@@ -22,7 +21,7 @@ from engine.files import fusemount
 from engine.files.fusemount import is_mounted
 from tests.cli import run
 from tests.conftest import require, require_tool
-from tests.files.images import MiB, backup_images, ext4_image, sh
+from tests.files.images import MiB, backup_images, digest, ext4_image, sh
 from tests.files.test_ext4 import _corrupt_chunk_under
 
 pytestmark = pytest.mark.timeout(300)
@@ -58,14 +57,6 @@ def _tree(src: Path) -> None:
     for i in range(MANY):
         (many / f"file-with-a-longish-name-{i:06d}").write_text(str(i))
     os.utime(src / "hello.txt", (1_600_000_000, 1_500_000_000))
-
-
-def _digest(p: Path) -> str:
-    h = hashlib.sha256()
-    with open(p, "rb") as f:
-        while b := f.read(MiB):
-            h.update(b)
-    return h.hexdigest()
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +120,7 @@ def test_a_mounted_point_shows_the_source_tree(point):
                 assert stat.S_IMODE(s.st_mode) == stat.S_IMODE(o.st_mode), rel / name
                 if stat.S_ISREG(s.st_mode):
                     assert s.st_size == o.st_size and s.st_nlink == o.st_nlink, rel / name
-                    assert _digest(Path(dirpath) / name) == _digest(mnt / rel / name), rel / name
+                    assert digest(Path(dirpath) / name) == digest(mnt / rel / name), rel / name
                 seen += 1
         assert seen > MANY
         # one inode for two names of a hard link; a range read in the middle of a sparse file
