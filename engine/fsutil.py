@@ -1,4 +1,5 @@
-"""Small durable-file helpers shared by the repository, the write cache and export."""
+"""Small file helpers shared by the rooms: durable files (the repository, the write cache,
+export) and which paths are mount points (file-level mounts, the benchmark's peers)."""
 from __future__ import annotations
 
 import errno
@@ -55,3 +56,33 @@ def write_file_atomic(path: Path, data: bytes) -> None:
             pass
         raise
     fsync_dir(path.parent)
+
+
+def mount_points() -> set[str]:
+    """Every mount point in this mount namespace, from ``/proc/self/mountinfo`` (no stat
+    of any of them): its octal escapes (``\\040`` for a space, and tab, newline,
+    backslash) undone, the bytes decoded as ``os.fsdecode`` does."""
+    out = set()
+    with open("/proc/self/mountinfo", "rb") as f:
+        for line in f:
+            fields = line.split(b" ")
+            if len(fields) > 4:
+                out.add(os.fsdecode(_unescape_mountinfo(fields[4])))
+    return out
+
+
+def is_mounted(path: str | os.PathLike) -> bool:
+    """Whether ``path`` (as given: resolve it first if it may hold symlinks) is a mount point."""
+    return os.fspath(path) in mount_points()
+
+
+def _unescape_mountinfo(field: bytes) -> bytes:
+    out, i = bytearray(), 0
+    while i < len(field):
+        if field[i] == 0x5C and len(field[i + 1 : i + 4]) == 3 and field[i + 1 : i + 4].isdigit():
+            out.append(int(field[i + 1 : i + 4], 8))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return bytes(out)

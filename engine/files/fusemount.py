@@ -40,6 +40,7 @@ from typing import Any, TypeVar
 
 from engine.errors import InstantNFSError, NotFound, UsageError
 from engine.files.fs import Entry, File, FileSystem, join
+from engine.fsutil import is_mounted
 
 log = logging.getLogger("instantnfs.files.mount")
 
@@ -346,27 +347,3 @@ def mount(fs: FileSystem, mountpoint: str | os.PathLike[str], fsname: str = "ins
     finally:
         # not os.path.ismount: a stat of the mount point would ask this very process, which no longer answers
         pyfuse3.close(unmount=is_mounted(mnt))
-
-
-def is_mounted(path: Path) -> bool:
-    """Whether ``path`` is a mount point, from /proc/self/mountinfo (no stat of it)."""
-    want = str(path).encode()
-    with open("/proc/self/mountinfo", "rb") as f:
-        for line in f:
-            fields = line.split(b" ")
-            if len(fields) > 4 and _unescape(fields[4]) == want:
-                return True
-    return False
-
-
-def _unescape(field: bytes) -> bytes:
-    """mountinfo writes space, tab, newline and backslash as octal escapes (\\040)."""
-    out, i = bytearray(), 0
-    while i < len(field):
-        if field[i] == 0x5C and len(field[i + 1 : i + 4]) == 3 and field[i + 1 : i + 4].isdigit():
-            out.append(int(field[i + 1 : i + 4], 8))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return bytes(out)

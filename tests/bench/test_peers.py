@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from engine import fsutil
 from engine.bench.core import FileTarget, NfsTarget
 from engine.bench.peers import (
     PEERS,
@@ -359,10 +360,10 @@ def test_mounted_paths_are_read_from_mountinfo() -> None:
     # itself is no mount point in a chroot, so the test takes whatever is mounted here
     with open("/proc/self/mounts") as f:
         listed = {line.split(" ")[1].encode().decode("unicode_escape") for line in f if line.strip()}
-    assert listed and peers_base.mount_points() == listed
+    assert listed and fsutil.mount_points() == listed
     some = sorted(listed)[0]
-    assert peers_base.is_mounted(Path(some))
-    assert not peers_base.is_mounted(Path("/nonexistent-mount-point"))
+    assert fsutil.is_mounted(Path(some))
+    assert not fsutil.is_mounted(Path("/nonexistent-mount-point"))
     peers_base.unmount(Path("/nonexistent-mount-point"))  # not mounted: nothing to do
 
 
@@ -391,7 +392,7 @@ E2E = textwrap.dedent("""
     from pathlib import Path
     from engine.bench.core import NfsTarget
     from engine.bench.peers import Workspace, find_peers
-    from engine.bench.peers.base import mount_points
+    from engine.fsutil import mount_points
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
     subprocess.run(["mount", "--make-rprivate", "/"], check=True)
     subprocess.run(["mount", "-t", "tmpfs", "tmpfs", "/run"], check=True)

@@ -27,6 +27,7 @@ from typing import ClassVar
 from engine.bench.core import Measure, Target
 from engine.bench.pagecache import drop_file_pages
 from engine.errors import InstantNFSError
+from engine.fsutil import is_mounted
 
 MIB = 1 << 20
 READY_TIMEOUT = 120.0  # seconds a server or a mount may take to come up
@@ -132,21 +133,6 @@ class Process:
             except ProcessLookupError:
                 pass
         self.popen.wait()
-
-
-def mount_points() -> set[str]:
-    """Every mount point in this mount namespace (``/proc/self/mountinfo``, unescaped)."""
-    out = set()
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            parts = line.split(" ")
-            if len(parts) > 4:
-                out.add(parts[4].encode().decode("unicode_escape"))
-    return out
-
-
-def is_mounted(path: Path) -> bool:
-    return str(path) in mount_points()
 
 
 def unmount(path: Path) -> None:
