@@ -62,13 +62,13 @@ for writes that read nothing from the base: its pwrites run on the loop and it w
 for the journal's group sync (``_group_sync``: one thread syncs for every stable write
 waiting, batch after batch, started one loop iteration after the first waiter so that
 the writes of one receive batch share an fdatasync: at QD16 that took 4 KiB FILE_SYNC
-writes from ~6k to ~8k IOPS, most batches having held a single write), since a thread hand-off per request, and each worker
-thread taking the GIL back after its syscalls, cost more than the pwrites; whatever
-would block the loop (a pause, a commit holding the journal, a full journal, zeros to
-lay ahead) goes to a thread instead. The async variants run the blocking
-work (pwrite, fsync, copy on write) in an executor; a read of clean granules only goes
-straight to ``base.aread`` (and ``peekv``, the fast lane's, to ``base.peekv``), and a
-read with dirty granules runs on the loop when their bytes are in the page cache
+writes from ~6k to ~8k IOPS, most batches having held a single write), since a thread
+hand-off per request, and each worker thread taking the GIL back after its syscalls,
+cost more than the pwrites; whatever would block the loop (a pause, a commit holding
+the journal, a full journal, zeros to lay ahead) goes to a thread instead. The async
+variants run the blocking work (pwrite, fsync, copy on write) in an executor; a read of
+clean granules only goes straight to ``base.aread`` (and ``peekv``, the fast lane's, to
+``base.peekv``), and a read with dirty granules runs on the loop when their bytes are in the page cache
 (``preadv`` with ``RWF_NOWAIT``, the granule locks taken without waiting), else in the
 executor.
 

@@ -7,8 +7,9 @@ flight get a bounded wait, and a watchdog ends the process if anything still han
 ``serve_config`` turns the command line's options into a validated configuration (the
 demo uses it too). Under systemd (``Type=notify``, contrib/systemd) it tells the service
 manager ``READY=1`` once it serves and ``STOPPING=1`` when a stop begins (``sd_notify``:
-one datagram to ``$NOTIFY_SOCKET``; nothing without it). The heavy modules (aiohttp, the datastore, the NFS services) are
-imported when the daemon starts, so the CLI's other commands do not pay for them.
+one datagram to ``$NOTIFY_SOCKET``; nothing without it). The heavy modules (aiohttp, the
+datastore, the NFS services) are imported when the daemon starts, so the CLI's other
+commands do not pay for them.
 """
 from __future__ import annotations
 

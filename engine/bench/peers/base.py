@@ -31,6 +31,7 @@ from engine.fsutil import is_mounted
 
 MIB = 1 << 20
 READY_TIMEOUT = 120.0  # seconds a server or a mount may take to come up
+UNMOUNTED_GRACE = 20.0  # seconds a FUSE process whose mount was taken away gets to exit by itself
 
 
 def _quiet(_line: str) -> None:
@@ -339,7 +340,7 @@ class Peer:
                 unmount(m)
             except Exception as e:  # noqa: BLE001 - keep going, report the first
                 first = first or e
-        grace = 10.0 if self.mounts else 0.0
+        grace = UNMOUNTED_GRACE if self.mounts else 0.0
         for p in reversed(self.procs):
             try:
                 p.stop(grace=grace)

@@ -42,6 +42,7 @@ from engine.bench.core import FileTarget, Measure, Target, Timer
 from engine.bench.pagecache import files_under, tree_bytes
 from engine.bench.peers.base import (
     READY_TIMEOUT,
+    UNMOUNTED_GRACE,
     Peer,
     PeerFailed,
     Workspace,
@@ -218,7 +219,7 @@ class FuseBackupPeer(Peer):
             seconds = time.perf_counter() - t0
         finally:
             unmount(mnt)
-            proc.stop(grace=20.0)  # borg exits by itself once unmounted, releasing its repository lock
+            proc.stop(grace=UNMOUNTED_GRACE)  # borg exits by itself once unmounted, releasing its repository lock
             self.mounts.remove(mnt)
             self.procs.remove(proc)
         if len(got[0]) != min(4096, ws.size):
