@@ -41,7 +41,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from engine.datastore import Datastore, Session
-from engine.errors import Cancelled, InstantNFSError, NotFound
+from engine.errors import Cancelled, InstantNFSError, NotFound, SessionError
 from engine.export import export_disk, open_output_dir
 from engine.repo.ingest import BackupSettings, commit_caches
 
@@ -175,7 +175,11 @@ class Jobs:
         return self._start("export", s, work)
 
     def commit(self, s: Session) -> Job:
-        """Start storing session ``s``'s merged disks as a new restore point of its VM."""
+        """Start storing session ``s``'s merged disks as a new restore point of its VM.
+        Raises SessionError for a session that publishes only some of its point's disks."""
+        if s.indexes is not None and len(s.indexes) != len(s.point.disks):
+            raise SessionError(f"session {s.name!r} publishes only some disks of its restore point: export them "
+                               "instead (a restore point holds all of a VM's disks)")
         repo, point = self.ds.repo, s.point
         m = point.manifest
         settings = BackupSettings(vm=point.vm, cpus=m.get("cpus") or 1, memory_mib=m.get("memory_mib") or 1024,

@@ -84,6 +84,7 @@ class BadRequest(Exception):
 
 _PUBLISH_FIELDS: dict[str, tuple[type, ...]] = {
     "point": (str,), "name": (str,), "mode": (str,), "cache_dir": (str,), "reserve_gib": (int, float), "force": (bool,),
+    "disks": (list,), "ttl_s": (int, float),
 }
 
 _EXPORT_FIELDS: dict[str, tuple[type, ...]] = {"disk": (str, int), "output": (str,), "format": (str,)}
@@ -121,6 +122,9 @@ OPENAPI: dict[str, Any] = {
                                     "cache_dir": {"type": "string", "description": "directory for this session's write caches (default: the daemon's)"},
                                     "reserve_gib": {"type": "number", "description": "free space the cache volume must have (default cache.reserve_gib)"},
                                     "force": {"type": "boolean", "description": "publish even when the cache volume has less free space than the reserve"},
+                                    "disks": {"type": "array", "items": {"type": "string"},
+                                              "description": "only these disks of the point (names or indexes): instant disk recovery, to attach to another VM"},
+                                    "ttl_s": {"type": "number", "description": "seconds after which the daemon unpublishes the session (and stops its VM)"},
                                 },
                             }
                         }
@@ -156,7 +160,8 @@ OPENAPI: dict[str, Any] = {
             "post": {
                 "summary": "Start storing the session's merged disks as a new restore point of its VM",
                 "responses": {"202": {"description": "the job; its result is the new point's manifest summary", "content": {"application/json": {"schema": _JOB_SCHEMA}}},
-                              "404": {"description": "no such session"}},
+                              "404": {"description": "no such session"},
+                              "409": {"description": "the session publishes only some of its point's disks"}},
             },
         },
         f"{API}/points/{{id}}/files": {
@@ -339,9 +344,16 @@ class ControlAPI:
             return self._error(400, "'cache_dir' must be an absolute path")
         if reserve is not None and reserve < 0:
             return self._error(400, "'reserve_gib' must be a number of GiB, 0 or more")
+        disks = body.get("disks")
+        if disks is not None and (not disks or not all(isinstance(d, (str, int)) and not isinstance(d, bool) for d in disks)):
+            return self._error(400, "'disks' must be a non-empty list of disk names or indexes")
+        ttl = body.get("ttl_s")
+        if ttl is not None and not ttl > 0:
+            return self._error(400, "'ttl_s' must be a number of seconds, more than 0")
         try:
             s = await self.ds.apublish(body["point"], name, mode=mode, cache_dir=cache_dir,
-                                       reserve=None if reserve is None else int(reserve * GiB), force=force)
+                                       reserve=None if reserve is None else int(reserve * GiB), force=force,
+                                       disks=None if disks is None else [str(d) for d in disks], ttl=ttl)
         except (InstantNFSError, OSError) as e:
             if _no_space(e):
                 return self._error(507, str(e) if isinstance(e, InstantNFSError) else
@@ -409,7 +421,11 @@ class ControlAPI:
             await self._body(req, {}, (), "{} (commit takes no options)")
         except BadRequest as e:
             return self._error(400, str(e))
-        return web.json_response(self.jobs.commit(s).view(), status=202)
+        try:
+            job = self.jobs.commit(s)
+        except SessionError as e:
+            return self._error(409, str(e))
+        return web.json_response(job.view(), status=202)
 
     async def h_jobs(self, req: web.Request) -> web.Response:
         return web.json_response([j.view() for j in self.jobs.all()])

@@ -35,6 +35,17 @@ def parse_size(text: str) -> int:
     return int(m.group(1)) << (10 * " kmgt".index((m.group(2) or " ").lower()))
 
 
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$", re.I)
+
+
+def parse_duration(text: str) -> float:
+    """'90', '90s', '30m', '2h', '1d' -> seconds (more than 0)."""
+    m = _DURATION_RE.match(text)
+    if not m or float(m.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (use e.g. 90s, 30m, 2h, 1d)")
+    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2).lower()]
+
+
 # -- the parser (repository commands here, the daemon's and its clients' below) ---------------
 
 
@@ -217,6 +228,10 @@ def _daemon_commands(subparsers: Any) -> None:
     p.add_argument("--cache-dir", help="directory for this session's write caches (default: the daemon's)")
     p.add_argument("--reserve-gib", type=float, help="free space the cache volume must have (default: the daemon's, 100)")
     p.add_argument("--force", action="store_true", help="publish even when the cache volume has less free space than the reserve")
+    p.add_argument("--disk", action="append", metavar="NAME",
+                   help="publish only this disk (name or index; repeatable): instant disk recovery, to attach to another VM")
+    p.add_argument("--ttl", type=parse_duration, metavar="DURATION",
+                   help="unpublish the session (stopping its VM) after this long, e.g. 90m, 2h (kept across daemon restarts)")
     p.add_argument("--json", action="store_true", help="print the session as JSON")
     _client_opts(p)
     p.set_defaults(func=client.cmd_publish)

@@ -154,6 +154,10 @@ def cmd_publish(args: argparse.Namespace) -> Any:
         body["cache_dir"] = os.path.abspath(args.cache_dir)
     if args.reserve_gib is not None:
         body["reserve_gib"] = args.reserve_gib
+    if args.disk:
+        body["disks"] = args.disk
+    if args.ttl is not None:
+        body["ttl_s"] = args.ttl
     return api_call(args, "POST", "/sessions", body)
 
 

@@ -96,6 +96,10 @@ class Session:
     idle: asyncio.Event | None = None  # set when inflight drops to 0 after an aunpublish
     handles: HandleTable | None = None  # generations of the client files (REAL nodes)
     root_ino: int = 0  # of the session directory: live while published, so its handle needs no generation
+    # the point's disks this session publishes, by index (``publish --disk``): disks[j],
+    # caches[j] and the disk files j are the point's disk indexes[j]; None: all of them
+    indexes: list[int] | None = None
+    expires: float | None = None  # unix time after which the daemon ends it (sandboxes' --ttl)
     read_ops: int = 0
     read_bytes: int = 0
     write_ops: int = 0
@@ -107,7 +111,13 @@ class Session:
         return self.cache_parent / f"{self.name}.{self.sid}"
 
     def cache_path(self, disk: int) -> Path:
+        """The cache directory of the point's disk ``disk`` (its index in the point)."""
         return self.cache_root / f"disk{disk}"
+
+    @property
+    def point_indexes(self) -> list[int]:
+        """The point's disk index of each published disk, in order."""
+        return list(range(len(self.point.disks))) if self.indexes is None else list(self.indexes)
 
     def close_caches(self) -> None:
         for c in self.caches:

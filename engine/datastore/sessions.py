@@ -159,7 +159,8 @@ class Sessions:
                     point = self.stack.repo.point(s["point"])
                 except NotFound:
                     raise SessionError(f"its restore point {s['point']} was deleted from the repository") from None
-                ses = self._open_session(s["name"], int(s["sid"]), point, int(s["created_ns"]), mode, parent, restore=True)
+                ses = self._open_session(s["name"], int(s["sid"]), point, int(s["created_ns"]), mode, parent, restore=True,
+                                         indexes=s.get("disks"), expires=s.get("expires"))
                 try:
                     add_pin(self.stack.repo, self._pin(ses))
                 except NotFound:
@@ -216,21 +217,28 @@ class Sessions:
 
     @staticmethod
     def _entry(s: Session) -> dict:
-        return {"name": s.name, "sid": s.sid, "point": s.point.id, "created_ns": s.created_ns,
-                "mode": s.mode, "cache_parent": str(s.cache_parent)}
+        e: dict[str, Any] = {"name": s.name, "sid": s.sid, "point": s.point.id, "created_ns": s.created_ns,
+                             "mode": s.mode, "cache_parent": str(s.cache_parent)}
+        if s.indexes is not None:
+            e["disks"] = s.indexes
+        if s.expires is not None:
+            e["expires"] = s.expires
+        return e
 
     def _handles_path(self, name: str) -> Path:
         return self.sessions_dir / f".{name}.handles"  # a session name never starts with '.'
 
     def _open_session(self, name: str, sid: int, point: RestorePoint, created_ns: int, mode: str, parent: Path,
-                      restore: bool = False) -> Session:
+                      restore: bool = False, indexes: list[int] | None = None, expires: float | None = None) -> Session:
         """Open a session's disks, caches and handle table (blocking; touches no shared
         state). ``restore``: its instant caches must exist (never start an empty cache in
-        place of one that is missing)."""
+        place of one that is missing). ``indexes``: the point's disks to publish (all if None)."""
         d = self.sessions_dir / name
-        s = Session(name, sid, point, created_ns, d, [], mode, parent)
+        s = Session(name, sid, point, created_ns, d, [], mode, parent, indexes=indexes, expires=expires)
+        if indexes is not None and (not indexes or any(not 0 <= i < len(point.disks) for i in indexes)):
+            raise SessionError(f"restore point {point.id} has no disk {indexes} (it has {len(point.disks)})")
         try:
-            for i in range(len(point.disks)):
+            for i in s.point_indexes:
                 if mode == "sandbox":
                     c = self.stack.write_cache(point, i, "temporary", parent, verifier=self.write_verf, executor=self.io_pool)
                 else:
@@ -268,7 +276,8 @@ class Sessions:
         return name, sid
 
     def _build(self, point: RestorePoint, name: str, sid: int, mode: str, cache_dir: str | os.PathLike | None,
-               reserve: int | None, force: bool) -> Session:
+               reserve: int | None, force: bool, indexes: list[int] | None = None,
+               expires: float | None = None) -> Session:
         """Everything a publish does before the session is visible (blocking): the free
         space check, the pin, the caches, the session directory and its files."""
         self.state.save()  # the sid is taken even if the publish fails: ids are never reused
@@ -278,12 +287,12 @@ class Sessions:
         if d.exists():
             shutil.rmtree(d)  # left behind by an unpublish that crashed half way
         created_ns = time.time_ns()
-        stub = Session(name, sid, point, created_ns, d, [], mode, parent)
+        stub = Session(name, sid, point, created_ns, d, [], mode, parent, indexes=indexes, expires=expires)
         add_pin(self.stack.repo, self._pin(stub))  # NotFound: the point is gone or being deleted
         s: Session | None = None
         try:
-            s = self._open_session(name, sid, point, created_ns, mode, parent)
-            write_vm_files(d, point)
+            s = self._open_session(name, sid, point, created_ns, mode, parent, indexes=indexes, expires=expires)
+            write_vm_files(d, point, indexes)
             self.state.put(name, self._entry(s))
             self.state.save()
         except BaseException as e:
@@ -305,32 +314,44 @@ class Sessions:
         return s
 
     def publish(self, point_ident: str, name: str | None = None, *, mode: str = "instant",
-                cache_dir: str | os.PathLike | None = None, reserve: int | None = None, force: bool = False) -> Session:
+                cache_dir: str | os.PathLike | None = None, reserve: int | None = None, force: bool = False,
+                disks: list[str] | None = None, ttl: float | None = None) -> Session:
         """Publish a restore point; the write caches go to ``cache_dir`` (default the
         daemon's), whose volume must have ``reserve`` bytes free unless ``force``.
+        ``disks``: only these of the point's disks (names or indexes: instant disk
+        recovery); ``ttl``: seconds after which the daemon ends the session (``expired``).
         Blocking: for tests and tools; the daemon calls ``apublish``."""
         point = self.stack.repo.point(point_ident)
+        indexes, expires = disk_indexes(point, disks), _expiry(ttl)
         name, sid = self._claim(point, name, mode)
         try:
-            s = self._build(point, name, sid, mode, cache_dir, reserve, force)
+            s = self._build(point, name, sid, mode, cache_dir, reserve, force, indexes, expires)
         except BaseException:
             self._publishing.discard(name)
             raise
         return self._published(s)
 
     async def apublish(self, point_ident: str, name: str | None = None, *, mode: str = "instant",
-                       cache_dir: str | os.PathLike | None = None, reserve: int | None = None, force: bool = False) -> Session:
+                       cache_dir: str | os.PathLike | None = None, reserve: int | None = None, force: bool = False,
+                       disks: list[str] | None = None, ttl: float | None = None) -> Session:
         """``publish`` with every blocking step off the loop; the session is visible once
         its pin, caches and files exist."""
         loop = asyncio.get_running_loop()
         point = await loop.run_in_executor(self.admin_pool, self.stack.repo.point, point_ident)
+        indexes, expires = disk_indexes(point, disks), _expiry(ttl)
         name, sid = self._claim(point, name, mode)
         try:
-            s = await loop.run_in_executor(self.admin_pool, self._build, point, name, sid, mode, cache_dir, reserve, force)
+            s = await loop.run_in_executor(self.admin_pool, self._build, point, name, sid, mode, cache_dir, reserve,
+                                           force, indexes, expires)
         except BaseException:
             self._publishing.discard(name)
             raise
         return self._published(s)
+
+    def expired(self, now: float | None = None) -> list[str]:
+        """Names of the sessions whose ``ttl`` has run out (the daemon ends them)."""
+        now = time.time() if now is None else now
+        return sorted(s.name for s in self.by_name.values() if s.expires is not None and s.expires <= now)
 
     def _hide(self, name: str, force: bool) -> Session:
         """Take a session out of the namespace at once (loop thread)."""
@@ -431,6 +452,7 @@ def session_report(s: Session) -> dict:
         "vm": s.point.vm,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(s.created_ns / 1e9)),
         "mode": s.mode,
+        "expires": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(s.expires)) if s.expires is not None else None,
         "files_dir": str(s.dir),
         "cache_dir": str(s.cache_parent),
         "cache": {
@@ -445,6 +467,34 @@ def session_report(s: Session) -> dict:
         ],
         "io": {"read_ops": s.read_ops, "read_bytes": s.read_bytes, "write_ops": s.write_ops, "write_bytes": s.write_bytes},
     }
+
+
+def disk_indexes(point: RestorePoint, disks: list[str] | None) -> list[int] | None:
+    """The point's disk indexes named by ``disks`` (names or indexes), in that order; None for all."""
+    if not disks:
+        return None
+    names = [d.name for d in point.disks]
+    out: list[int] = []
+    for d in disks:
+        d = str(d)
+        if d in names:
+            i = names.index(d)
+        elif d.isdigit() and int(d) < len(names):
+            i = int(d)
+        else:
+            raise NotFound(f"restore point {point.id} has no disk {d!r} (its disks: {', '.join(names)})")
+        if i in out:
+            raise SessionError(f"disk {d!r} is named twice")
+        out.append(i)
+    return out
+
+
+def _expiry(ttl: float | None) -> float | None:
+    if ttl is None:
+        return None
+    if not ttl > 0:
+        raise SessionError(f"a time to live must be more than 0 seconds, not {ttl}")
+    return time.time() + ttl
 
 
 def check_free_space(parent: Path, reserve: int, force: bool) -> None:

@@ -17,7 +17,8 @@ from pathlib import Path
 from engine.repo.repository import RestorePoint
 
 
-def vmx_text(point: RestorePoint) -> str:
+def vmx_text(point: RestorePoint, indexes: list[int] | None = None) -> str:
+    """The VM's ``.vmx``; ``indexes``: the point's disks published (default all)."""
     m = point.manifest
     lines = [
         '.encoding = "UTF-8"',
@@ -32,7 +33,8 @@ def vmx_text(point: RestorePoint) -> str:
     ]
     if (m.get("firmware") or "bios") == "efi":
         lines.append('firmware = "efi"')
-    for i, d in enumerate(point.disks):
+    chosen = [point.disks[i] for i in (range(len(point.disks)) if indexes is None else indexes)]
+    for i, d in enumerate(chosen):
         lines += [f'scsi0:{i}.present = "TRUE"', f'scsi0:{i}.fileName = "{d.name}.vmdk"', f'scsi0:{i}.deviceType = "scsi-hardDisk"']
     lines += [
         'ethernet0.present = "TRUE"',
@@ -69,9 +71,10 @@ def vmdk_descriptor(name: str, size: int, cid: int) -> str:
     )
 
 
-def write_vm_files(session_dir: Path, point: RestorePoint) -> None:
-    """The ``.vmx`` and the ``.vmdk`` descriptors of a new session (blocking)."""
-    (session_dir / f"{point.vm}.vmx").write_text(vmx_text(point))
-    for info in point.disks:
+def write_vm_files(session_dir: Path, point: RestorePoint, indexes: list[int] | None = None) -> None:
+    """The ``.vmx`` and the ``.vmdk`` descriptors of a new session (blocking); ``indexes``:
+    the point's disks it publishes (default all)."""
+    (session_dir / f"{point.vm}.vmx").write_text(vmx_text(point, indexes))
+    for info in (point.disks if indexes is None else [point.disks[i] for i in indexes]):
         cid = int.from_bytes(hashlib.blake2b(f"{point.id}/{info.name}".encode(), digest_size=4).digest(), "big")
         (session_dir / f"{info.name}.vmdk").write_text(vmdk_descriptor(info.name, info.size, cid))
