@@ -31,6 +31,9 @@ export = "/instantnfs"
 # an output must be a new file in one of them (never a symlink, never an existing
 # file). Empty: <cache.dir>/exports, created at the first export.
 export_dirs = []
+# Block devices a migrate (instantnfs migrate SESSION --to DEV) may write onto, by path:
+# never guessed, never anything else. Files go to export_dirs.
+migrate_devices = []
 # Client addresses (CIDR) allowed to mount; others get MNT3ERR_ACCES / AUTH_ERROR.
 allowed_clients = ["0.0.0.0/0", "::/0"]
 read_only = false
@@ -65,6 +68,14 @@ chunk_cache_mib = 1024
 
 [repo]
 path = ""
+
+[vm]
+# QEMU for the VMs the daemon runs (recover --boot, verify --boot, sandbox --boot).
+qemu = "qemu-system-x86_64"
+# auto: KVM when a short probe shows it runs guests here, else TCG; or kvm, tcg.
+accel = "auto"
+# Seconds a verify boot waits for the guest's heartbeat by default.
+verify_timeout = 300
 
 [control]
 bind = "127.0.0.1"
@@ -146,6 +157,13 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
     if not all(isinstance(d, str) and d for d in dirs):
         raise UsageError("server.export_dirs must be a list of directory paths")
     s["export_dirs"] = [str(Path(os.path.expanduser(d)).absolute()) for d in dirs] or [str(Path(cfg["cache"]["dir"]).absolute() / "exports")]
+    devs = s["migrate_devices"]
+    if not all(isinstance(d, str) and d.startswith("/") for d in devs):
+        raise UsageError("server.migrate_devices must be a list of absolute device paths")
+    if cfg["vm"]["accel"] not in ("auto", "kvm", "tcg"):
+        raise UsageError(f"vm.accel must be auto, kvm or tcg, not {cfg['vm']['accel']!r}")
+    if not cfg["vm"]["verify_timeout"] > 0:
+        raise UsageError("vm.verify_timeout must be a positive number of seconds")
     if cfg["cache"]["reserve_gib"] < 0:
         raise UsageError("cache.reserve_gib must not be negative")
     if cfg["control"]["token_file"]:

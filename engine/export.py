@@ -7,7 +7,10 @@ The copy runs while writers keep writing, the way storage migration does:
 2. Take the tracker's bitmap (the granules written since the pass began) and copy those
    granules again; repeat while a pass still finds granules and the passes shrink, up to
    ``max_passes``.
-3. Pause new writes (``WriteCache.writes_paused``: in-progress writes finish, reads go
+3. With ``before_final`` (a migrate of a VM run elsewhere), call it and copy what was
+   written meanwhile: it returns once the caller confirms the VM has stopped, so this
+   last pass is the short one.
+4. Pause new writes (``WriteCache.writes_paused``: in-progress writes finish, reads go
    on), copy what the tracker holds, and let writes resume. The output is then exactly
    the disk's content at that moment, the moment the export finished copying.
 
@@ -95,8 +98,10 @@ def export_disk(
     max_passes: int = MAX_PASSES,
     cancel: threading.Event | None = None,
     allowed_dirs: Sequence[str | os.PathLike] | None = None,
+    before_final: Callable[[], None] | None = None,
 ) -> ExportResult:
-    """Write the merged disk to ``output`` (raw sparse or qcow2, a new file) while writers go on."""
+    """Write the merged disk to ``output`` (raw sparse or qcow2, a new file) while writers
+    go on; ``before_final`` (blocking, may raise ``Cancelled``) runs before the last pass."""
     if fmt not in FORMATS:
         raise UsageError(f"export format must be one of {', '.join(FORMATS)}, not {fmt!r}")
     if chunk <= 0 or chunk % ZERO_GRAIN:
@@ -110,7 +115,7 @@ def export_disk(
         fd = os.open(part, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=dfd)
         try:
             copier = _Copier(disk, fd, progress, chunk, workers or min(4, max(2, os.cpu_count() or 2)), cancel)
-            passes, recopied = copier.run(max_passes)
+            passes, recopied = copier.run(max_passes, before_final)
             if fmt == "raw":
                 _link_new(dfd, part, dfd, name, out)
             else:
@@ -201,10 +206,12 @@ class _Copier:
         if self.cancel is not None and self.cancel.is_set():
             raise Cancelled("export cancelled: no output file was left")
 
-    def run(self, max_passes: int) -> tuple[int, int]:
+    def run(self, max_passes: int, before_final: Callable[[], None] | None = None) -> tuple[int, int]:
         disk = self.disk
         if not isinstance(disk, WriteCache):
             self._copy_all()
+            if before_final is not None:
+                before_final()
             os.fsync(self.fd)
             return 1, 0
         recopied = 0
@@ -222,6 +229,12 @@ class _Copier:
                 if last is not None and count >= last:
                     break  # not shrinking: writers outpace us, finish with writes paused
                 last = count
+            if before_final is not None:
+                self._report("waiting", 0, 0)
+                before_final()
+                self._check_cancel()
+                passes += 1
+                recopied += self._copy_granules(disk, tracker.take(), "after-stop")
             with disk.writes_paused():
                 recopied += self._copy_granules(disk, tracker.take(), "final")
                 passes += 1

@@ -58,7 +58,7 @@ class Job:
     """An export or commit running in the job pool; progress fields are set by its thread."""
 
     id: str
-    kind: str  # "export" | "commit"
+    kind: str  # "export" | "commit" | "migrate" | "verify" (engine.recovery)
     session: str
     state: str = "running"  # running | done | failed | cancelled
     phase: str = ""
@@ -68,6 +68,8 @@ class Job:
     finished: float | None = None
     result: dict | None = None
     error: str | None = None
+    eta: float | None = None  # seconds left, when the job can tell
+    label: str = ""  # what the job is about beyond its session (verify: the restore point)
     cancel: threading.Event = field(default_factory=threading.Event)
     task: asyncio.Task | None = None
 
@@ -76,6 +78,7 @@ class Job:
             "id": self.id, "kind": self.kind, "session": self.session, "state": self.state, "phase": self.phase,
             "done": self.done, "total": self.total, "started": self.started, "finished": self.finished,
             "result": self.result, "error": self.error, "cancel_requested": self.cancel.is_set(),
+            "eta_s": None if self.eta is None else round(self.eta, 1), "label": self.label,
         }
 
 
@@ -88,7 +91,8 @@ class Jobs:
         self.export_dirs: list[str] = list(export_dirs or [self.default_export_dir])
         self.jobs: dict[str, Job] = {}
         self._ids = itertools.count(1)
-        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="job")
+        # long jobs only: exports, commits, migrates, verifies (each waits only for other pools)
+        self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="job")
         self._tasks: set[asyncio.Task] = set()
         self._test_delay = float(os.environ.get("INSTANTNFS_TEST_JOB_DELAY") or 0)  # tests only: see the design note
 
@@ -100,9 +104,9 @@ class Jobs:
 
     # -- starting ------------------------------------------------------------------------------
 
-    def _start(self, kind: str, s: Session, fn: Callable[[Job], dict]) -> Job:
+    def start(self, kind: str, s: Session, fn: Callable[[Job], dict], label: str = "") -> Job:
         """Run ``fn(job)`` in the job pool; the session counts it until it ends."""
-        job = Job(f"{kind}-{next(self._ids)}", kind, s.name)
+        job = Job(f"{kind}-{next(self._ids)}", kind, s.name, label=label)
         self.jobs[job.id] = job
         s.jobs += 1
 
@@ -172,7 +176,7 @@ class Jobs:
             return {"path": r.path, "format": r.format, "size": r.size, "data_bytes": r.data_bytes,
                     "passes": r.passes, "recopied_bytes": r.recopied_bytes, "seconds": round(r.seconds, 3)}
 
-        return self._start("export", s, work)
+        return self.start("export", s, work)
 
     def commit(self, s: Session) -> Job:
         """Start storing session ``s``'s merged disks as a new restore point of its VM.
@@ -208,7 +212,7 @@ class Jobs:
                 "reread_bytes": info["reread_bytes"],
             }
 
-        return self._start("commit", s, work)
+        return self.start("commit", s, work)
 
     # -- cancelling ----------------------------------------------------------------------------
 

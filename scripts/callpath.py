@@ -23,7 +23,7 @@ per entry into engine code from outside (event loop, thread pool), repeats colla
 A->B->A is two ``transitions``; ``back_ups``, crossings to a module listed earlier in
 ``--layers`` (prefix match without ``engine.``; ``a/b`` is one layer; unknown ones last).
 Engine names used (tried in order where modules move): run_daemon (engine.control.daemon,
-engine.control.server_cli), make_demo_disk (engine.control.demo, engine.control.server_cli),
+engine.control.server_cli),
 engine.repo.ingest, engine.repo.repository, engine.config, engine.nfs.client.
 """
 from __future__ import annotations
@@ -188,9 +188,32 @@ def analyse(events: list[Event], layers: list[list[str]]) -> dict[str, Any]:
             "path": segments, "edges": dict(edges), "back_ups": dict(backs)}
 
 
+def make_demo_disk(path: str, size: int) -> None:
+    """A sparse sample disk: a boot sector, text, incompressible and repeated blocks, holes
+    (what the demo served before it booted a real guest; the trace needs only variety)."""
+    import random
+
+    rng = random.Random(4)
+    block = 1 << 20
+    words = [b"instant", b"recovery", b"backup", b"restore", b"virtual", b"machine", b"disk", b"nfs", b"\n"]
+    text = b" ".join(rng.choice(words) for _ in range(200_000))[:block]
+    noise = rng.randbytes(block)
+    with open(path, "wb") as f:
+        f.truncate(size)
+        boot = bytearray(512)
+        boot[3:11] = b"INSTANTN"
+        boot[510:512] = b"\x55\xaa"
+        f.write(boot)
+        for i in range(1, size // block):
+            kind = i % 8
+            if kind in (0, 5):
+                continue  # holes: all zeros, not stored
+            f.seek(i * block)
+            f.write(noise if kind == 3 else text if kind != 7 else rng.randbytes(block))
+
+
 def make_repo(base: Path) -> tuple[str, str]:
     """A repository holding one restore point of one VM with the demo's disk: (path, point id)."""
-    make_demo_disk = first_of(["engine.control.demo", "engine.control.server_cli"], "make_demo_disk")
     ingest = importlib.import_module("engine.repo.ingest")
     Repository = importlib.import_module("engine.repo.repository").Repository
     repo, img = base / "repo", base / "disk.img"

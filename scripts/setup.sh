@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up a working instantnfs in ./.venv: system packages, the virtualenv, the package
 # (editable) and its Cython extension. Idempotent and quick when nothing changed.
-#   scripts/setup.sh [build|test]
+#   scripts/setup.sh [build|demo|test]   (demo: also QEMU and the guest builder's tools)
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 cd "$here"

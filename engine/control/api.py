@@ -45,12 +45,15 @@ from aiohttp import web
 from engine.control import auth as authmod
 from engine.control import metrics
 from engine.control.files_api import FilesAPI
+from engine.control.vms_api import OPENAPI_PATHS as VMS_PATHS
+from engine.control.vms_api import VMsAPI
 from engine.datastore import MODES, Datastore, GiB, Session
 from engine.errors import InstantNFSError, NoSpace, NotFound, OutputRefused, SessionError
 from engine.export import FORMATS
 from engine.fsutil import NO_SPACE_ERRNOS
 from engine.jobs import Jobs
 from engine.nfs.server import NFSServices
+from engine.recovery import Recovery
 
 log = logging.getLogger("instantnfs.api")
 
@@ -217,12 +220,17 @@ OPENAPI: dict[str, Any] = {
 }
 
 
+OPENAPI["paths"].update({API + path: spec for path, spec in VMS_PATHS.items()})
+
+
 class ControlAPI:
-    def __init__(self, ds: Datastore, services: NFSServices, jobs: Jobs, cfg: dict[str, Any]) -> None:
+    def __init__(self, ds: Datastore, services: NFSServices, jobs: Jobs, cfg: dict[str, Any],
+                 recovery: Recovery | None = None) -> None:
         self.ds = ds
         self.services = services
         self.jobs = jobs
         self.cfg = cfg
+        self.recovery = recovery
         self.started = time.time()
         self.port = 0
         self._runner: web.AppRunner | None = None
@@ -230,6 +238,7 @@ class ControlAPI:
         self._token_files: list = []
         self.host = advertised_host(cfg["server"]["bind"])
         self.files = FilesAPI(ds.stack, API)
+        self.vms = VMsAPI(recovery, API, self._body, self._error, self.session_view) if recovery else None
         self.metrics = metrics.registry(metrics.DaemonCollector(ds, services, jobs))
 
     # -- views -------------------------------------------------------------------------------
@@ -252,6 +261,8 @@ class ControlAPI:
             }
             d.update(self.urls(s, f"{d['name']}.img"))
         out["vmx"] = f"{export}/{s.name}/{s.point.vm}.vmx"
+        vm = self.recovery.vm_of(s.name) if self.recovery else None
+        out["vm"] = vm.view() if vm is not None else None
         return out
 
     def status_view(self) -> dict:
@@ -489,6 +500,7 @@ class ControlAPI:
                 web.get("/healthz", self.h_healthz),
                 web.get("/metrics", self.h_metrics),
                 *self.files.routes(),
+                *(self.vms.routes() if self.vms else []),
             ]
         )
         return app

@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from engine.bench import cli as bench_cli
-from engine.control import client, files_cli, repo_cli
+from engine.control import client, files_cli, repo_cli, vms_cli
 from engine.control.daemon import cmd_serve
 from engine.control.demo import cmd_demo
 from engine.errors import InstantNFSError
@@ -207,9 +207,14 @@ def _daemon_commands(subparsers: Any) -> None:
     p.set_defaults(func=cmd_serve)
 
     p = subparsers.add_parser(
-        "demo", help="make a demo repository from a generated disk (reused later), serve it and publish it"
+        "demo", help="build a small bootable guest, back it up, serve and publish it, boot it from the backup over NFS",
+        description="The whole idea in one command: build the small test guest (cached), back it up into a demo "
+                    "repository (once), serve it, publish its restore point, boot it under QEMU from the daemon's "
+                    "nfs:// URL and print its console (heartbeat) lines, then how to use the datastore from QEMU, "
+                    "libnfs-utils and ESXi. A second run reuses everything. Ctrl-C powers the VM off and stops.",
     )
     p.add_argument("--dir", help="demo repository and cache (default ~/.cache/instantnfs-demo)")
+    p.add_argument("--no-boot", action="store_true", help="serve and publish only: do not boot the demo VM under QEMU")
     _serve_opts(p)
     p.set_defaults(func=cmd_demo)
 
@@ -274,6 +279,8 @@ def _daemon_commands(subparsers: Any) -> None:
     p.add_argument("job", help="job id, as 'instantnfs jobs' lists it")
     _client_opts(p)
     p.set_defaults(func=client.cmd_cancel)
+
+    vms_cli.add_commands(subparsers, _client_opts)
 
     p = subparsers.add_parser("status", help="the running daemon's ports and counters")
     p.add_argument("--json", action="store_true")

@@ -30,6 +30,7 @@ log = logging.getLogger("instantnfs")
 
 SHUTDOWN_LIMIT = 10.0  # seconds from SIGTERM/SIGINT to the end of the process
 DRAIN_TIMEOUT = 2.0  # seconds the disk operations in flight get at stop
+HOUSEKEEPING_S = 5.0  # seconds between checks for expired sessions and VMs paused on an I/O error
 
 
 def log_to_stderr(verbose: bool) -> None:
@@ -106,7 +107,9 @@ async def run_daemon(cfg: dict[str, Any], ready: asyncio.Future | None = None, e
     from engine.datastore import Datastore
     from engine.jobs import Jobs
     from engine.nfs.server import NFSServices
+    from engine.recovery import Recovery
     from engine.stack import Stack
+    from engine.vm.supervisor import Supervisor
 
     stack = Stack.open(cfg["repo"]["path"], cache_bytes=cfg["cache"]["chunk_cache_mib"] << 20)
     try:
@@ -115,7 +118,16 @@ async def run_daemon(cfg: dict[str, Any], ready: asyncio.Future | None = None, e
         services = NFSServices(ds, cfg["server"])
         ports = await services.start()
         jobs = Jobs(ds, cfg["server"].get("export_dirs"))
-        api = ControlAPI(ds, services, jobs, cfg)
+        loop = asyncio.get_running_loop()
+        supervisor = Supervisor(ds.cache_dir / "vms", qemu=cfg["vm"]["qemu"])
+        adopted = await loop.run_in_executor(ds.registry.admin_pool, supervisor.adopt)
+        nfs_host = qemu_host(cfg["server"]["bind"])
+
+        def disk_url(s: Any, j: int) -> str:
+            return f"nfs://{nfs_host}{services.mount3.export}/{s.name}/{s.disks[j].name}.img"
+
+        recovery = Recovery(ds, jobs, supervisor, disk_url, cfg)
+        api = ControlAPI(ds, services, jobs, cfg, recovery)
         try:
             control_port = await api.start(cfg["control"]["bind"], cfg["control"]["port"])
         except OSError as e:
@@ -128,8 +140,10 @@ async def run_daemon(cfg: dict[str, Any], ready: asyncio.Future | None = None, e
             stack.repo.path, pm, bind, ports.mount, bind, ports.nfs, cfg["control"]["bind"], control_port, "/api/v1",
             len(ds.sessions),
         )
+        if adopted:
+            log.info("%d VM(s) still running from before the restart: %s", len(adopted), ", ".join(v.name for v in adopted))
+        house = loop.create_task(housekeeping(recovery, supervisor, ds))
         stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         if ready is not None and not ready.done():
@@ -140,14 +154,39 @@ async def run_daemon(cfg: dict[str, Any], ready: asyncio.Future | None = None, e
         sd_notify("STOPPING=1")
         if exit_limit is not None:
             _arm_watchdog(exit_limit)
+        house.cancel()
         await jobs.stop()
         await api.stop()
+        supervisor.close()  # the VMs run on; the next start adopts them
         await services.stop()
         await ds.aclose(timeout=DRAIN_TIMEOUT)
     finally:
         stack.close()
     log.info("stopped")
     return 0
+
+
+def qemu_host(bind: str) -> str:
+    """The address QEMU on this host opens our nfs:// URLs at (its libnfs asks the
+    portmapper on port 111 there)."""
+    return "127.0.0.1" if bind in ("0.0.0.0", "", "::") else bind
+
+
+async def housekeeping(recovery: Any, supervisor: Any, ds: Any) -> None:
+    """Every few seconds: end expired sessions (sandboxes' ttl) and resume VMs that an
+    NFS outage paused (werror/rerror=stop) now that the daemon serves again."""
+    loop = asyncio.get_running_loop()
+    while True:
+        try:
+            await recovery.expire()
+            resumed = await loop.run_in_executor(ds.registry.admin_pool, supervisor.resume_paused)
+            if resumed:
+                log.info("resumed VM(s) paused on an I/O error: %s", ", ".join(resumed))
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - housekeeping must go on; the error is logged
+            log.exception("housekeeping failed")
+        await asyncio.sleep(HOUSEKEEPING_S)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

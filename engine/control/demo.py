@@ -1,10 +1,16 @@
-"""The demo: a repository made once from a generated sample disk (reused later), served
-by a daemon in the foreground with its restore point published, and the lines to try it
-with QEMU, libnfs-utils and ESXi printed.
+"""The demo: the whole idea in one command. It builds the small bootable test guest
+(``engine.vm.guest``: reused from its cache later), backs it up into a demo repository
+(once), serves it, publishes the restore point, boots the VM under QEMU from the
+daemon's own ``nfs://`` URL and prints the guest's console lines (its heartbeat) as they
+come, then how to reach the datastore from QEMU, libnfs-utils and ESXi. ``--no-boot``
+skips the boot. A second run reuses the repository, the session (with whatever the VM
+wrote) and a VM still running from a run that was killed. Ctrl-C powers the demo VM off
+and stops the server.
 
-The demo disk is sparse (256 MiB, holes, text, incompressible and repeated blocks), so
-the repository is small and quick to make; its session reserves 1 GiB, not the usual
-100 GiB, on the cache volume.
+QEMU finds NFS servers only through the portmapper on port 111, which needs root (or a
+portmapper already there, with which the daemon registers): without one the demo serves
+and says why it does not boot. The session reserves 1 GiB, not the usual 100 GiB, on the
+cache volume.
 """
 from __future__ import annotations
 
@@ -19,35 +25,16 @@ from engine.errors import InstantNFSError
 
 DEMO_VM = "demo-vm"
 DEMO_SESSION = "demo"
-DEMO_SIZE = 256 << 20
-
-
-def make_demo_disk(path: str, size: int = DEMO_SIZE) -> None:
-    """A sparse sample disk: a boot sector, text, incompressible and repeated blocks, holes."""
-    import random
-
-    rng = random.Random(4)
-    block = 1 << 20
-    words = [b"instant", b"recovery", b"backup", b"restore", b"virtual", b"machine", b"disk", b"nfs", b"\n"]
-    text = b" ".join(rng.choice(words) for _ in range(200_000))[:block]
-    noise = rng.randbytes(block)
-    with open(path, "wb") as f:
-        f.truncate(size)
-        boot = bytearray(512)
-        boot[3:11] = b"INSTANTN"
-        boot[510:512] = b"\x55\xaa"
-        f.write(boot)
-        for i in range(1, size // block):
-            kind = i % 8
-            if kind in (0, 5):
-                continue  # holes: all zeros, not stored
-            f.seek(i * block)
-            f.write(noise if kind == 3 else text if kind != 7 else rng.randbytes(block))
+DEMO_MEMORY = 256  # MiB
+HEARTBEATS_BEFORE_HELP = 1  # heartbeat lines printed before the instructions
+BOOT_WAIT_S = 180.0  # seconds the demo waits for the first heartbeat before it prints the instructions
 
 
 def _demo_repo(base: str) -> tuple[str, bool]:
+    """The demo repository with one restore point of the guest (made once)."""
     from engine.repo.ingest import BackupSettings, backup
     from engine.repo.repository import Repository
+    from engine.vm.guest import ensure_guest
 
     repo = os.path.join(base, "repo")
     if os.path.exists(os.path.join(repo, "config.json")):
@@ -55,13 +42,16 @@ def _demo_repo(base: str) -> tuple[str, bool]:
             if r.points(DEMO_VM):
                 return repo, False
     os.makedirs(base, exist_ok=True)
+
+    def progress(phase: str) -> None:
+        print(f"  guest: {phase}", flush=True)
+
+    print("building the demo guest (a small Linux with busybox; cached for later runs)", flush=True)
+    guest = ensure_guest(progress=progress)
     if not os.path.exists(os.path.join(repo, "config.json")):
         Repository.init(repo, 1 << 20)
-    img = os.path.join(base, "sample.img")
-    make_demo_disk(img)
     with Repository.open(repo) as r:
-        backup(r, BackupSettings(vm=DEMO_VM, cpus=1, memory_mib=512), [img])
-    os.unlink(img)
+        backup(r, BackupSettings(vm=DEMO_VM, cpus=1, memory_mib=DEMO_MEMORY), [str(guest.disk)])
     return repo, True
 
 
@@ -77,13 +67,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
         cfg = serve_config(args)
         import uvloop
 
-        return uvloop.run(_demo_main(cfg))
+        return uvloop.run(_demo_main(cfg, boot=not args.no_boot))
     except InstantNFSError as e:
         print(f"instantnfs: {e}", file=sys.stderr)
         return e.exit_code
 
 
-async def _demo_main(cfg: dict[str, Any]) -> int:
+async def _demo_main(cfg: dict[str, Any], boot: bool = True) -> int:
     ready: asyncio.Future = asyncio.get_running_loop().create_future()
     daemon = asyncio.get_running_loop().create_task(run_daemon(cfg, ready, exit_limit=SHUTDOWN_LIMIT))
     done, _ = await asyncio.wait({daemon, ready}, return_when=asyncio.FIRST_COMPLETED)
@@ -92,6 +82,9 @@ async def _demo_main(cfg: dict[str, Any]) -> int:
     ports, control_port, api = ready.result()
     # the demo disk is 256 MiB: no 100 GiB reserve for it
     s = api.ds.sessions.get(DEMO_SESSION) or await api.ds.apublish(f"{DEMO_VM}@latest", DEMO_SESSION, reserve=1 << 30)
+    booted = None
+    if boot:
+        booted = await _boot(api, s, ports)
     view = api.session_view(s)
     host = api.host
     d = view["disks"][0]
@@ -117,4 +110,66 @@ async def _demo_main(cfg: dict[str, Any]) -> int:
     if not pm:
         lines.insert(4, "  (no portmapper: QEMU needs one on port 111; use the libnfs URL)")
     print("\n".join(lines), flush=True)
-    return await daemon
+    follower = asyncio.get_running_loop().create_task(_follow(booted, skip=booted[1] if booted else 0)) if booted else None
+    try:
+        return await daemon
+    finally:
+        if follower is not None:
+            follower.cancel()
+        if booted is not None:
+            print("powering the demo VM off", flush=True)
+            await asyncio.get_running_loop().run_in_executor(None, api.recovery.stop_vm, s.name)
+
+
+async def _boot(api: Any, s: Any, ports: Any) -> tuple[Any, int] | None:
+    """Boot the demo VM (or take the one still running) and print its console up to the
+    first heartbeat; (the VM, console bytes printed), or None with why it did not boot."""
+    if 111 not in (ports.portmap, ports.portmap_external):
+        print("  not booting: QEMU finds NFS servers through a portmapper on port 111, and there is none "
+              "(run as root, or start rpcbind); --no-boot hides this", flush=True)
+        return None
+    rec = api.recovery
+    vm = rec.vm_of(s.name)
+    loop = asyncio.get_running_loop()
+    if vm is None or vm.state not in ("running", "paused"):
+        print(f"booting VM {s.point.vm} under QEMU from the backup over NFS (TCG emulation when KVM is unusable: "
+              "expect 10-30 s)", flush=True)
+        try:
+            vm = await rec.boot(s.name, net="user", memory_mib=DEMO_MEMORY)
+        except InstantNFSError as e:
+            print(f"  not booting: {e}", flush=True)
+            return None
+    else:
+        print(f"VM {vm.name} is still running from before (pid {vm.pid})", flush=True)
+    printed = 0
+    beats = 0
+    deadline = loop.time() + BOOT_WAIT_S
+    while loop.time() < deadline and beats < HEARTBEATS_BEFORE_HELP:
+        text = await loop.run_in_executor(None, vm.serial_text)
+        new = text[printed:]
+        cut = new.rfind("\n") + 1
+        for line in new[:cut].splitlines():
+            print(f"  guest | {line.rstrip()}", flush=True)
+            beats += "GUEST-HEARTBEAT" in line
+        printed += cut
+        if vm.state not in ("running", "paused") and not new:
+            print(f"  the VM ended ({vm.state}); its console: {vm.serial_log}", flush=True)
+            return None
+        await asyncio.sleep(0.3)
+    if beats == 0:
+        print(f"  no heartbeat after {BOOT_WAIT_S:.0f} s; the console is in {vm.serial_log}", flush=True)
+    return vm, printed
+
+
+async def _follow(booted: tuple[Any, int], skip: int) -> None:
+    """Go on printing the guest's console lines as they come."""
+    vm, printed = booted[0], skip
+    loop = asyncio.get_running_loop()
+    while True:
+        text = await loop.run_in_executor(None, vm.serial_text)
+        new = text[printed:]
+        cut = new.rfind("\n") + 1
+        for line in new[:cut].splitlines():
+            print(f"  guest | {line.rstrip()}", flush=True)
+        printed += cut
+        await asyncio.sleep(0.5)

@@ -348,6 +348,16 @@ class Sessions:
             raise
         return self._published(s)
 
+    async def aset_ttl(self, name: str, ttl: float | None) -> Session:
+        """Give a session a new time to live from now (None: none); saved for restarts."""
+        s = self.by_name.get(name)
+        if s is None:
+            raise NotFound(f"no published session {name!r}")
+        s.expires = _expiry(ttl)
+        self.state.put(name, self._entry(s))
+        await asyncio.get_running_loop().run_in_executor(self.admin_pool, self.state.save)
+        return s
+
     def expired(self, now: float | None = None) -> list[str]:
         """Names of the sessions whose ``ttl`` has run out (the daemon ends them)."""
         now = time.time() if now is None else now
