@@ -68,7 +68,7 @@ import numpy as np
 
 from engine.blockmap import KEY_SHIFT, ZERO_PACK
 from engine.errors import Cancelled, InstantNFSError, RepositoryError, UsageError
-from engine.files.fs import Entry, FileSystem
+from engine.files.fs import Entry, FileSystem, UnrecognisedFilesystem
 from engine.files.point import PointFiles
 from engine.files.volumes import Volume
 from engine.repo.check import verify_chunk
@@ -205,20 +205,32 @@ def check_data(stack: Stack, point: RestorePoint, *, workers: int = 2, progress:
     # chunks that fail before any read: pack missing, index unreadable, record not indexed
     errors: dict[int, str] = {}
     fps: list[bytes | None] = [None] * len(uniq)
-    why, idx = _pack_problems(stack, np.unique(u_pack).tolist())
-    for u in range(len(uniq)):
-        pack, off, clen = int(u_pack[u]), int(u_off[u]), int(u_clen[u])
+    packs = np.unique(u_pack).tolist()
+    why, idx = _pack_problems(stack, packs)
+    for pack in packs:  # the chunks of one pack are a run of uniq (sorted by key)
+        lo, hi = np.searchsorted(u_pack, [pack, pack + 1]).tolist()
         if pack in why:
-            errors[u] = why[pack]
+            errors.update(dict.fromkeys(range(lo, hi), why[pack]))
             continue
         ent = idx[pack]
-        j = int(np.searchsorted(ent["offset"], off))
-        if j >= len(ent) or int(ent["offset"][j]) != off:
-            errors[u] = f"chunk at {_chunk_name(pack, off)}: no such record in the pack index"
-        elif int(ent["clen"][j]) != clen:
-            errors[u] = f"chunk at {_chunk_name(pack, off)}: the block map's length {clen} differs from the index's"
+        offs = u_off[lo:hi]
+        if len(ent):
+            j = np.minimum(np.searchsorted(ent["offset"], offs), len(ent) - 1)
+            found = ent["offset"][j].astype(np.int64) == offs
+            same = found & (ent["clen"][j].astype(np.int64) == u_clen[lo:hi])
+            got = fingerprints(ent[j])
         else:
-            fps[u] = fingerprints(ent[j : j + 1])[0]
+            found = same = np.zeros(hi - lo, dtype=bool)
+            got = []
+        for k in range(hi - lo):
+            u = lo + k
+            if not found[k]:
+                errors[u] = f"chunk at {_chunk_name(pack, int(u_off[u]))}: no such record in the pack index"
+            elif not same[k]:
+                errors[u] = (f"chunk at {_chunk_name(pack, int(u_off[u]))}: the block map's length {int(u_clen[u])} "
+                             f"differs from the pack index's")
+            else:
+                fps[u] = got[k]
     todo = [u for u in range(len(uniq)) if u not in errors]
 
     total = res.logical_bytes
@@ -372,6 +384,10 @@ def files_at(stack: Stack, point: RestorePoint, bad: list[BadBlock], *, max_file
         v = by_name[vname]
         try:
             fs = pf.filesystem(vname)
+        except UnrecognisedFilesystem as e:
+            for _a, _e, b in ranges:
+                b.notes.append(f"in {vname}, which holds no filesystem this tool reads: {e}")
+            continue
         except InstantNFSError as e:
             for _a, _e, b in ranges:
                 b.notes.append(f"in {vname}, whose filesystem cannot be read: {e}")
@@ -524,11 +540,11 @@ def _script(path: str, forwards: dict[int, int], timeout: float, env_extra: dict
         proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         timed_out = True
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # its own session: the script and its children
-        except ProcessLookupError:
-            pass
-        proc.wait()
+    try:  # its own session: the script, and whatever it left running, end with the test
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
     reader.join(5)
     if proc.stdout is not None:
         proc.stdout.close()
@@ -546,7 +562,8 @@ def run_tests(tests: Sequence[TestSpec], forwards: dict[int, int], *, timeout: f
               env_extra: dict[str, str] | None = None) -> list[dict]:
     """Run each test against 127.0.0.1 (``forwards``: guest port -> host port). A tcp or
     http test is tried until it passes or ``timeout`` seconds pass (the guest's service may
-    start after its heartbeat); a script runs once and is killed at ``timeout``."""
+    start after its heartbeat); a script runs once, in a session of its own that is killed
+    when it ends or at ``timeout`` (nothing it started outlives its test)."""
     results = []
     for t in tests:
         t0 = time.monotonic()

@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from engine.errors import Cancelled, UsageError
-from engine.repo.format import pack_name
+from engine.repo.format import idx_bytes, idx_name, pack_name, read_idx_uid
 from engine.repo.packs import HDR
 from engine.stack import Stack
 from engine.vm.verify import (
@@ -87,10 +87,10 @@ def opened(repo: Path, point: str) -> Iterator[tuple[Stack, object]]:
         yield stack, stack.repo.point(point)
 
 
-def flip(repo: Path, point: str, disk_offset: int, where: str = "payload") -> tuple[int, int]:
+def flip(repo: Path, point: str, disk_offset: int, where: str = "payload", disk: int = 0) -> tuple[int, int]:
     """Flip one byte of the record the block map gives for ``disk_offset``: (pack, record offset)."""
     with opened(repo, point) as (stack, pt):
-        bm = pt.open_blockmap(0)
+        bm = pt.open_blockmap(disk)
         pack, clen, rec = bm.entry(disk_offset // BS)
         path = stack.repo.packs_dir / pack_name(pack)
     at = rec + HDR + clen // 2 if where == "payload" else rec + 5  # 5: a pad byte of the header
@@ -221,6 +221,37 @@ def test_an_unreadable_index_is_reported_per_block(guest, copy):
     with opened(copy, guest["point"]) as (stack, pt):
         res = check_data(stack, pt)
     assert res.bad and all("unreadable" in b.error for b in res.bad)
+
+
+def test_a_record_missing_from_its_index_is_bad(guest, copy):
+    blocks = _file_blocks(guest["img"], "/data/random-4m.bin")
+    bad_at = PART_OFFSET + blocks[len(blocks) // 2] * 4096
+    with opened(copy, guest["point"]) as (stack, pt):
+        pack, _clen, rec = pt.open_blockmap(0).entry(bad_at // BS)
+    path = copy / "packs" / idx_name(pack)
+    _pack, entries, uid = read_idx_uid(path)
+    path.write_bytes(idx_bytes(pack, entries[entries["offset"] != rec], uid))
+    with opened(copy, guest["point"]) as (stack, pt):
+        res = check_data(stack, pt)
+    assert [(b.offset, b.error) for b in res.bad] == [
+        (bad_at // BS * BS, f"chunk at pack {pack_name(pack)} offset {rec}: no such record in the pack index")]
+
+
+def test_an_all_zero_disk_reads_nothing_and_a_bad_chunk_of_a_raw_disk_names_no_file(tmp_path):
+    zero = tmp_path / "zero.img"
+    with open(zero, "wb") as f:
+        f.truncate(4 * MiB)
+    raw = tmp_path / "raw.img"
+    raw.write_bytes(random.Random(5).randbytes(4 * MiB))
+    point = backup_images(tmp_path / "repo", [zero, raw], block_size=BS)
+    flip(tmp_path / "repo", point, 3 * MiB, disk=1)  # past what filesystem probes read
+    with opened(tmp_path / "repo", point) as (stack, pt):
+        res = check_data(stack, pt)
+        files_at(stack, pt, res.bad)
+    assert res.zero_bytes == 4 * MiB and res.logical_bytes == 8 * MiB and res.chunks == 16
+    (b,) = res.bad
+    assert (b.disk, b.offset, b.files) == (pt.disks[1].name, 3 * MiB, [])
+    assert any(n.startswith("in disk1, which holds no filesystem this tool reads") for n in b.notes), b.notes
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
