@@ -21,8 +21,8 @@ callable by the caller (the daemon's VM supervisor), and returns a ``Report``.
 The verdict (``Report.passed``): no bad block and every block map readable; at least one
 filesystem recognised when the point has any volume (a volume holding no filesystem
 this tool reads -- swap, an encrypted volume, a raw database disk -- is a warning, not a
-failure; a point where no volume is readable at all fails); with a boot, the boot
-succeeded and every test passed.
+failure; a point where no volume holds a filesystem this tool reads fails); with a
+boot, the boot succeeded and every test passed.
 
 The backup is sacred: nothing here writes to the repository. ``check_data`` reads
 through the repository's pack reader, not the stack's decompression cache, so a
@@ -42,6 +42,12 @@ CRC32C, LZ4 and BLAKE3 release the GIL, so they use the cores. Progress and
 cancellation are seen by the calling thread between batches (``cancel`` set: the workers
 stop after their batch and ``Cancelled`` is raised). Everything else runs in the calling
 thread; all of it blocks: call it from a job thread, never from the event loop.
+
+A tcp test passes when 127.0.0.1:<forwarded port> accepts a connection that then answers
+or stays open for ``TCP_SETTLE`` seconds: QEMU's user network accepts every connection
+to a forwarded port first and closes it at once when nothing listens in the guest.
+tcp and http tests are retried until they pass or their timeout passes (a service may
+start after the heartbeat); urllib runs without proxies.
 
 What it refuses: tests without a boot (nothing to test against); a test naming a port
 the boot did not forward fails rather than reaching any other address. Tests only
