@@ -33,7 +33,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import blake3
 import numpy as np
 
 from engine.blockmap import ZERO_PACK
@@ -51,7 +50,7 @@ from engine.repo.format import (
     read_idx_uid,
     write_file_atomic,
 )
-from engine.repo.packs import HDR
+from engine.repo.packs import HDR, PackReader
 from engine.repo.pins import Pin, list_pins, stale_pins
 from engine.repo.repository import Repository, RestorePoint
 
@@ -227,11 +226,12 @@ def check(repo: Repository, verify_data: bool = False, progress: Callable[[int],
         report.chunks += len(entries)
 
     if verify_data:
+        buf = bytearray(repo.block_size)
         for pack, entries in sorted(indexes.items()):
             if pack not in packs_on_disk:
                 continue
             for fp, off, clen in zip(fingerprints(entries), entries["offset"].tolist(), entries["clen"].tolist()):
-                err = _verify_chunk(repo, pack, off, clen, fp)
+                err = verify_chunk(repo.reader, pack, off, clen, fp, buf)
                 report.chunks_verified += 1
                 if err and (pack, off) not in bad:
                     bad[(pack, off)] = BadChunk(pack, off, err)
@@ -247,17 +247,18 @@ def check(repo: Repository, verify_data: bool = False, progress: Callable[[int],
     return report
 
 
-def _verify_chunk(repo: Repository, pack: int, off: int, clen: int, fp: bytes) -> str | None:
-    reader = repo.reader
+def verify_chunk(reader: PackReader, pack: int, off: int, clen: int, fp: bytes,
+                 out: bytearray | None = None) -> str | None:
+    """Why the record at (pack, off) is not the chunk ``fp`` names, or None when it is:
+    CRC32C of header and payload, decompression to exactly the block size, the record's
+    fingerprint against ``fp`` (the pack index's) and BLAKE3 of the content against it.
+    ``out``: a block-sized buffer to decompress into (reused by the caller); it holds
+    the chunk after a None. Reads only. Shared by ``check`` and backup verification
+    (``engine.vm.verify``)."""
     try:
-        codec, rec_fp, payload, ulen = reader.read_record(pack, off, clen)
-        data = reader.decode(pack, off, codec, payload, ulen)
+        reader.read_chunk(pack, off, clen, out, fingerprint=fp)
     except InstantNFSError as e:
         return str(e)
-    if rec_fp != fp:
-        return f"chunk at pack {pack_name(pack)} offset {off}: fingerprint differs from the pack index"
-    if blake3.blake3(data).digest() != fp:
-        return f"chunk at pack {pack_name(pack)} offset {off}: content does not match its fingerprint"
     return None
 
 

@@ -437,10 +437,15 @@ class PackReader:
             buf = self._local.buf = bytearray(HDR + self.block_size)
         return buf
 
-    def read_chunk(self, pack: int, offset: int, clen: int, out: bytearray | None = None) -> bytearray:
+    def read_chunk(self, pack: int, offset: int, clen: int, out: bytearray | None = None,
+                   fingerprint: bytes | None = None) -> bytearray:
         """The decompressed block stored at (pack, offset), exactly block_size bytes,
         written into ``out`` (a bytearray of block_size, reused by the caller) or a new
         bytearray; returns it. After an error ``out`` holds garbage.
+
+        ``fingerprint``: what the caller expects the chunk to be (its pack index entry:
+        repository check, backup verification). The record's fingerprint must equal it,
+        and the content is hashed whatever ``VERIFY_FINGERPRINT`` says.
 
         One ``preadv``: a raw record's payload lands straight in ``out`` (no copy); a
         compressed one in this thread's scratch buffer, decompressed from there into
@@ -466,16 +471,18 @@ class PackReader:
             self._release(h)
         if n != HDR + clen:
             raise IntegrityError(f"chunk at {where}: record is truncated")
-        magic, codec, rclen, ulen, fingerprint, crc = RECORD_HEADER.unpack_from(head)
+        magic, codec, rclen, ulen, rec_fp, crc = RECORD_HEADER.unpack_from(head)
         if magic != RECORD_MAGIC or rclen != clen:
             raise IntegrityError(f"chunk at {where}: no record here (bad magic or length)")
         if crc32c.crc32c(body, crc32c.crc32c(head[:RECORD_CRC_SPAN])) != crc:
             raise IntegrityError(f"chunk at {where}: checksum mismatch")
+        if fingerprint is not None and rec_fp != fingerprint:
+            raise IntegrityError(f"chunk at {where}: fingerprint differs from the pack index")
         if direct and codec != CODEC_RAW:  # a compressed payload as long as a block: not from
             scratch[HDR : HDR + clen] = body  # compress_block, but readable: decode from scratch
             body = scratch[HDR : HDR + clen]
         self.decode_into(pack, offset, codec, body, ulen, out)
-        if VERIFY_FINGERPRINT and blake3.blake3(out, max_threads=1).digest() != fingerprint:
+        if (VERIFY_FINGERPRINT or fingerprint is not None) and blake3.blake3(out, max_threads=1).digest() != rec_fp:
             raise IntegrityError(f"chunk at {where}: content does not match its fingerprint")
         return out
 

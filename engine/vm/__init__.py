@@ -1,0 +1,1 @@
+"""Running guests: VMs out of backups, their supervision, and backup verification."""
