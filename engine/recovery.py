@@ -39,11 +39,17 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 from engine.datastore import Datastore, Session
-from engine.errors import Cancelled, InstantNFSError, NotFound, OutputRefused, SessionError, UsageError
+from engine.errors import (
+    Cancelled,
+    InstantNFSError,
+    NotFound,
+    OutputRefused,
+    SessionError,
+    UsageError,
+)
 from engine.export import export_disk
 from engine.jobs import Job, Jobs
 from engine.vm import migrate as vm_migrate
@@ -55,7 +61,8 @@ log = logging.getLogger("instantnfs.recovery")
 BUSES = ("virtio", "scsi", "sata", "ide")
 FIRMWARES = ("bios", "efi")
 GUEST_CONFIG_MAX = 4096  # bytes of guest configuration (fw_cfg) a request may give
-STOP_TIMEOUT = 15.0  # s a VM gets to end at a stop before it is killed
+STOP_TIMEOUT = 15.0
+TEST_TIMEOUT = 60.0  # s one verify test may take (retried until then: a service may start after the heartbeat)  # s a VM gets to end at a stop before it is killed
 CONFIRM_TIMEOUT = 24 * 3600.0  # s a copy migrate waits for the caller to say the VM stopped
 
 
@@ -316,6 +323,8 @@ class Recovery:
                      guest_config: str | None = None) -> Job:
         p = await asyncio.get_running_loop().run_in_executor(self.ds.registry.admin_pool, self.ds.repo.point, point)
         specs = [vm_verify.parse_test(t) for t in tests]
+        if (specs or script) and not boot:
+            raise UsageError("tests (--test, --script) run against a booted guest: add --boot")
         if script:
             if not os.path.isabs(script) or not os.access(script, os.X_OK):
                 raise UsageError(f"--script {script} must be an absolute path of an executable file on the daemon's host")
@@ -328,13 +337,11 @@ class Recovery:
             def progress(phase: str, done: int, total: int) -> None:
                 job.phase, job.done, job.total = phase, done, total
 
-            booter = None
-            if boot:
-                ports = sorted({t.port for t in specs if t.port is not None})
-                booter = self._lab_boot(s, ports, timeout, heartbeat, disk_bus, memory_mib, guest_config, job)
+            booter = self._lab_boot(s, timeout, heartbeat, disk_bus, memory_mib, guest_config, job) if boot else None
             try:
-                report = vm_verify.verify_point(stack, p, boot=booter, tests=specs, timeout=timeout,
-                                                progress=progress, cancel=job.cancel)
+                report = vm_verify.verify_point(stack, p, boot=booter, tests=specs, timeout=min(timeout, TEST_TIMEOUT),
+                                                progress=lambda done, total: progress("data", done, total),
+                                                cancel=job.cancel)
             finally:
                 self.stop_vm(s.name)
                 if self.vms.get(s.name) is not None:
@@ -344,18 +351,18 @@ class Recovery:
                     fut.result(timeout=60)
                 except Exception as e:  # noqa: BLE001 - the report stands; the sandbox is logged
                     log.error("verify of %s: its sandbox %s could not be unpublished: %s", p.id, s.name, e)
-            return report.to_json()
+            return {**report.to_json(), "summary": report.summary()}
 
         return self.jobs.start("verify", s, work, label=p.id)
 
-    def _lab_boot(self, s: Session, ports: list[int], timeout: float, heartbeat: str | None, disk_bus: str,
-                  memory_mib: int | None, guest_config: str | None, job: Job) -> Callable[[], Any]:
+    def _lab_boot(self, s: Session, timeout: float, heartbeat: str | None, disk_bus: str,
+                  memory_mib: int | None, guest_config: str | None, job: Job) -> vm_verify.Boot:
         """The boot callable ``verify_point`` takes: the VM in the isolated lab, forwards
         of the tested ports, waiting for the heartbeat; powered off at the end."""
         pattern = heartbeat or vm_verify.DEFAULT_HEARTBEAT
 
         @contextmanager
-        def booted() -> Iterator[tuple[dict[int, int], Callable[[], str]]]:
+        def booted(ports: Sequence[int]) -> Iterator[tuple[dict[int, int], Callable[[], str]]]:
             spec = self.spec(s, net="user-restricted", forwards={p: 0 for p in ports}, disk_bus=disk_bus,
                              memory_mib=memory_mib, guest_config=guest_config, owner=f"verify:{job.id}")
             vm = self.start_vm(spec)

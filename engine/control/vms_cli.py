@@ -20,7 +20,6 @@ from typing import Any
 from engine.control import client
 from engine.control.client import _quoted, api_call, command, wait_job
 from engine.errors import InstantNFSError, UsageError
-from engine.vm.verify import summary_from_json
 
 FOLLOW_POLL_S = 0.5
 
@@ -395,5 +394,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _print_report(args: argparse.Namespace, report: dict) -> None:
-    if not args.json:
-        print(summary_from_json(report))
+    if args.json:
+        return
+    if report.get("summary"):
+        print(report["summary"])
+    else:  # the job itself failed: no report, its error
+        print(f"verify restore point {report['point']}: FAIL")
+        for e in report.get("errors") or []:
+            print(f"  error: {e}")
