@@ -1,0 +1,1 @@
+"""Running guests: the test guest, QEMU, supervised VMs, live mirror, verification."""
