@@ -395,6 +395,14 @@ def host_kernel() -> Kernel | None:
     return None
 
 
+def _depmod() -> str:
+    for d in ("", "/usr/sbin/", "/sbin/"):
+        p = shutil.which(d + "depmod") if not d else (d + "depmod" if os.access(d + "depmod", os.X_OK) else None)
+        if p:
+            return p
+    raise GuestBuildError("depmod is not installed (kmod)")
+
+
 def debian_kernel_package() -> str:
     """The versioned kernel package linux-image-amd64 depends on (apt-cache)."""
     p = _run(["apt-cache", "depends", "--important", "linux-image-amd64"])
@@ -428,8 +436,11 @@ def debian_kernel(cache: Path, package: str | None = None, progress: Progress | 
             _run(["dpkg-deb", "-x", str(debs[0]), str(t / "x")])
             src_mod = t / "x/lib/modules" / kver
             vmlinuz = t / "x/boot" / f"vmlinuz-{kver}"
-            if not vmlinuz.exists() or not (src_mod / "modules.dep").exists():
+            if not vmlinuz.exists() or not src_mod.is_dir():
                 raise GuestBuildError(f"{package} holds no vmlinuz-{kver} with modules")
+            if not (src_mod / "modules.dep").exists():
+                # the package leaves modules.dep to depmod in its postinst, which we never run
+                _run([_depmod(), "-b", str(t / "x"), kver])
             keep = t / "keep"
             (keep / "modules" / kver).mkdir(parents=True)
             shutil.copyfile(vmlinuz, keep / vmlinuz.name)
@@ -858,3 +869,31 @@ def ensure_guest(cache_dir: Path | None = None, *, progress: Progress | None = N
     if progress:
         progress("done", str(d / "guest.img"))
     return Guest(disk=d / "guest.img", kver=info["kver"], size=info["size"])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m engine.vm.guest [--cache-dir D] [--kernel-source S] [--progress]``:
+    build (or find) the guest and print its disk path."""
+    import argparse
+    import sys
+
+    ap = argparse.ArgumentParser(prog="python -m engine.vm.guest", description="Build the instantnfs test guest.")
+    ap.add_argument("--cache-dir", type=Path, default=None, help="default: " + str(default_cache_dir()))
+    ap.add_argument("--kernel-source", choices=KERNEL_SOURCES, default=None)
+    ap.add_argument("--progress", action="store_true", help="say what the build is doing on stderr")
+    args = ap.parse_args(argv)
+
+    def say(phase: str, detail: str) -> None:
+        print(f"guest: {phase}: {detail}", file=sys.stderr, flush=True)
+
+    try:
+        guest = ensure_guest(args.cache_dir, progress=say if args.progress else None, kernel_source=args.kernel_source)
+    except GuestBuildError as e:
+        print(f"instantnfs: {e}", file=sys.stderr)
+        return 1
+    print(guest.disk)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

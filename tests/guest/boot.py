@@ -169,7 +169,10 @@ def _command(accel: str, disk: str, bus: str, firmware: str, work: Path, run_id:
         shutil.copyfile(OVMF_VARS, vars_copy)
         cmd += ["-drive", f"if=pflash,format=raw,readonly=on,file={OVMF_CODE}",
                 "-drive", f"if=pflash,format=raw,file={vars_copy}"]
-    elif firmware != "bios":
+    elif firmware == "bios":
+        # nothing bootable: SeaBIOS reboots after 1 s, which -no-reboot turns into an exit
+        cmd += ["-boot", "reboot-timeout=1000"]
+    else:
         raise ValueError("firmware must be bios or efi")
     cmd += drive_args(disk, bus, snapshot=snapshot)
     if config is not None:

@@ -241,3 +241,13 @@ def test_build_refuses_a_small_disk_and_a_dynamic_busybox(tmp_path, host_kernel,
     monkeypatch.setattr(g, "BUSYBOX", "/bin/ls")  # dynamically linked
     with pytest.raises(GuestBuildError, match="busybox-static"):
         g.build_initramfs(host_kernel)
+
+
+def test_command_line_builds_with_progress_and_prints_the_disk(tmp_path, host_kernel, capsys):
+    assert g.main(["--cache-dir", str(tmp_path), "--progress"]) == 0
+    out, err = capsys.readouterr()
+    disk = Path(out.strip())
+    assert disk.parent.parent == tmp_path and disk.stat().st_size == g.DISK_SIZE
+    assert [ln.split(":")[1] for ln in err.splitlines()] == [" kernel", " initramfs", " root", " boot", " done"]
+    assert g.main(["--cache-dir", str(tmp_path)]) == 0
+    assert capsys.readouterr() == (out, "")  # reused, silently

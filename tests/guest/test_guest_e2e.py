@@ -91,4 +91,6 @@ def test_boot_fails_without_a_bootable_disk(tmp_path):
         f.truncate(64 * MIB)
     with pytest.raises(BootError) as e:
         boot_guest(blank, "never", timeout=45, log_dir=tmp_path / "logs")
-    assert "timeout" in str(e.value) and "GUEST-HEARTBEAT" in str(e.value)
+    # SeaBIOS finds nothing to boot and gives up (QEMU exits), or the wait times out
+    assert "GUEST-HEARTBEAT" in str(e.value)
+    assert "qemu exited" in str(e.value) or "timeout" in str(e.value)
