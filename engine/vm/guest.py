@@ -47,6 +47,7 @@ import shutil
 import stat
 import subprocess
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -826,6 +827,26 @@ def _input_key(kernel: Kernel, size: int) -> str:
     return h.hexdigest()[:16]
 
 
+STALE_BUILD_S = 6 * 3600
+
+
+def _sweep(cache: Path) -> None:
+    """Remove what builders killed mid-way left (their ``.``-named temporary directories)."""
+    now = time.time()
+    for d in (cache, cache / "kernels"):
+        try:
+            entries = list(d.iterdir())
+        except FileNotFoundError:
+            continue
+        for p in entries:
+            try:
+                old = p.name.startswith(".") and p.is_dir() and now - p.stat().st_mtime > STALE_BUILD_S
+            except FileNotFoundError:
+                continue
+            if old:
+                shutil.rmtree(p, ignore_errors=True)
+
+
 def ensure_guest(cache_dir: Path | None = None, *, progress: Progress | None = None,
                  kernel_source: str | None = None, size: int = DISK_SIZE) -> Guest:
     """Build the guest once into ``cache_dir`` (default: ``default_cache_dir()``), reuse it.
@@ -836,6 +857,7 @@ def ensure_guest(cache_dir: Path | None = None, *, progress: Progress | None = N
     "debian" (forces the package download)."""
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
+    _sweep(cache)
     source = kernel_source or os.environ.get("INSTANTNFS_GUEST_KERNEL_SOURCE", "auto")
     kernel = find_kernel(cache, source, progress)
     key = _input_key(kernel, size)

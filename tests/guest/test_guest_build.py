@@ -251,3 +251,18 @@ def test_command_line_builds_with_progress_and_prints_the_disk(tmp_path, host_ke
     assert [ln.split(":")[1] for ln in err.splitlines()] == [" kernel", " initramfs", " root", " boot", " done"]
     assert g.main(["--cache-dir", str(tmp_path)]) == 0
     assert capsys.readouterr() == (out, "")  # reused, silently
+
+
+def test_a_killed_builders_leftovers_are_swept(tmp_path, host_kernel):
+    import os
+
+    cache = tmp_path / "cache"
+    stale = cache / ".0123456789abcdef-dead"
+    fresh = cache / ".0123456789abcdef-busy"  # another builder at work right now
+    for d in (stale, fresh):
+        d.mkdir(parents=True)
+        (d / "guest.img").write_bytes(b"half")
+    old = time.time() - g.STALE_BUILD_S - 60
+    os.utime(stale, (old, old))
+    g.ensure_guest(cache)
+    assert not stale.exists() and fresh.exists()
