@@ -111,3 +111,7 @@ class Cancelled(InstantNFSError):
 
 class OutputRefused(UsageError):
     """The export output is not allowed: it must be a new file in one of the export directories."""
+
+
+class GuestBuildError(InstantNFSError):
+    """The test guest could not be built (a tool, the kernel or its modules missing)."""

@@ -1,15 +1,27 @@
 #!/usr/bin/env bash
 # Install the Debian packages instantnfs needs, only those that are missing.
 #   system-deps.sh build   compiler and headers for the Cython extension
-#   system-deps.sh test    the above plus the real NFS clients, QEMU and the guest-builder tools
+#   system-deps.sh demo    the above plus what the demo needs to build and boot the test guest
+#   system-deps.sh test    the above plus the real NFS clients, OVMF and the test-only tools
 # Runs apt-get as root (or through sudo); prints what it installs.
 set -euo pipefail
 what=${1:-build}
+case "$what" in build|demo|test) ;; *) echo "usage: system-deps.sh [build|demo|test]" >&2; exit 2 ;; esac
 pkgs=(gcc libc6-dev python3-dev liblz4-dev)  # liblz4-dev: engine/_codec.pyx links the system liblz4
 pkgs+=(libfuse3-dev pkg-config fuse3)  # pyfuse3 (files mount) builds against libfuse3; fusermount3
+if [ "$what" = demo ] || [ "$what" = test ]; then
+  # engine/vm/guest.py builds the guest without mounting (sfdisk, mkfs.ext4 -d, mtools,
+  # syslinux --offset, its own cpio writer) and boots it from nfs:// (qemu-block-extra).
+  # No linux-image-amd64: without a readable /boot/vmlinuz-* the builder takes the kernel
+  # out of Debian's package (apt-get download + dpkg-deb -x, depmod from kmod), never
+  # installing it (that would run kernel and bootloader hooks on the host).
+  pkgs+=(qemu-system-x86 qemu-block-extra busybox-static e2fsprogs fdisk dosfstools mtools
+         syslinux syslinux-common syslinux-efi cpio kmod)
+fi
 if [ "$what" = test ]; then
-  pkgs+=(qemu-utils qemu-block-extra qemu-system-x86 libnfs-utils libtirpc3 netbase
-         linux-image-amd64 busybox-static e2fsprogs fdisk dosfstools mtools cpio kmod
+  pkgs+=(qemu-utils libnfs-utils libtirpc3 netbase
+         linux-image-amd64  # the fast guest-builder tests use the host's kernel (the debian path is a slow test)
+         ovmf  # tests/guest boots the guest under EFI too (OVMF_CODE_4M.fd + a copy of OVMF_VARS_4M.fd)
          iproute2 util-linux  # these two: the benchmark's private network namespace (unshare, ip)
          ntfs-3g xfsprogs btrfs-progs exfatprogs  # tests/files: guest filesystems built without a mount
          systemd)  # systemd-analyze verify: tests/control checks contrib/systemd/instantnfs.service

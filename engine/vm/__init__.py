@@ -1,1 +1,1 @@
-"""Running guests: VMs out of backups, their supervision, and backup verification."""
+"""Running guests: the test guest, QEMU, supervised VMs, live mirror, verification."""

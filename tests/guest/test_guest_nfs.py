@@ -24,9 +24,9 @@ import pytest
 
 from engine.repo.ingest import BackupSettings, backup
 from engine.repo.repository import Repository
+from engine.vm.guest import ensure_guest, missing_tools, read_guest_file
 from tests.conftest import require, require_tool
-from tests.guest import make_guest_disk as mgd
-from tests.guest.boot import boot_guest, read_guest_file
+from tests.guest.boot import boot_guest
 from tests.images import repository_data
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -79,9 +79,9 @@ def _stop(proc: subprocess.Popen) -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_guest_boots_over_instantnfs(tmp_path):
-    require_tool("qemu-system-x86_64", "sfdisk", "mkfs.ext4", "debugfs")
-    require(os.access(mgd.BUSYBOX, os.X_OK), f"{mgd.BUSYBOX} is missing (apt-get install busybox-static)")
-    art = mgd.ensure_guest()
+    require_tool("qemu-system-x86_64")
+    require(not missing_tools(), f"the guest builder lacks: {missing_tools()}")
+    art = ensure_guest()
     src = tmp_path / "guest.img"
     shutil.copyfile(art.disk, src)
     repo = tmp_path / "repo"
