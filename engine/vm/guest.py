@@ -59,6 +59,7 @@ READY = "GUEST-READY"           # services (tcp/http listeners) are up
 DONE = "GUEST-DONE"             # oneshot: written, synced, fs read-only, about to power off
 COUNTER = "GUEST-COUNTER"       # line: "GUEST-COUNTER <n>" each time n is durably appended
 PROBE = "GUEST-PROBE"           # line: "GUEST-PROBE <host>:<port> open|closed"
+READBACK = "GUEST-READBACK"     # line: "GUEST-READBACK <value>": read back from the disk after a sync
 DATACHECK = "GUEST-DATACHECK"   # line: "GUEST-DATACHECK ok|FAIL"
 FW_CFG_NAME = "opt/instantnfs/config"
 ROOT_LABEL = "guest-root"
@@ -139,6 +140,11 @@ echo "$BOOTS" > /var/bootcount
 [ -n "$VALUE" ] && echo "$VALUE" > /var/heartbeat.txt
 echo "boot=$BOOTS run=$RUN value=$VALUE uptime=$(cut -d' ' -f1 /proc/uptime)" >> /var/heartbeat.log
 sync
+if [ -n "$VALUE" ]; then
+  # read the value back from the disk, not from the page cache: what the disk really holds
+  echo 3 > /proc/sys/vm/drop_caches 2>/dev/null
+  echo "GUEST-READBACK $(cat /var/heartbeat.txt)"
+fi
 if [ "$MODE" = oneshot ]; then
   # flush the journal into place and mark the fs clean: debugfs does not replay journals
   mount -o remount,ro / || echo "GUEST-WARN remount ro failed"

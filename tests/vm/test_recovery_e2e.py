@@ -226,7 +226,8 @@ def test_three_sandboxes_at_once_each_its_own_and_expiring(lab: Any) -> None:
     reads back its own; --ttl ends them (VMs stopped, sessions gone); the daemon's RSS
     stays bounded by its cache settings."""
     d = lab.daemon
-    cfg = vmguest.guest_config("sbx", value="${VM}", mode="run", heartbeat_s=2).decode()
+    # ${VM} becomes each VM's name in the daemon: every sandbox gets a value of its own
+    cfg = vmguest.guest_config("sbx", mode="run", heartbeat_s=2).decode() + "value=${VM}\n"
     out = d.api("POST", "/sandboxes", {"point": lab.point, "count": 3, "ttl_s": 3600, "boot": True, "name": "sbx",
                                        "guest_config": cfg})
     names = [s["session"] for s in out]
