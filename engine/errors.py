@@ -111,3 +111,19 @@ class Cancelled(InstantNFSError):
 
 class OutputRefused(UsageError):
     """The export output is not allowed: it must be a new file in one of the export directories."""
+
+
+class VMError(InstantNFSError):
+    """The virtual machine cannot be started or controlled."""
+
+
+class QMPError(VMError):
+    """QEMU refused a monitor (QMP) command."""
+
+    def __init__(self, message: str | None = None, error_class: str = "") -> None:
+        super().__init__(message)
+        self.error_class = error_class
+
+
+class VMTimeout(VMError):
+    """The virtual machine did not reach the expected state in time."""
