@@ -16,7 +16,7 @@ The command line, and why:
 - Every disk is ``-drive if=none,id=diskN,...,werror=stop,rerror=stop``: an I/O error (an
   NFS outage) pauses the guest instead of handing it an error, and the supervisor
   resumes it once the daemon serves again. ``cache=none`` (O_DIRECT) where the file's
-  filesystem allows it and for URLs, else ``writeback`` (tmpfs); guest flushes are
+  filesystem allows it and for URLs, else ``writeback`` (a filesystem without O_DIRECT); guest flushes are
   honoured either way.
 - ``-nodefaults -no-user-config -display none``; the serial port goes to a file (never a
   pipe: a VM outlives the daemon that started it), QMP to a unix socket (the
@@ -330,7 +330,7 @@ def drive_cache(source: str) -> str:
     try:
         fd = os.open(source, os.O_RDONLY | os.O_DIRECT)
     except OSError:
-        return "writeback"  # EINVAL: the filesystem (tmpfs) has no O_DIRECT; other errors show at start
+        return "writeback"  # EINVAL: no O_DIRECT on this filesystem; other errors show at start
     os.close(fd)
     return "none"
 

@@ -22,7 +22,7 @@ from engine.vm.qemu import (
     command_line,
     esc,
 )
-from tests.conftest import require_tool
+from tests.conftest import require, require_tool
 
 
 def files(tmp_path: Path) -> VMFiles:
@@ -93,6 +93,7 @@ def test_scsi_sata_ide(tmp_path, disk):
 
 
 def test_efi_and_fw_cfg(tmp_path, disk):
+    require(qemu.OVMF_VARS.is_file() and qemu.OVMF_CODE.is_file(), "OVMF is not installed (apt-get install ovmf)")
     f = files(tmp_path)
     spec = VMSpec("e", [DiskSpec(disk)], firmware="efi", fw_cfg=b"run=x\n")
     qemu.prepare_files(spec, f)
