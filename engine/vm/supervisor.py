@@ -260,6 +260,8 @@ class Supervisor:
         files = self.files(spec.name)
         if len(str(files.qmp).encode()) > 107:
             raise UsageError(f"the VM state directory {files.dir} is too long for a unix socket path (108 bytes)")
+        accel = spec.accel if spec.accel != "auto" else accel_verdict(self.state_dir)  # a probe: not under the lock
+        version = qemu_version()
         with self._lock:
             old = self._vms.get(spec.name)
             if old is not None and old.refresh(query=False) != "exited":
@@ -269,8 +271,6 @@ class Supervisor:
                 if prev is not None and prev.state != "exited":
                     raise UsageError(f"a VM named {spec.name!r} is running (pid {prev.pid})")
             self._vms.pop(spec.name, None)
-            accel = spec.accel if spec.accel != "auto" else accel_verdict(self.state_dir)
-            version = qemu_version()
             prepare_files(spec, files)
             forwards = resolve_forwards(spec.forwards)
             cmd = command_line(spec, files, accel=accel, forwards=forwards)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -181,10 +182,16 @@ def test_exit_reaped_close_adopt(tmp_path):
     require_tool(qemu.QEMU)
     state = tmp_path / "vms"
     sup = Supervisor(state)
-    spec = VMSpec("b", [DiskSpec(str(boot_disk(tmp_path / "b.img")), bus="ide")], memory_mib=64, accel="tcg")
+    blank = tmp_path / "blank.img"
+    blank.write_bytes(b"\0" * MiB)
+    spec = VMSpec("b", [DiskSpec(str(boot_disk(tmp_path / "b.img")), bus="ide"), DiskSpec(str(blank), bus="scsi")],
+                  memory_mib=64, accel="tcg", net="user-restricted", forwards={22: 0})
     vm = sup.start(spec)
     try:
         assert vm.wait_for(BOOTED, 60) == "BWPLM"  # IDE on pc's PIIX: the guest's write worked
+        port = vm.forwards[22]
+        assert port > 0 and json.loads(sup.files("b").vm_json.read_text())["forwards"] == {"22": port}
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()  # QEMU listens there for the guest
         with pytest.raises(UsageError, match="running"):
             sup.start(spec)
         sup.close()  # the daemon stops; the VM does not
@@ -278,3 +285,18 @@ def test_accel_verdict_probe(tmp_path, monkeypatch):
     other = "kvm" if verdict == "tcg" else "tcg"
     monkeypatch.setenv("INSTANTNFS_VM_ACCEL", other)
     assert qemu.accel_verdict(tmp_path) == other
+
+
+def test_efi_firmware_runs(tmp_path):
+    require_tool(qemu.QEMU)
+    require(qemu.OVMF_CODE.is_file(), "OVMF is not installed (apt-get install ovmf)")
+    sup = Supervisor(tmp_path / "vms")
+    vm = sup.start(VMSpec("e", [DiskSpec(str(boot_disk(tmp_path / "e.img")), bus="sata")], memory_mib=128,
+                          firmware="efi", accel="tcg", fw_cfg=b"run=efi\n"))
+    try:
+        assert "BdsDxe" in vm.wait_for("BdsDxe", 120)  # OVMF's boot manager on the serial console
+        assert sup.files("e").efi_vars.stat().st_size == qemu.OVMF_VARS.stat().st_size
+        assert "BWPLM" not in vm.serial_text()  # a BIOS boot sector does not run under EFI
+    finally:
+        sup.stop("e")
+        sup.close()
