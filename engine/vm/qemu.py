@@ -421,7 +421,9 @@ def command_line(spec: VMSpec, files: VMFiles, *, accel: str, forwards: dict[int
 def prepare_files(spec: VMSpec, files: VMFiles) -> None:
     """Write the files the command line names: the fw_cfg blob, the VM's own copy of the
     EFI variable store (kept across starts, like a real machine's NVRAM)."""
-    files.dir.mkdir(parents=True, exist_ok=True)
+    files.dir.parent.mkdir(parents=True, exist_ok=True)
+    files.dir.mkdir(mode=0o700, exist_ok=True)
+    os.chmod(files.dir, 0o700)  # its QMP socket controls the VM (and, through HMP, opens host files)
     if spec.fw_cfg is not None:
         write_file_atomic(files.fw_cfg, spec.fw_cfg)
     if spec.firmware == "efi":

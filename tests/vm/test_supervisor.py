@@ -265,6 +265,23 @@ def test_io_error_pauses_and_resumes(tmp_path, full_tmpfs):
             f.seek(MiB)
             assert f.read(512) == BOOT_PROGRAM
         assert sup.resume_paused() == []
+
+        # a mirror whose target runs out of space fails and leaves nothing behind
+        fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+        try:
+            while os.write(fd, b"\xff" * 4096):
+                pass
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+        target = full_tmpfs / "target.raw"
+        with pytest.raises(VMError, match="mirror"):
+            mirror(vm, 0, str(target), "raw")
+        assert not target.exists()
+        assert vm.refresh() == "running" and vm.disks[0].source == str(disk)
+        assert not [n for n in vm.qmp().execute("query-named-block-nodes") if n["node-name"].startswith("mig")]
+        assert (sup.files("w").dir.stat().st_mode & 0o777) == 0o700
     finally:
         sup.stop("w")
         sup.close()
