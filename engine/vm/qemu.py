@@ -362,8 +362,9 @@ def _disk_args(spec: VMSpec, mach: str) -> list[str]:
     for i, d in enumerate(spec.disks):
         k = n[d.bus]
         n[d.bus] += 1
-        args += ["-drive", f"file={esc(d.source)},format={d.fmt},if=none,id=disk{i},werror=stop,rerror=stop,"
-                           f"cache={drive_cache(d.source)}"]
+        src = d.source if is_url(d.source) else os.path.abspath(d.source)  # QEMU runs in the VM's directory
+        args += ["-drive", f"file={esc(src)},format={d.fmt},if=none,id=disk{i},werror=stop,rerror=stop,"
+                           f"cache={drive_cache(src)}"]
         if d.bus == "virtio":
             dev = f"virtio-blk-pci,drive=disk{i},id=dev{i}"
         elif d.bus == "scsi":

@@ -66,6 +66,8 @@ def test_virtio_bios_basics(tmp_path, disk):
     assert drives[0].startswith(f"file={disk},format=raw,if=none,id=disk0,werror=stop,rerror=stop,cache=")
     assert ",format=qcow2," in drives[1] and "id=disk1" in drives[1]
     assert devices(cmd) == ["virtio-blk-pci,drive=disk0,id=dev0,bootindex=0", "virtio-blk-pci,drive=disk1,id=dev1"]
+    rel = command_line(VMSpec("r", [DiskSpec(os.path.relpath(disk))]), f, accel="tcg")
+    assert opt(rel, "-drive")[0].startswith(f"file={disk},")  # QEMU runs in the VM's directory: absolute
     assert "-netdev" not in cmd and "-fw_cfg" not in cmd and "pflash" not in " ".join(cmd)
     assert opt(command_line(spec, f, accel="kvm"), "-cpu") == ["host"]
 

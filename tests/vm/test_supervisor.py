@@ -215,6 +215,11 @@ def test_exit_reaped_close_adopt(tmp_path):
         assert vm3.state == "exited" and vm3.exit_status == -signal.SIGKILL
         assert json.loads(sup2.files("b").vm_json.read_text())["exit_status"] == -signal.SIGKILL
         sup2.remove("b")
+
+        with pytest.raises(VMError, match="nosuch.img"):  # QEMU's own words, from qemu.log
+            sup2.start(VMSpec("c", [DiskSpec(str(tmp_path / "nosuch.img"))], memory_mib=64, accel="tcg"))
+        assert json.loads(sup2.files("c").vm_json.read_text())["state"] == "exited"
+        assert sup2.get("c").state == "exited"
     finally:
         for v in (vm,):
             if is_our_qemu(v.pid, sup.files("b"), "b"):
