@@ -15,9 +15,9 @@ The command line, and why:
   ``virtio-blk-pci`` per disk. The first disk gets ``bootindex=0``.
 - Every disk is ``-drive if=none,id=diskN,...,werror=stop,rerror=stop``: an I/O error (an
   NFS outage) pauses the guest instead of handing it an error, and the supervisor
-  resumes it once the daemon serves again. ``cache=none`` (O_DIRECT) where the file's
-  filesystem allows it and for URLs, else ``writeback`` (a filesystem without O_DIRECT); guest flushes are
-  honoured either way.
+  resumes it once the daemon serves again. ``cache=none`` (O_DIRECT) for URLs and where
+  the file's filesystem allows it, else ``writeback``; guest flushes are honoured either
+  way. Relative paths are made absolute (QEMU runs in the VM's directory).
 - ``-nodefaults -no-user-config -display none``; the serial port goes to a file (never a
   pipe: a VM outlives the daemon that started it), QMP to a unix socket (the
   ``-chardev socket`` spelling of ``-qmp unix:SOCK,server=on,wait=off``, so that a comma
@@ -36,11 +36,11 @@ boot sector written here that prints ``B``, writes a sector (``W``/``E``), enter
 protected (``P``) then long mode (``L``), writes 16 MiB byte by byte the way a kernel's
 decompressor does (``M``) and halts. KVM is usable when ``M`` comes within
 ``PROBE_MEMORY_S`` of ``L``: printing one byte is not enough. The nested KVM of the test
-machines prints ``BWPL`` after a few seconds and then runs that loop at a few hundred
-KiB/s (a Debian kernel there decompresses for minutes and prints nothing), while TCG
-runs the whole program in a fraction of a second. "KVM internal error", "failed to set MSR", an early exit or
-silence also mean TCG. The verdict is kept in ``<state_dir>/accel.json`` keyed by the QEMU
-version; ``INSTANTNFS_VM_ACCEL=kvm|tcg`` overrides it.
+machines prints ``BWPL`` after 3-6 s and then runs that loop at well under 1 MiB/s (a
+Debian kernel there decompresses for minutes and prints nothing), while TCG runs the
+whole program in a fraction of a second. "KVM internal error", "failed to set MSR", an
+early exit or silence also mean TCG. The verdict is kept in ``<state_dir>/accel.json``
+keyed by the QEMU version; ``INSTANTNFS_VM_ACCEL=kvm|tcg`` overrides it.
 
 Threads: everything here is plain functions; ``accel_verdict`` holds a module lock, so
 concurrent starts probe once. It refuses (``UsageError``) specs with unknown buses,

@@ -125,8 +125,12 @@ def test_adopt_survive_mirror_stop(tmp_path):
         writes = [(0, 65536, 0x5A), (32 * MiB + 4096, 8192, 0x11), (63 * MiB, MiB, 0x22)]
         phases: list[tuple[str, int, int]] = []
 
+        etas: list[float] = []
+
         def progress(phase, done, total, eta):
             phases.append((phase, done, total))
+            if phase == "mirror" and eta is not None:
+                etas.append(eta)
             if phase == "mirror" and writes:
                 off, n, b = writes.pop(0)
                 qemu_io_write(vm, 1, off, n, b)
@@ -136,6 +140,8 @@ def test_adopt_survive_mirror_stop(tmp_path):
         assert not writes, f"the copy was over before the writes: {phases}"
         assert r["target"] == str(target) and r["bytes"] == 64 * MiB and r["bytes_copied"] >= 64 * MiB
         assert phases[-1][0] == "pivot" and any(p[0] == "ready" for p in phases)
+        assert etas and all(e >= 0 for e in etas)  # from the rate, while copying
+        assert all(0 <= d <= t for _, d, t in phases)
         assert target.read_bytes() == expected
         src_after = disk1.read_bytes()
         qemu_io_write(vm, 1, 5 * MiB, 4096, 0x77)  # after the pivot: the target, not the source
