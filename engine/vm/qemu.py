@@ -21,7 +21,9 @@ The command line, and why:
 - ``-nodefaults -no-user-config -display none``; the serial port goes to a file (never a
   pipe: a VM outlives the daemon that started it), QMP to a unix socket (the
   ``-chardev socket`` spelling of ``-qmp unix:SOCK,server=on,wait=off``, so that a comma
-  in the path can be doubled), ``-pidfile``.
+  in the path can be doubled; the path is relative to the VM's directory, where QEMU
+  runs, so a long state directory does not hit the 107-byte limit of socket paths),
+  ``-pidfile`` (absolute: it names the VM in ``/proc/PID/cmdline``).
 - Networks: ``none``; ``user`` (virtio-net on QEMU's user network: the guest reaches the
   host's loopback as 10.0.2.2); ``user-restricted`` (``restrict=on``: no route out at all,
   only the ``hostfwd`` ports in, bound to 127.0.0.1: the isolated lab of ``verify``);
@@ -396,7 +398,8 @@ def _net_args(spec: VMSpec, forwards: dict[int, int]) -> list[str]:
 
 def command_line(spec: VMSpec, files: VMFiles, *, accel: str, forwards: dict[int, int] | None = None,
                  qemu: str = QEMU) -> list[str]:
-    """The argv that runs ``spec`` with its files in ``files.dir``; ``accel`` is kvm or tcg,
+    """The argv that runs ``spec`` (in the directory ``files.dir``: the QMP socket's path
+    is relative to it) with its files there; ``accel`` is kvm or tcg,
     ``forwards`` the resolved host ports (``resolve_forwards``). The caller writes
     ``files.fw_cfg`` and ``files.efi_vars`` (``prepare_files``)."""
     check_spec(spec)
@@ -407,7 +410,9 @@ def command_line(spec: VMSpec, files: VMFiles, *, accel: str, forwards: dict[int
            "-m", str(spec.memory_mib), "-smp", str(spec.cpus),
            "-nodefaults", "-no-user-config", "-display", "none", "-msg", "timestamp=on",
            "-chardev", f"file,id=serial0,path={esc(files.serial)}", "-serial", "chardev:serial0",
-           "-chardev", f"socket,id=qmp0,path={esc(files.qmp)},server=on,wait=off", "-mon", "chardev=qmp0,mode=control",
+           # relative: QEMU runs in files.dir, and a unix socket's path is limited to 107 bytes
+           "-chardev", f"socket,id=qmp0,path={esc(files.qmp.name)},server=on,wait=off",
+           "-mon", "chardev=qmp0,mode=control",
            "-pidfile", str(files.pidfile)]
     if spec.firmware == "efi":
         cmd += ["-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={esc(OVMF_CODE)}",

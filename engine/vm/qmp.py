@@ -11,7 +11,8 @@ daemon gets its VMs back).
 
 Framing: one JSON object per line both ways. Each command carries an ``id``; replies
 with another id (left from a command that timed out) are dropped, so a timeout never
-desynchronises the stream.
+desynchronises the stream. A socket path longer than a unix address holds is reached
+through ``/proc/self/fd`` of its directory.
 
 Threads: one lock per connection around every exchange; ``wait_event`` reads in slices
 of at most ``SLICE_S`` seconds and drops the lock between them, so a thread waiting for
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import socket
 import threading
 import time
@@ -36,6 +38,19 @@ from engine.errors import Cancelled, QMPError, VMError, VMTimeout
 MAX_EVENTS = 1000
 MAX_LINE = 16 << 20  # a reply line longer than this is a broken peer
 SLICE_S = 0.2
+
+
+def _connect(sock: socket.socket, path: str) -> None:
+    """``sock.connect(path)``, also for a path longer than a socket address takes (107
+    bytes): through ``/proc/self/fd/N/`` of its directory."""
+    if len(os.fsencode(path)) <= 107:
+        sock.connect(path)
+        return
+    dfd = os.open(os.path.dirname(path) or ".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        sock.connect(f"/proc/self/fd/{dfd}/{os.path.basename(path)}")
+    finally:
+        os.close(dfd)
 
 
 class QMP:
@@ -65,7 +80,7 @@ class QMP:
                 sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
                 try:
                     sock.settimeout(max(0.05, deadline - time.monotonic()))
-                    sock.connect(self.path)
+                    _connect(sock, self.path)
                     break
                 except OSError as e:
                     sock.close()

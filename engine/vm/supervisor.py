@@ -258,8 +258,6 @@ class Supervisor:
         ``VMError`` with the end of ``qemu.log`` when QEMU refuses to start."""
         check_spec(spec)
         files = self.files(spec.name)
-        if len(str(files.qmp).encode()) > 107:
-            raise UsageError(f"the VM state directory {files.dir} is too long for a unix socket path (108 bytes)")
         accel = spec.accel if spec.accel != "auto" else accel_verdict(self.state_dir)  # a probe: not under the lock
         version = qemu_version()
         with self._lock:

@@ -59,7 +59,7 @@ def test_virtio_bios_basics(tmp_path, disk):
     assert opt(cmd, "-pidfile") == [str(f.pidfile)]
     chardevs = opt(cmd, "-chardev")
     assert f"file,id=serial0,path={f.serial}" in chardevs
-    assert f"socket,id=qmp0,path={f.qmp},server=on,wait=off" in chardevs
+    assert "socket,id=qmp0,path=qmp.sock,server=on,wait=off" in chardevs  # relative to f.dir, where QEMU runs
     assert opt(cmd, "-mon") == ["chardev=qmp0,mode=control"]
     drives = opt(cmd, "-drive")
     assert len(drives) == 2

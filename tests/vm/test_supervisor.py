@@ -186,7 +186,7 @@ def test_adopt_survive_mirror_stop(tmp_path):
 
 def test_exit_reaped_close_adopt(tmp_path):
     require_tool(qemu.QEMU)
-    state = tmp_path / "vms"
+    state = tmp_path / ("long-" + "d" * 100) / "vms"  # the QMP socket's path is longer than 107 bytes
     sup = Supervisor(state)
     blank = tmp_path / "blank.img"
     blank.write_bytes(b"\0" * MiB)
@@ -206,7 +206,7 @@ def test_exit_reaped_close_adopt(tmp_path):
         with pytest.raises(UsageError, match="running"):
             sup2.start(spec)  # not adopted yet, but its vm.json says it runs
         [vm2] = sup2.adopt()
-        assert vm2.state == "running" and vm2.pid == vm.pid
+        assert vm2.state == "running" and vm2.pid == vm.pid and len(str(sup2.files("b").qmp)) > 107
         vm2.qmp().execute("stop")
         assert sup2.get("b").state == "paused" and vm2.status == "paused"
         assert sup2.resume_paused() == []  # paused by hand, not by an I/O error
