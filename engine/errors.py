@@ -115,3 +115,19 @@ class OutputRefused(UsageError):
 
 class GuestBuildError(InstantNFSError):
     """The test guest could not be built (a tool, the kernel or its modules missing)."""
+
+
+class VMError(InstantNFSError):
+    """The virtual machine cannot be started or controlled."""
+
+
+class QMPError(VMError):
+    """QEMU refused a monitor (QMP) command."""
+
+    def __init__(self, message: str | None = None, error_class: str = "") -> None:
+        super().__init__(message)
+        self.error_class = error_class
+
+
+class VMTimeout(VMError):
+    """The virtual machine did not reach the expected state in time."""

@@ -24,7 +24,9 @@ if [ "$what" = test ]; then
          ovmf  # tests/guest boots the guest under EFI too (OVMF_CODE_4M.fd + a copy of OVMF_VARS_4M.fd)
          iproute2 util-linux  # these two: the benchmark's private network namespace (unshare, ip)
          ntfs-3g xfsprogs btrfs-progs exfatprogs  # tests/files: guest filesystems built without a mount
-         systemd)  # systemd-analyze verify: tests/control checks contrib/systemd/instantnfs.service
+         systemd  # systemd-analyze verify: tests/control checks contrib/systemd/instantnfs.service
+         ovmf  # engine/vm: EFI firmware (OVMF_CODE_4M.fd + a per-VM copy of OVMF_VARS_4M.fd)
+         binutils)  # as + ld: tests/vm reassembles the accel probe's boot sector from its source
 fi
 here=$(cd "$(dirname "$0")/.." && pwd)
 as_root() {
