@@ -70,8 +70,8 @@ chunk_cache_mib = 1024
 path = ""
 
 [vm]
-# QEMU for the VMs the daemon runs (recover --boot, verify --boot, sandbox --boot).
-qemu = "qemu-system-x86_64"
+# The VMs the daemon runs (recover --boot, verify --boot, sandbox --boot) use
+# qemu-system-x86_64 from PATH ($INSTANTNFS_QEMU names another).
 # auto: KVM when a short probe shows it runs guests here, else TCG; or kvm, tcg.
 accel = "auto"
 # Seconds a verify boot waits for the guest's heartbeat by default.

@@ -90,7 +90,8 @@ class Recovery:
     # -- VMs of sessions -------------------------------------------------------------------------
 
     def vm_of(self, session: str) -> VM | None:
-        return self.vms.get(session)
+        """The session's VM as last seen (no QMP round trip: callable on the loop)."""
+        return self.vms.peek(session)
 
     def spec(self, s: Session, *, memory_mib: int | None = None, cpus: int | None = None, disk_bus: str = "virtio",
              net: str = "user", firmware: str | None = None, forwards: dict[int, int] | None = None,
@@ -120,16 +121,14 @@ class Recovery:
 
     def start_vm(self, spec: VMSpec) -> VM:
         """Start a VM (blocking); a running VM of that session is refused."""
-        vm = self.vms.get(spec.name)
-        if vm is not None:
-            if vm.state in ("running", "paused"):
-                raise SessionError(f"session {spec.name!r} already has a running VM (pid {vm.pid}); stop it first")
-            self.vms.remove(spec.name)
+        vm = self.vms.peek(spec.name)
+        if vm is not None and vm.state in ("running", "paused"):
+            raise SessionError(f"session {spec.name!r} already has a running VM (pid {vm.pid}); stop it first")
         return self.vms.start(spec)
 
     def stop_vm(self, session: str) -> VM | None:
         """Power the session's VM off (blocking); None if it has none."""
-        vm = self.vms.get(session)
+        vm = self.vms.peek(session)
         if vm is None:
             return None
         if vm.state in ("running", "paused"):
@@ -139,7 +138,7 @@ class Recovery:
     async def stop(self, session: str, discard: bool) -> dict:
         """``instantnfs stop``: the VM powered off; with ``discard`` the session unpublished too."""
         s = self.ds.sessions.get(session)
-        if s is None and self.vms.get(session) is None:
+        if s is None and self.vms.peek(session) is None:
             raise NotFound(f"no published session or VM {session!r}")
         loop = asyncio.get_running_loop()
         vm = await loop.run_in_executor(self.ds.registry.admin_pool, self.stop_vm, session)
@@ -211,7 +210,7 @@ class Recovery:
             raise UsageError(f"format must be raw or qcow2, not {fmt!r}")
         loop = asyncio.get_running_loop()
         targets = await loop.run_in_executor(self.ds.registry.admin_pool, self._targets, s, to, fmt)
-        vm = self.vms.get(session)
+        vm = self.vms.peek(session)
         if vm is not None and vm.state in ("running", "paused"):
             return self.jobs.start("migrate", s, lambda job: self._mirror(job, vm, targets, fmt))
         if any(dev for _p, dev in targets):
@@ -236,8 +235,8 @@ class Recovery:
     def _mirror(self, job: Job, vm: VM, targets: list[tuple[str, bool]], fmt: str) -> dict:
         results = []
         for i, (path, _dev) in enumerate(targets):
-            def progress(done: int, total: int, eta: float | None = None, i: int = i) -> None:
-                job.phase, job.done, job.total = f"mirror disk {i}", done, total
+            def progress(phase: str, done: int, total: int, eta: float | None, i: int = i) -> None:
+                job.phase, job.done, job.total = f"{phase} disk {i}", done, total
                 job.eta = eta
             results.append(vm_migrate.mirror(vm, i, path, fmt, progress, job.cancel))
         return {"mode": "live", "vm": vm.name, "disks": results,
@@ -344,7 +343,7 @@ class Recovery:
                                                 cancel=job.cancel)
             finally:
                 self.stop_vm(s.name)
-                if self.vms.get(s.name) is not None:
+                if self.vms.peek(s.name) is not None:
                     self.vms.remove(s.name)
                 fut = asyncio.run_coroutine_threadsafe(self.ds.aunpublish(s.name, force=True), loop)
                 try:
@@ -377,4 +376,5 @@ class Recovery:
 
 
 def vm_view(vm: VM) -> dict:
-    return vm.view()
+    """What the API shows of a VM (vm.json's content)."""
+    return vm.to_json()

@@ -262,7 +262,7 @@ class ControlAPI:
             d.update(self.urls(s, f"{d['name']}.img"))
         out["vmx"] = f"{export}/{s.name}/{s.point.vm}.vmx"
         vm = self.recovery.vm_of(s.name) if self.recovery else None
-        out["vm"] = vm.view() if vm is not None else None
+        out["vm"] = vm.to_json() if vm is not None else None
         return out
 
     def status_view(self) -> dict:

@@ -119,7 +119,7 @@ async def run_daemon(cfg: dict[str, Any], ready: asyncio.Future | None = None, e
         ports = await services.start()
         jobs = Jobs(ds, cfg["server"].get("export_dirs"))
         loop = asyncio.get_running_loop()
-        supervisor = Supervisor(ds.cache_dir / "vms", qemu=cfg["vm"]["qemu"])
+        supervisor = Supervisor(ds.cache_dir / "vms")
         adopted = await loop.run_in_executor(ds.registry.admin_pool, supervisor.adopt)
         nfs_host = qemu_host(cfg["server"]["bind"])
 

@@ -43,8 +43,8 @@ def _demo_repo(base: str) -> tuple[str, bool]:
                 return repo, False
     os.makedirs(base, exist_ok=True)
 
-    def progress(phase: str) -> None:
-        print(f"  guest: {phase}", flush=True)
+    def progress(phase: str, detail: str) -> None:
+        print(f"  guest: {phase}: {detail}" if detail else f"  guest: {phase}", flush=True)
 
     print("building the demo guest (a small Linux with busybox; cached for later runs)", flush=True)
     guest = ensure_guest(progress=progress)

@@ -198,16 +198,17 @@ class VMsAPI:
         return web.json_response({"session": self._session_view(s), "vm": vm_view(vm) if vm else None}, status=201)
 
     async def h_vms(self, req: web.Request) -> web.Response:
-        return web.json_response([vm_view(v) for v in self.rec.vms.list()])
+        vms = await asyncio.get_running_loop().run_in_executor(None, self.rec.vms.list)  # QMP: off the loop
+        return web.json_response([vm_view(v) for v in vms])
 
     async def h_vm(self, req: web.Request) -> web.Response:
-        vm = self.rec.vms.get(req.match_info["name"])
+        vm = await asyncio.get_running_loop().run_in_executor(None, self.rec.vms.get, req.match_info["name"])
         if vm is None:
             return self._error(404, f"no VM {req.match_info['name']!r}")
         return web.json_response(vm_view(vm))
 
     async def h_console(self, req: web.Request) -> web.Response:
-        vm = self.rec.vms.get(req.match_info["name"])
+        vm = self.rec.vms.peek(req.match_info["name"])
         if vm is None:
             return self._error(404, f"no VM {req.match_info['name']!r}")
         try:

@@ -305,6 +305,14 @@ class Supervisor:
             vm.refresh()
         return vm
 
+    def peek(self, name: str) -> VM | None:
+        """VM ``name`` without asking QEMU (its process checked, no QMP): safe on an event loop."""
+        with self._lock:
+            vm = self._vms.get(name)
+        if vm is not None:
+            vm.refresh(query=False)
+        return vm
+
     def list(self) -> list[VM]:
         with self._lock:
             vms = sorted(self._vms.values(), key=lambda v: v.name)

@@ -88,6 +88,9 @@ OUTPUT_LIMIT = 16 << 10  # bytes of a test script's output kept in its result
 TCP_SETTLE = 1.0  # seconds a tcp test waits to see a forwarded connection stay open
 RETRY_PAUSE = 0.5  # seconds between two tries of a tcp/http test that failed
 CONSOLE_TAIL = 4000  # characters of the guest console kept in the report
+# what says a booted guest is up when the caller gives no pattern: a login prompt (any
+# Linux or BSD getty), or the test guest's heartbeat marker
+DEFAULT_HEARTBEAT = r"(login:|GUEST-HEARTBEAT)"
 
 Progress = Callable[[int, int], object]  # (logical bytes done, logical bytes in all)
 
