@@ -159,7 +159,7 @@ class VM:
             if not alive:
                 raise VMError(f"VM {self.name} exited ({self.exit_status}) before its console showed {pattern!r}")
             if time.monotonic() >= deadline:
-                raise VMTimeout(f"VM {self.name}: no console line matching {pattern!r} within {timeout:.0f} s")
+                raise VMTimeout(f"timeout: VM {self.name} showed no console line matching {pattern!r} within {timeout:.0f} s")
             if cancel is not None and cancel.wait(SERIAL_POLL_S):
                 raise Cancelled()
             elif cancel is None:

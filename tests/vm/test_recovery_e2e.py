@@ -375,12 +375,14 @@ def test_verify_names_the_bad_block_and_the_file(lab: Any, tmp_path: Path) -> No
     shutil.copytree(lab.daemon.repo, repo, ignore=shutil.ignore_patterns("pins", "pins.lock"))
     with Stack.open(repo) as st:
         pf = PointFiles(st, st.repo.point(lab.point))
-        fs = pf.filesystem(None)
+        root = [f for f in pf.found() if f.filesystem == "ext4"]
+        assert len(root) == 1, pf.found()
+        vol = root[0].volume
+        fs = pf.filesystem(vol.name)
         f = fs.open_file(fs.stat("/data/random-4m.bin"))
-        runs = f.volume_runs()
-        vol = [v for v in pf.layout.volumes if v.name == fs.name][0] if hasattr(fs, "name") else pf.layout.volumes[-1]
-        file_off, vol_off, length = runs[0]
-        bad = vol.offset + vol_off + length // 2
+        _file_off, vol_off, length = f.volume_runs()[0]
+        assert len(vol.extents) == 1 and vol.extents[0].offset == 0  # a partition: one extent
+        bad = vol.extents[0].disk_offset + vol_off + length // 2
         bm = st.repo.point(lab.point).open_blockmap(0)
         pack, clen, rec = bm.entry(bad >> bm.shift)
         path = st.repo.packs_dir / pack_name(pack)
