@@ -6,7 +6,11 @@ Endpoints (all under ``/api/v1``; the OpenAPI document at ``/api/v1/openapi.json
 sessions/{name}/export`` and ``POST sessions/{name}/commit`` (start a job), ``GET
 jobs`` and ``GET jobs/{id}`` (a job's state and progress), ``DELETE jobs/{id}`` (cancel
 a running job), and file-level recovery (``engine.control.files_api``): ``GET
-points/{id}/files``, ``GET points/{id}/files/{vol}/ls|download|tar?path=``. Errors
+points/{id}/files``, ``GET points/{id}/files/{vol}/ls|download|tar?path=``, and the recovery product
+(``engine.control.vms_api``): ``POST recover``, ``GET vms``, ``GET vms/{name}[/console]``,
+``POST sessions/{name}/boot|stop|migrate|ttl``, ``POST jobs/{id}/confirm``, ``POST
+sandboxes``, ``POST points/{id}/verify``. ``POST sessions`` also takes ``disks`` (instant
+disk recovery) and ``ttl_s``. Errors
 are ``{"error": "<one line>"}`` with 400 (bad request), 403 (an export output outside
 the export directories, or existing), 404 (no such thing), 409 (name taken, session
 busy, job already ended), 422 (a volume with no filesystem this reads).
@@ -225,7 +229,7 @@ OPENAPI["paths"].update({API + path: spec for path, spec in VMS_PATHS.items()})
 
 class ControlAPI:
     def __init__(self, ds: Datastore, services: NFSServices, jobs: Jobs, cfg: dict[str, Any],
-                 recovery: Recovery | None = None) -> None:
+                 recovery: Recovery) -> None:
         self.ds = ds
         self.services = services
         self.jobs = jobs
@@ -238,7 +242,7 @@ class ControlAPI:
         self._token_files: list = []
         self.host = advertised_host(cfg["server"]["bind"])
         self.files = FilesAPI(ds.stack, API)
-        self.vms = VMsAPI(recovery, API, self._body, self._error, self.session_view) if recovery else None
+        self.vms = VMsAPI(recovery, API, self._body, self._error, self.session_view)
         self.metrics = metrics.registry(metrics.DaemonCollector(ds, services, jobs))
 
     # -- views -------------------------------------------------------------------------------
@@ -261,7 +265,7 @@ class ControlAPI:
             }
             d.update(self.urls(s, f"{d['name']}.img"))
         out["vmx"] = f"{export}/{s.name}/{s.point.vm}.vmx"
-        vm = self.recovery.vm_of(s.name) if self.recovery else None
+        vm = self.recovery.vm_of(s.name)
         out["vm"] = vm.to_json() if vm is not None else None
         return out
 
@@ -500,7 +504,7 @@ class ControlAPI:
                 web.get("/healthz", self.h_healthz),
                 web.get("/metrics", self.h_metrics),
                 *self.files.routes(),
-                *(self.vms.routes() if self.vms else []),
+                *self.vms.routes(),
             ]
         )
         return app

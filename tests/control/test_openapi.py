@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from engine.control.api import API, OPENAPI, ControlAPI
 from engine.control.files_api import FilesAPI
+from engine.control.vms_api import VMsAPI
 
 METHODS = {"get", "put", "post", "delete", "patch", "options", "head", "trace"}
 
@@ -13,6 +14,7 @@ def routes() -> set[tuple[str, str]]:
     GET left out: it is part of GET, as OpenAPI has it)."""
     api = ControlAPI.__new__(ControlAPI)  # the routing only: no datastore, no listener
     api.files = FilesAPI(None, API)  # type: ignore[arg-type]
+    api.vms = VMsAPI(None, API, None, None, None)  # type: ignore[arg-type]
     try:
         app = api.app()
     finally:
