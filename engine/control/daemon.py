@@ -21,6 +21,7 @@ import signal
 import socket
 import sys
 import threading
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from engine import config as configmod
@@ -96,13 +97,15 @@ def _arm_watchdog(limit: float) -> None:
     t.start()
 
 
-async def run_daemon(cfg: dict[str, Any], ready: asyncio.Future | None = None, exit_limit: float | None = None) -> int:
+async def run_daemon(cfg: dict[str, Any], ready: asyncio.Future | None = None, exit_limit: float | None = None,
+                     before_stop: Callable[[], Awaitable[None]] | None = None) -> int:
     """The daemon: open the repository, restore sessions, start services, wait for a signal.
 
     Stopping: jobs cancelled (``Jobs.stop``, bounded), services stopped, disk
     operations in flight given ``DRAIN_TIMEOUT``, caches committed and closed. With
     ``exit_limit`` (the ``serve`` command), a watchdog ends the process that long after
-    the signal whatever still runs."""
+    the signal whatever still runs. ``before_stop`` (the demo: power its VM off) runs
+    first, while everything still serves."""
     from engine.control.api import ControlAPI
     from engine.datastore import Datastore
     from engine.jobs import Jobs
@@ -154,6 +157,11 @@ async def run_daemon(cfg: dict[str, Any], ready: asyncio.Future | None = None, e
         sd_notify("STOPPING=1")
         if exit_limit is not None:
             _arm_watchdog(exit_limit)
+        if before_stop is not None:
+            try:
+                await before_stop()
+            except Exception:  # noqa: BLE001 - the stop goes on; the error is logged
+                log.exception("stopping: the last work before the stop failed")
         house.cancel()
         await jobs.stop()
         await api.stop()

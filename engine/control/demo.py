@@ -26,7 +26,6 @@ from engine.errors import InstantNFSError
 DEMO_VM = "demo-vm"
 DEMO_SESSION = "demo"
 DEMO_MEMORY = 256  # MiB
-HEARTBEATS_BEFORE_HELP = 1  # heartbeat lines printed before the instructions
 BOOT_WAIT_S = 180.0  # seconds the demo waits for the first heartbeat before it prints the instructions
 
 
@@ -75,14 +74,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 async def _demo_main(cfg: dict[str, Any], boot: bool = True) -> int:
     ready: asyncio.Future = asyncio.get_running_loop().create_future()
-    daemon = asyncio.get_running_loop().create_task(run_daemon(cfg, ready, exit_limit=SHUTDOWN_LIMIT))
+    booted: tuple[Any, int] | None = None
+
+    async def power_off() -> None:  # Ctrl-C: the demo's VM goes with the demo, while NFS still serves
+        if booted is not None:
+            print("powering the demo VM off", flush=True)
+            await asyncio.get_running_loop().run_in_executor(None, api.recovery.stop_vm, booted[0].name)
+
+    daemon = asyncio.get_running_loop().create_task(run_daemon(cfg, ready, exit_limit=SHUTDOWN_LIMIT,
+                                                               before_stop=power_off))
     done, _ = await asyncio.wait({daemon, ready}, return_when=asyncio.FIRST_COMPLETED)
     if daemon in done:
         return daemon.result()
     ports, control_port, api = ready.result()
     # the demo disk is 256 MiB: no 100 GiB reserve for it
     s = api.ds.sessions.get(DEMO_SESSION) or await api.ds.apublish(f"{DEMO_VM}@latest", DEMO_SESSION, reserve=1 << 30)
-    booted = None
     if boot:
         booted = await _boot(api, s, ports)
     view = api.session_view(s)
@@ -116,14 +122,14 @@ async def _demo_main(cfg: dict[str, Any], boot: bool = True) -> int:
     finally:
         if follower is not None:
             follower.cancel()
-        if booted is not None:
-            print("powering the demo VM off", flush=True)
-            await asyncio.get_running_loop().run_in_executor(None, api.recovery.stop_vm, s.name)
 
 
 async def _boot(api: Any, s: Any, ports: Any) -> tuple[Any, int] | None:
-    """Boot the demo VM (or take the one still running) and print its console up to the
-    first heartbeat; (the VM, console bytes printed), or None with why it did not boot."""
+    """Boot the demo VM (or take the one still running) and print its console until the
+    guest says it is up (its READY marker: heartbeat, data check and services done);
+    (the VM, console bytes printed), or None with why it did not boot."""
+    from engine.vm.guest import HEARTBEAT, READY
+
     if 111 not in (ports.portmap, ports.portmap_external):
         print("  not booting: QEMU finds NFS servers through a portmapper on port 111, and there is none "
               "(run as root, or start rpcbind); --no-boot hides this", flush=True)
@@ -142,15 +148,16 @@ async def _boot(api: Any, s: Any, ports: Any) -> tuple[Any, int] | None:
     else:
         print(f"VM {vm.name} is still running from before (pid {vm.pid})", flush=True)
     printed = 0
-    beats = 0
+    beats = ready = 0
     deadline = loop.time() + BOOT_WAIT_S
-    while loop.time() < deadline and beats < HEARTBEATS_BEFORE_HELP:
+    while loop.time() < deadline and not ready:
         text = await loop.run_in_executor(None, vm.serial_text)
         new = text[printed:]
         cut = new.rfind("\n") + 1
         for line in new[:cut].splitlines():
             print(f"  guest | {line.rstrip()}", flush=True)
-            beats += "GUEST-HEARTBEAT" in line
+            beats += HEARTBEAT in line
+            ready += READY in line
         printed += cut
         if vm.state not in ("running", "paused") and not new:
             print(f"  the VM ended ({vm.state}); its console: {vm.serial_log}", flush=True)

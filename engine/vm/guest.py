@@ -137,6 +137,7 @@ else
 fi
 BOOTS=$(( $(cat /var/bootcount 2>/dev/null || echo 0) + 1 ))
 echo "$BOOTS" > /var/bootcount
+echo "GUEST-INFO boots=$BOOTS"
 [ -n "$VALUE" ] && echo "$VALUE" > /var/heartbeat.txt
 echo "boot=$BOOTS run=$RUN value=$VALUE uptime=$(cut -d' ' -f1 /proc/uptime)" >> /var/heartbeat.log
 sync
