@@ -1,7 +1,7 @@
 """Backup verification without a boot (engine.vm.verify): the chunk check against chunks
 corrupted on purpose in copies of a repository, the files named behind a bad block, the
 volumes, the checker's tests against real listeners on 127.0.0.1, and the report with a
-fake boot. The point is the test guest's disk (tests/guest/make_guest_disk.py: MBR, one
+fake boot. The point is the test guest's disk (engine/vm/guest.py: MBR, a FAT boot partition and an
 ext4 partition with known files), backed up with 256 KiB blocks."""
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ from engine.errors import Cancelled, UsageError
 from engine.repo.format import idx_bytes, idx_name, pack_name, read_idx_uid
 from engine.repo.packs import HDR
 from engine.stack import Stack
+from engine.vm import guest as vmguest
 from engine.vm.verify import (
     BadBlock,
     TestSpec,
@@ -36,12 +37,12 @@ from engine.vm.verify import (
     run_tests,
     verify_point,
 )
-from tests.conftest import require_tool
+from tests.conftest import require, require_tool
 from tests.files.images import backup_images
-from tests.guest.make_guest_disk import PART_OFFSET, build_disk, missing_tools
 from tests.images import repository_data
 
 BS = 256 * 1024
+PART_OFFSET = 32 << 20  # the guest's ext4 root: its second partition (the first is the FAT boot partition)
 MiB = 1 << 20
 
 
@@ -64,10 +65,13 @@ def _inode_blocks(img: Path, inode: int) -> list[int]:
 @pytest.fixture(scope="module")
 def guest(tmp_path_factory) -> dict:
     """The guest disk backed up once: image, pristine repository, point id."""
-    for tool in missing_tools() + ["debugfs"]:
-        require_tool(tool)
+    missing = vmguest.missing_tools()
+    require(not missing, f"the guest builder needs: {', '.join(missing)} (bash scripts/system-deps.sh test)")
+    require_tool("debugfs")
     base = tmp_path_factory.mktemp("verify")
-    img = build_disk(base / "guest.img", size_mb=32)
+    img = base / "guest.img"
+    shutil.copyfile(vmguest.ensure_guest().disk, img)
+    assert vmguest.root_offset(img) == PART_OFFSET
     repo = base / "repo"
     point = backup_images(repo, [img], vm="guest", block_size=BS)
     return {"img": img, "repo": repo, "point": point}
@@ -113,9 +117,9 @@ def test_an_intact_point_passes_and_nothing_is_written(guest):
         cache_loads = stack.cache.stats()
     assert res.ok and not res.bad and not res.errors
     assert res.chunks > 0 and res.chunks_verified == res.chunks
-    assert res.logical_bytes == 32 * MiB
+    assert res.logical_bytes == guest["img"].stat().st_size
     assert 0 < res.zero_bytes < res.logical_bytes
-    assert seen[-1] == (32 * MiB, 32 * MiB)
+    assert seen[-1] == (res.logical_bytes, res.logical_bytes)
     assert all(a[0] <= b[0] for a, b in zip(seen, seen[1:]))  # progress never goes back
     assert repository_data(guest["repo"]) == before
     assert cache_loads["loads"] == 0 and cache_loads["entries"] == 0  # the decompression cache is bypassed
@@ -135,7 +139,7 @@ def test_a_corrupted_chunk_of_a_file_is_named_with_its_file(guest, copy):
         assert "checksum mismatch" in b.error
         assert res.chunks_verified == res.chunks - 1
         files_at(stack, pt, res.bad)
-    assert b.files == ["disk0:1:/data/random-4m.bin"]
+    assert b.files == ["disk0:2:/data/random-4m.bin"]
     assert not any("metadata" in n for n in b.notes)
     assert repository_data(copy) == before  # the check wrote nothing
 
@@ -148,7 +152,7 @@ def test_a_corrupted_header_byte_is_found_too(guest, copy):
         res = check_data(stack, pt)
         files_at(stack, pt, res.bad)
     assert [b.offset for b in res.bad] == [bad_at // BS * BS]
-    assert res.bad[0].files == ["disk0:1:/data/random-4m.bin"]
+    assert res.bad[0].files == ["disk0:2:/data/random-4m.bin"]
 
 
 def test_a_bad_directory_block_says_its_files_cannot_be_named(guest, copy):
@@ -159,7 +163,7 @@ def test_a_bad_directory_block_says_its_files_cannot_be_named(guest, copy):
         res = check_data(stack, pt)
         files_at(stack, pt, res.bad)
     (b,) = res.bad
-    assert not any(f.startswith("disk0:1:/data/") for f in b.files)  # /data cannot be listed
+    assert not any(f.startswith("disk0:2:/data/") for f in b.files)  # /data cannot be listed
     assert any("could not be walked" in n and "/data" in n for n in b.notes), b.notes
 
 
@@ -184,7 +188,7 @@ def test_a_corrupted_chunk_under_no_file_says_metadata_or_free_space(guest, tmp_
         files_at(stack, pt, res.bad)
     assert [b.offset for b in res.bad] == [bad_at]
     assert res.bad[0].files == []
-    assert "filesystem metadata or free space of disk0:1" in res.bad[0].notes
+    assert "filesystem metadata or free space of disk0:2" in res.bad[0].notes
 
 
 def test_a_corrupted_partition_start_says_nothing_can_be_named(guest, copy):
@@ -335,7 +339,8 @@ def test_cancel_stops_the_check(guest):
 def test_recognise_names_each_volume_and_why_not(guest, tmp_path):
     with opened(guest["repo"], guest["point"]) as (stack, pt):
         vols = {v["name"]: v for v in recognise(stack, pt)}
-    assert vols["disk0:1"]["filesystem"] == "ext4"
+    assert vols["disk0:2"]["filesystem"] == "ext4"
+    assert vols["disk0:1"]["filesystem"] == "fat16"  # the boot partition
     assert vols["disk0"]["contains"] == "a partition table"
     json.dumps(vols)
     raw = tmp_path / "raw.img"
@@ -504,7 +509,7 @@ def test_verify_point_passes_with_a_boot_and_tests(guest):
     text = rep.summary()
     assert re.search(r"^  PASS  data: ", text, re.M) and re.search(r"^  PASS  boot: ", text, re.M)
     assert re.search(r"^  PASS  test tcp:22: ", text, re.M)
-    assert "disk0:1: ext4" in text
+    assert "disk0:2: ext4" in text
 
 
 def test_verify_point_fails_when_the_boot_fails(guest):
@@ -531,11 +536,11 @@ def test_verify_point_names_the_file_of_a_bad_block(guest, copy):
         rep = verify_point(stack, pt)
     assert not rep.passed and rep.boot is None
     assert rep.data is not None and len(rep.data.bad) == 1
-    assert "disk0:1:/data/random-512k.bin" in rep.data.bad[0].files
+    assert "disk0:2:/data/random-512k.bin" in rep.data.bad[0].files
     text = rep.summary()
     assert re.search(r"^  FAIL  data: ", text, re.M)
-    assert "file disk0:1:/data/random-512k.bin" in text
-    assert "disk0:1:/data/random-512k.bin" in json.loads(json.dumps(rep.to_json()))["data"]["bad_blocks"][0]["files"]
+    assert "file disk0:2:/data/random-512k.bin" in text
+    assert "disk0:2:/data/random-512k.bin" in json.loads(json.dumps(rep.to_json()))["data"]["bad_blocks"][0]["files"]
 
 
 def test_a_point_without_any_filesystem_fails_and_tests_need_a_boot(tmp_path, guest):
