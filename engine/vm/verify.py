@@ -85,7 +85,10 @@ from engine.stack import Stack
 BATCH = 16  # chunks a worker takes at once (consecutive in pack order)
 MAX_FILES = 20  # files named per bad block before files_at stops looking for more
 OUTPUT_LIMIT = 16 << 10  # bytes of a test script's output kept in its result
-TCP_SETTLE = 1.0  # seconds a tcp test waits to see a forwarded connection stay open
+# seconds a tcp test waits to see a forwarded connection stay open: QEMU closes it when the
+# guest answers the forwarded SYN with a reset, which an emulated (TCG) guest on a loaded
+# host may take a second or more to do; 1 s let a closed port pass under load
+TCP_SETTLE = 3.0
 RETRY_PAUSE = 0.5  # seconds between two tries of a tcp/http test that failed
 CONSOLE_TAIL = 4000  # characters of the guest console kept in the report
 # what says a booted guest is up when the caller gives no pattern: a login prompt (any
