@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
@@ -29,6 +33,20 @@ def require(condition: bool, reason: str) -> None:
         if IN_CI:
             pytest.fail(reason + " -- CI=true: this test must run")
         pytest.skip(reason)
+
+
+@contextmanager
+def small_tmpfs(mnt: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` (e.g. "4m") mounted at the new directory ``mnt``, for tests of
+    full volumes; needs root (skipped locally, failed under CI=true, without it)."""
+    mnt.mkdir()
+    require(os.geteuid() == 0, "mounting a small tmpfs needs root")
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)], capture_output=True, text=True)
+    require(r.returncode == 0, f"cannot mount a tmpfs: {r.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=True)
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -9,7 +9,6 @@ import logging
 import os
 import shutil
 import stat
-import subprocess
 import threading
 from pathlib import Path
 from typing import Any
@@ -42,7 +41,7 @@ from engine.repo.ingest import BackupSettings, backup
 from engine.repo.pins import list_pins
 from engine.repo.repository import Repository
 from engine.stack import Stack
-from tests.conftest import require
+from tests.conftest import require, small_tmpfs
 from tests.images import make_image
 from tests.nfs.conftest import BLOCK, run
 
@@ -342,16 +341,9 @@ def test_publish_unpublish_and_client_files_run_off_the_loop(tmp_path, images, m
 
 
 @pytest.fixture
-def small_volume(tmp_path: Path):
-    mnt = tmp_path / "vol"
-    mnt.mkdir()
-    require(os.geteuid() == 0, "mounting a tmpfs needs root")
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], capture_output=True, text=True)
-    require(r.returncode == 0, f"cannot mount a tmpfs: {r.stderr.strip()}")
-    try:
+def small_volume(tmp_path):
+    with small_tmpfs(tmp_path / "vol", "4m") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=True)
 
 
 def _fill(path: Path) -> None:

@@ -34,7 +34,7 @@ from engine.vm import qemu
 from engine.vm.migrate import mirror
 from engine.vm.qemu import BOOT_PROGRAM, DiskSpec, VMSpec
 from engine.vm.supervisor import Supervisor, is_our_qemu
-from tests.conftest import require, require_tool
+from tests.conftest import require, require_tool, small_tmpfs
 
 pytestmark = pytest.mark.slow
 MiB = 1 << 20
@@ -234,15 +234,8 @@ def test_exit_reaped_close_adopt(tmp_path):
 
 @pytest.fixture
 def full_tmpfs(tmp_path):
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    require(os.geteuid() == 0, "mounting a small tmpfs needs root")
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)], capture_output=True, text=True)
-    require(r.returncode == 0, f"cannot mount a tmpfs: {r.stderr.strip()}")
-    try:
+    with small_tmpfs(tmp_path / "small", "8m") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=True)
 
 
 def test_io_error_pauses_and_resumes(tmp_path, full_tmpfs):

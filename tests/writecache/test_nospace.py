@@ -2,28 +2,18 @@
 before it reads back, before and after a reopen; the cache goes on serving."""
 from __future__ import annotations
 
-import os
-import subprocess
-
 import pytest
 
 from engine.errors import NoSpace
 from engine.writecache import WriteCache
-from tests.conftest import require
+from tests.conftest import small_tmpfs
 from tests.writecache.model import pattern
 
 
 @pytest.fixture
 def small_volume(tmp_path):
-    mnt = tmp_path / "full"
-    mnt.mkdir()
-    require(os.geteuid() == 0, "mounting a tmpfs needs root")
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True, text=True)
-    require(r.returncode == 0, f"cannot mount a tmpfs: {r.stderr.strip()}")
-    try:
+    with small_tmpfs(tmp_path / "full", "2m") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=True)
 
 
 def test_full_volume_raises_nospace_and_keeps_data(backup_repo, small_volume):
