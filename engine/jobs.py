@@ -41,6 +41,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from engine.datastore import Datastore, Session
+from engine.datastore.sessions import disk_index
 from engine.errors import Cancelled, InstantNFSError, NotFound, SessionError
 from engine.export import export_disk, open_output_dir
 from engine.repo.ingest import BackupSettings, commit_caches
@@ -154,13 +155,7 @@ class Jobs:
         ``out`` (absolute) in format ``fmt``. Raises NotFound (no such disk, or the session
         was unpublished meanwhile), OutputRefused (outside the export directories, or
         existing), InstantNFSError (any other reason the output cannot be written)."""
-        names = [d.name for d in s.disks]
-        if disk in names:
-            i = names.index(disk)
-        elif disk.isdigit() and int(disk) < len(names):
-            i = int(disk)
-        else:
-            raise NotFound(f"session {s.name!r} has no disk {disk!r} (disks: {', '.join(names)})")
+        i = disk_index([d.name for d in s.disks], disk, f"session {s.name!r}")
         await asyncio.get_running_loop().run_in_executor(None, self._check_output, out)
         if self.ds.sessions.get(s.name) is not s:
             raise NotFound(f"no published session {s.name!r}")

@@ -479,6 +479,17 @@ def session_report(s: Session) -> dict:
     }
 
 
+def disk_index(names: list[str], ident: str, owner: str) -> int:
+    """The index of the disk ``ident`` (a name, or an index) among ``names``; NotFound
+    naming ``owner`` ("restore point X", "session 'y'") and its disks otherwise."""
+    ident = str(ident)
+    if ident in names:
+        return names.index(ident)
+    if ident.isdigit() and int(ident) < len(names):
+        return int(ident)
+    raise NotFound(f"{owner} has no disk {ident!r} (its disks: {', '.join(names)})")
+
+
 def disk_indexes(point: RestorePoint, disks: list[str] | None) -> list[int] | None:
     """The point's disk indexes named by ``disks`` (names or indexes), in that order; None for all."""
     if not disks:
@@ -486,13 +497,7 @@ def disk_indexes(point: RestorePoint, disks: list[str] | None) -> list[int] | No
     names = [d.name for d in point.disks]
     out: list[int] = []
     for d in disks:
-        d = str(d)
-        if d in names:
-            i = names.index(d)
-        elif d.isdigit() and int(d) < len(names):
-            i = int(d)
-        else:
-            raise NotFound(f"restore point {point.id} has no disk {d!r} (its disks: {', '.join(names)})")
+        i = disk_index(names, d, f"restore point {point.id}")
         if i in out:
             raise SessionError(f"disk {d!r} is named twice")
         out.append(i)
