@@ -129,3 +129,16 @@ def test_writer_stops_on_an_error_reply(monkeypatch: pytest.MonkeyPatch) -> None
     w.join(10)
     assert not w.is_alive()
     assert w.writes == 2 and w.error is not None and "Input/output error" in w.error
+
+
+def test_qemu_io_times_come_from_the_rates_not_the_rounded_seconds() -> None:
+    from engine.bench.scenarios.boottrace import qemu_io_seconds
+
+    out = ("read 512/512 bytes at offset 0\n512 bytes, 1 ops; 00.00 sec (3.516 MiB/sec and 8000.0000 ops/sec)\n"
+           "read 65536/65536 bytes at offset 1048576\n64 KiB, 1 ops; 00.00 sec (277.305 MiB/sec and 4000.0000 ops/sec)\n"
+           "read failed: Input/output error\n")
+    seconds, n = qemu_io_seconds(out)
+    assert n == 2 and seconds == pytest.approx(1 / 8000 + 1 / 4000)
+    assert qemu_io_seconds("") == (0.0, 0)
+    with pytest.raises(ValueError):
+        qemu_io_seconds("1 ops; 00.00 sec (0 bytes/sec and 0.0000 ops/sec)")
