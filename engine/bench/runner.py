@@ -60,8 +60,8 @@ SCENARIOS: dict[str, str] = {
     "boot-trace": "boottrace",
     "sandboxes": "sandboxes",
 }
-# scenarios that boot the test guest (a TCG boot takes 15-30 s here): left out of the CI
-# quick run (tests/bench/test_bench_cli.py), which would grow by minutes
+# scenarios that boot the test guest (a TCG boot takes 15-30 s here); the CI quick run
+# (tests/bench/test_bench_cli.py) keeps boot-trace (one boot) and leaves the others out
 BOOTS = ("boot", "boot-trace", "sandboxes")
 DEFAULT_PEERS = ("ganesha", "borg", "borg-fixed", "restic", "local")
 

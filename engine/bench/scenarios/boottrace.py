@@ -136,7 +136,8 @@ def replay_ours(ctx, point: str, reads: Sequence[Read]) -> Measure:  # noqa: ANN
 def run(ctx) -> Iterator[Row]:  # noqa: ANN001
     row = ctx.row("boot-trace/replay", "replay of the guest's boot reads (QEMU trace): from the backup over NFS vs the "
                   "local raw file", GROUP, "ms", "lower",
-                  {"client": "qemu-io -r -t none (QEMU's block layer; libnfs for nfs://), one read at a time, in order",
+                  {"disk": "the test guest's 128 MiB raw disk (not the seeded disk)",
+                   "client": "qemu-io -r -t none (QEMU's block layer; libnfs for nfs://), one read at a time, in order",
                    "trace": "QEMU -trace blk_co_preadv of one oneshot boot to GUEST-DONE (reads only, in order)",
                    "cache": "instantnfs: chunk cache emptied (daemon restarted) before each run; packs in the page cache"},
                   Goal("≤ 1.1× the local file (the boot's goal, the disk alone)", peer=LOCAL, ratio=1.1))

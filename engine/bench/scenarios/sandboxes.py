@@ -90,7 +90,8 @@ def one(ctx, point: str, n: int) -> Measure:  # noqa: ANN001
 
 
 def run(ctx) -> Iterator[Row]:  # noqa: ANN001
-    conditions = {"client": "QEMU's nfs:// driver (libnfs), one QEMU per sandbox", "memory_mib": MEMORY_MIB, "cpus": 1,
+    conditions = {"disk": "the test guest's 128 MiB raw disk (not the seeded disk)",
+                  "client": "QEMU's nfs:// driver (libnfs), one QEMU per sandbox", "memory_mib": MEMORY_MIB, "cpus": 1,
                   "net": "user-restricted", "disk_bus": "virtio",
                   "guest": "engine.vm.guest, run mode (heartbeat, data check, READY)",
                   "cache": "daemon restarted before each run (empty chunk cache)", "runs": runs(ctx)}
