@@ -23,6 +23,7 @@ skipped, never guessed; a console wait ends with the console's tail in the error
 """
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import statistics
@@ -219,8 +220,15 @@ class LocalVMs:
 
 
 def fresh_copy(image: Path, dest: Path) -> Path:
-    """A copy of the pristine guest image to boot (the guest writes to its disk)."""
+    """A copy of the pristine guest image to boot (the guest writes to its disk), synced:
+    QEMU reads it with O_DIRECT, which would otherwise wait for the copy's writeback
+    inside the measured boot."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     dest.unlink(missing_ok=True)
     shutil.copyfile(image, dest)
+    fd = os.open(dest, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
     return dest
