@@ -13,8 +13,8 @@ block trace read.
   only possible on a VM the bench started itself.
 - ``parse_trace`` reads QEMU's ``blk_co_preadv`` trace events (the ``log`` trace
   backend, ``-trace enable=blk_co_preadv -D FILE``): the reads the guest's block device
-  made, in order. ``blockstats`` picks one device's read counters out of
-  ``query-blockstats``. ``median`` and ``slowdown`` are the arithmetic of the rows.
+  made, in order. ``trace_summary`` totals it. ``blockstats`` picks one device's read counters out of
+  ``query-blockstats``.
 
 Threads: everything blocks (subprocesses, QMP, HTTP polls) and runs in the bench's own
 thread; the only other thread is a migrate row's writer (``engine.bench.scenarios.migrate``).
@@ -26,7 +26,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -75,20 +74,6 @@ def trace_summary(reads: Sequence[Read]) -> dict[str, int]:
             "largest": max((r.length for r in reads), default=0)}
 
 
-def median(values: Sequence[float]) -> float:
-    if not values:
-        raise ValueError("no values")
-    return float(statistics.median(values))
-
-
-def slowdown(ours: Sequence[float], local: Sequence[float]) -> float | None:
-    """Ours over the local file, medians of times (1.0: as fast; the goal is <= 1.1)."""
-    if not ours or not local:
-        return None
-    lo = median(local)
-    return None if lo <= 0 else median(ours) / lo
-
-
 def blockstats(stats: list[dict[str, Any]], device: str = "disk0") -> dict[str, int]:
     """One device's read counters from a ``query-blockstats`` reply: bytes, operations,
     total read time (ns, QEMU's sum of each request's latency)."""
@@ -135,10 +120,6 @@ def warm_accel(ctx, point: str) -> None:  # noqa: ANN001
 
 
 # -- VMs the daemon runs -----------------------------------------------------------------
-
-
-def console_api(d, name: str) -> str:  # noqa: ANN001
-    return str(d.api("GET", f"/vms/{name}/console?offset=0")["text"])
 
 
 def wait_console_api(d, names: Sequence[str], marker: str, timeout: float = BOOT_TIMEOUT,  # noqa: ANN001

@@ -37,12 +37,21 @@ def test_trace_summary_counts_overlapping_bytes_once() -> None:
     assert guestvm.trace_summary([]) == {"reads": 0, "bytes": 0, "distinct_bytes": 0, "largest": 0}
 
 
-def test_slowdown_is_the_ratio_of_medians() -> None:
-    assert guestvm.slowdown([22.0, 30.0, 20.0], [20.0, 10.0, 40.0]) == pytest.approx(1.1)
-    assert guestvm.slowdown([], [1.0]) is None
-    assert guestvm.slowdown([1.0], [0.0]) is None
-    with pytest.raises(ValueError):
-        guestvm.median([])
+def test_the_boot_goal_is_met_up_to_1_1_times_the_local_boot() -> None:
+    """The boot rows' goal (lower is better, a ratio of the local file's median): met at
+    exactly 1.1x, missed above; the ratio the report shows is local over ours."""
+    from engine.bench.core import OURS, Goal, Row, Samples
+    from engine.bench.scenarios import boot
+
+    def row(ours: list[float], local: list[float]) -> Row:
+        r = Row("boot/to-done", "t", boot.GROUP, "s", "lower", {}, Goal("≤ 1.1×", peer=boot.LOCAL, ratio=1.1))
+        r.results = {OURS: Samples(ours), boot.LOCAL: Samples(local)}
+        return r
+
+    met = row([22.0, 30.0, 21.0], [20.0, 10.0, 40.0])  # medians 22 and 20
+    assert met.verdict()["met"] is True and met.to_json()["ratios"][boot.LOCAL] == pytest.approx(20 / 22)
+    missed = row([22.1, 30.0, 21.0], [20.0, 10.0, 40.0])
+    assert missed.verdict()["met"] is False
 
 
 def test_blockstats_picks_the_device_by_name_or_qdev() -> None:
