@@ -31,9 +31,11 @@ peers:     {', '.join(runner.DEFAULT_PEERS)}
 
 A full run takes about 30 minutes on 2 cores with every peer installed (borg's and
 restic's mounts read at 30-150 MB/s); --quick (a 256 MiB disk, 2 rounds, 1-second
-windows) takes 2 minutes without peers, 6 with them. As root the run happens in a
-private network namespace (nothing it starts is reachable from outside; ports 111 and
-2049 are its own). Figures from a shared machine move by 2x: compare the ratios,
+windows) takes 2 minutes without peers, 6 with them. The scenarios that boot the test
+guest under QEMU (boot, boot-trace, sandboxes) add about 7 minutes to --quick and 25 to
+a full run where KVM is not usable (TCG boots of 20-40 s each). As root the run happens
+in a private network namespace (nothing it starts is reachable from outside; ports 111
+and 2049 are its own). Figures from a shared machine move by 2x: compare the ratios,
 which come from alternating runs in one session, not single figures across runs.
 
 examples:
@@ -55,7 +57,7 @@ def _names(known: Sequence[str], what: str):  # noqa: ANN202 - an argparse type
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quick", action="store_true", help="a short run (256 MiB disk, 2 rounds, short windows): about 3 minutes")
+    p.add_argument("--quick", action="store_true", help="a short run (256 MiB disk, 2 rounds, short windows, fewer boots): minutes, see below")
     p.add_argument("--only", type=_names(list(runner.SCENARIOS), "scenario"), metavar="SCENARIO,...",
                    help=f"run only these scenarios (default all: {','.join(runner.SCENARIOS)})")
     p.add_argument("--peers", type=_names(list(runner.DEFAULT_PEERS), "peer"), metavar="PEER,...",

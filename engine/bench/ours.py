@@ -134,6 +134,13 @@ class OurDaemon:
             raise ApiError(f"{method} {path}: HTTP {e.code}: {e.read().decode(errors='replace')}") from None
         return json.loads(data) if data else None
 
+    def metrics(self) -> dict[str, float]:
+        """The daemon's unlabelled ``/metrics`` samples (Prometheus text), by name."""
+        req = urllib.request.Request(f"http://{self.address}:{self.control_port}/metrics",
+                                     headers={"Authorization": f"Bearer {self.token}"})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return parse_metrics(r.read().decode())
+
     def publish(self, point: str, name: str) -> list[NfsTarget]:
         """Publish ``point`` as session ``name``: one target per disk (its ``.img`` file)."""
         view = self.api("POST", "/sessions", {"point": point, "name": name})
@@ -166,6 +173,21 @@ class OurDaemon:
 
     def drop_pack_pages(self) -> int:
         return drop_file_pages(files_under(self.repo))
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Unlabelled samples of a Prometheus text exposition: name -> value (comments,
+    labelled samples and unparsable values left out)."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#") or "{" in line:
+            continue
+        name, _, value = line.partition(" ")
+        try:
+            out[name] = float(value.split()[0])
+        except (ValueError, IndexError):
+            continue
+    return out
 
 
 def export_disk(d: OurDaemon, session: str, disk: str, output: Path, timeout: float = 1800.0) -> dict[str, Any]:

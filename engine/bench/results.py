@@ -31,6 +31,12 @@ GROUPS = (
     "backup ingest",
     "file-level recovery",
     "daemon memory",
+    # the recovery product (issue 13)
+    "backup verification",
+    "live migrate",
+    "VM boot",
+    "VM boot: disk I/O replay",
+    "sandboxes",
 )
 
 CLIENT_BOUND_MARK = "⚠"

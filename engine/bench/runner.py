@@ -53,7 +53,16 @@ SCENARIOS: dict[str, str] = {
     "ingest": "ingest",
     "files": "files",
     "memory": "memory",
+    # the recovery product (issue 13)
+    "verify": "verify",
+    "migrate": "migrate",
+    "boot": "boot",
+    "boot-trace": "boottrace",
+    "sandboxes": "sandboxes",
 }
+# scenarios that boot the test guest (a TCG boot takes 15-30 s here); the CI quick run
+# (tests/bench/test_bench_cli.py) keeps boot-trace (one boot) and leaves the others out
+BOOTS = ("boot", "boot-trace", "sandboxes")
 DEFAULT_PEERS = ("ganesha", "borg", "borg-fixed", "restic", "local")
 
 

@@ -25,7 +25,7 @@ def test_every_scenario_module_is_what_the_runner_expects() -> None:
 
 def test_an_unknown_scenario_names_the_known_ones() -> None:
     with pytest.raises(ValueError, match="the scenarios are: seq-read, rand-read"):
-        runner.load_scenario("boot")
+        runner.load_scenario("bogus")
 
 
 def test_quick_settings_are_smaller_and_explicit_values_win(tmp_path: Path) -> None:
