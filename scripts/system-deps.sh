@@ -16,16 +16,15 @@ if [ "$what" = demo ] || [ "$what" = test ]; then
   # out of Debian's package (apt-get download + dpkg-deb -x, depmod from kmod), never
   # installing it (that would run kernel and bootloader hooks on the host).
   pkgs+=(qemu-system-x86 qemu-block-extra busybox-static e2fsprogs fdisk dosfstools mtools
-         syslinux syslinux-common syslinux-efi cpio kmod)
+         syslinux syslinux-common syslinux-efi cpio kmod
+         ovmf)  # EFI firmware for VMs backed up with --firmware efi (a per-VM copy of OVMF_VARS_4M.fd)
 fi
 if [ "$what" = test ]; then
   pkgs+=(qemu-utils libnfs-utils libtirpc3 netbase
          linux-image-amd64  # the fast guest-builder tests use the host's kernel (the debian path is a slow test)
-         ovmf  # tests/guest boots the guest under EFI too (OVMF_CODE_4M.fd + a copy of OVMF_VARS_4M.fd)
          iproute2 util-linux  # these two: the benchmark's private network namespace (unshare, ip)
          ntfs-3g xfsprogs btrfs-progs exfatprogs  # tests/files: guest filesystems built without a mount
          systemd  # systemd-analyze verify: tests/control checks contrib/systemd/instantnfs.service
-         ovmf  # engine/vm: EFI firmware (OVMF_CODE_4M.fd + a per-VM copy of OVMF_VARS_4M.fd)
          binutils)  # as + ld: tests/vm reassembles the accel probe's boot sector from its source
 fi
 here=$(cd "$(dirname "$0")/.." && pwd)
