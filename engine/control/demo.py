@@ -116,7 +116,7 @@ async def _demo_main(cfg: dict[str, Any], boot: bool = True) -> int:
     if not pm:
         lines.insert(4, "  (no portmapper: QEMU needs one on port 111; use the libnfs URL)")
     print("\n".join(lines), flush=True)
-    follower = asyncio.get_running_loop().create_task(_follow(booted, skip=booted[1] if booted else 0)) if booted else None
+    follower = asyncio.get_running_loop().create_task(_follow(*booted)) if booted else None
     try:
         return await daemon
     finally:
@@ -151,15 +151,10 @@ async def _boot(api: Any, s: Any, ports: Any) -> tuple[Any, int] | None:
     beats = ready = 0
     deadline = loop.time() + BOOT_WAIT_S
     while loop.time() < deadline and not ready:
-        text = await loop.run_in_executor(None, vm.serial_text)
-        new = text[printed:]
-        cut = new.rfind("\n") + 1
-        for line in new[:cut].splitlines():
-            print(f"  guest | {line.rstrip()}", flush=True)
-            beats += HEARTBEAT in line
-            ready += READY in line
-        printed += cut
-        if vm.state not in ("running", "paused") and not new:
+        printed, lines = await _print_console(vm, printed)
+        beats += sum(HEARTBEAT in line for line in lines)
+        ready += sum(READY in line for line in lines)
+        if not lines and await loop.run_in_executor(None, vm.refresh, False) == "exited":
             print(f"  the VM ended ({vm.state}); its console: {vm.serial_log}", flush=True)
             return None
         await asyncio.sleep(0.3)
@@ -168,15 +163,27 @@ async def _boot(api: Any, s: Any, ports: Any) -> tuple[Any, int] | None:
     return vm, printed
 
 
-async def _follow(booted: tuple[Any, int], skip: int) -> None:
+async def _print_console(vm: Any, offset: int) -> tuple[int, list[str]]:
+    """Print the whole lines the VM's console has written from byte ``offset`` on; the
+    offset to go on from, and the lines printed."""
+    def read() -> bytes:
+        try:
+            with open(vm.serial_log, "rb") as f:
+                f.seek(offset)
+                return f.read()
+        except FileNotFoundError:
+            return b""
+
+    data = await asyncio.get_running_loop().run_in_executor(None, read)
+    whole = data[: data.rfind(b"\n") + 1]  # an unfinished line waits for its end
+    lines = whole.decode(errors="replace").replace("\r", "").splitlines()
+    for line in lines:
+        print(f"  guest | {line.rstrip()}", flush=True)
+    return offset + len(whole), lines
+
+
+async def _follow(vm: Any, offset: int) -> None:
     """Go on printing the guest's console lines as they come."""
-    vm, printed = booted[0], skip
-    loop = asyncio.get_running_loop()
     while True:
-        text = await loop.run_in_executor(None, vm.serial_text)
-        new = text[printed:]
-        cut = new.rfind("\n") + 1
-        for line in new[:cut].splitlines():
-            print(f"  guest | {line.rstrip()}", flush=True)
-        printed += cut
+        offset, _ = await _print_console(vm, offset)
         await asyncio.sleep(0.5)
