@@ -166,15 +166,7 @@ async def _boot(api: Any, s: Any, ports: Any) -> tuple[Any, int] | None:
 async def _print_console(vm: Any, offset: int) -> tuple[int, list[str]]:
     """Print the whole lines the VM's console has written from byte ``offset`` on; the
     offset to go on from, and the lines printed."""
-    def read() -> bytes:
-        try:
-            with open(vm.serial_log, "rb") as f:
-                f.seek(offset)
-                return f.read()
-        except FileNotFoundError:
-            return b""
-
-    data = await asyncio.get_running_loop().run_in_executor(None, read)
+    data = await asyncio.get_running_loop().run_in_executor(None, vm.console_from, offset)
     whole = data[: data.rfind(b"\n") + 1]  # an unfinished line waits for its end
     lines = whole.decode(errors="replace").replace("\r", "").splitlines()
     for line in lines:

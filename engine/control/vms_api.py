@@ -218,15 +218,7 @@ class VMsAPI:
         except ValueError:
             return self._error(400, "offset must be a byte offset, 0 or more")
 
-        def read() -> bytes:
-            try:
-                with open(vm.serial_log, "rb") as f:
-                    f.seek(offset)
-                    return f.read(CONSOLE_MAX)
-            except FileNotFoundError:
-                return b""
-
-        data = await asyncio.get_running_loop().run_in_executor(None, read)
+        data = await asyncio.get_running_loop().run_in_executor(None, vm.console_from, offset, CONSOLE_MAX)
         return web.json_response({"text": data.decode(errors="replace"), "offset": offset + len(data),
                                   "state": vm.state})
 

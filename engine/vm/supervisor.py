@@ -125,6 +125,16 @@ class VM:
         except FileNotFoundError:
             return ""
 
+    def console_from(self, offset: int, max_bytes: int = -1) -> bytes:
+        """The console's raw bytes from byte ``offset`` on (at most ``max_bytes``), for a
+        caller that follows it; empty before QEMU has written any."""
+        try:
+            with open(self.serial_log, "rb") as f:
+                f.seek(offset)
+                return f.read(max_bytes)
+        except FileNotFoundError:
+            return b""
+
     def wait_for(self, pattern: str, timeout: float, cancel: threading.Event | None = None) -> str:
         """The first console line (read from ``serial.log``, the unfinished last line
         too: a login prompt has no newline) that contains ``pattern`` or matches it as a
